@@ -1,0 +1,47 @@
+"""Local self-attention: each chunk of C positions attends to itself and its neighbouring chunks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import ReformerConfig
+from .chunking import look_adjacent, masked_softmax_attend, merge_heads, split_chunks, split_heads_into_chunks
+
+
+class LocalSelfAttention(nn.Module):
+    def __init__(self, config: ReformerConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.attention_head_size
+        self.chunk_length = config.local_attn_chunk_length
+        self.chunks_before = config.local_num_chunks_before
+        self.chunks_after = config.local_num_chunks_after
+        self.is_decoder = config.is_decoder
+        self.dropout = config.local_attention_probs_dropout_prob
+        all_head_size = self.num_heads * self.head_size
+        self.query = nn.Linear(config.hidden_size, all_head_size, bias=False)
+        self.key = nn.Linear(config.hidden_size, all_head_size, bias=False)
+        self.value = nn.Linear(config.hidden_size, all_head_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """hidden_states B, L, hidden with L a multiple of C; attention_mask B, L (bool) -> B, L, H*D."""
+        shape = (self.num_heads, self.head_size, self.chunk_length)
+        query = split_heads_into_chunks(self.query(hidden_states), *shape)  # B, H, K, C, D
+        key = split_heads_into_chunks(self.key(hidden_states), *shape) / math.sqrt(self.head_size)
+        value = split_heads_into_chunks(self.value(hidden_states), *shape)
+        key = look_adjacent(key, self.chunks_before, self.chunks_after)  # B, H, K, W, D
+        value = look_adjacent(value, self.chunks_before, self.chunks_after)  # B, H, K, W, D
+
+        positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)
+        query_positions = split_chunks(positions[None, None], self.chunk_length)  # 1, 1, K, C
+        key_positions = look_adjacent(query_positions, self.chunks_before, self.chunks_after)  # 1, 1, K, W
+        key_allowed = look_adjacent(split_chunks(attention_mask[:, None], self.chunk_length),
+                                    self.chunks_before, self.chunks_after)  # B, 1, K, W
+        allowed = key_allowed.unsqueeze(-2)  # B, 1, K, 1, W
+        if self.is_decoder:
+            allowed = allowed & (query_positions.unsqueeze(-1) >= key_positions.unsqueeze(-2))
+        out, _ = masked_softmax_attend(query, key, value, allowed, None, self.dropout, self.training)
+        return merge_heads(out.flatten(2, 3))  # B, L, H*D

@@ -1,0 +1,132 @@
+"""LSH self-attention (Reformer section 2): hash, sort by bucket, attend in chunks, unsort, combine rounds."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import ReformerConfig
+from .chunking import length_normalize, look_adjacent, masked_softmax_attend, merge_heads, split_chunks, split_heads
+
+
+def draw_rotations(config: ReformerConfig) -> torch.Tensor:
+    """H, D, N, R/2 random rotations, drawn on the CPU exactly as the reference draws them from `hash_seed`,
+    without touching the global random state."""
+    generator = torch.Generator().manual_seed(config.resolved_hash_seed)
+    shape = (config.num_attention_heads, config.attention_head_size, config.num_hashes, config.rotation_size // 2)
+    return torch.randn(shape, generator=generator)
+
+
+class LSHSelfAttention(nn.Module):
+    def __init__(self, config: ReformerConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.attention_head_size
+        self.num_hashes = config.num_hashes
+        self.chunk_length = config.lsh_attn_chunk_length
+        self.chunks_before = config.lsh_num_chunks_before
+        self.chunks_after = config.lsh_num_chunks_after
+        self.is_decoder = config.is_decoder
+        self.dropout = config.lsh_attention_probs_dropout_prob
+        self.bucket_factors = config.num_buckets if isinstance(config.num_buckets, list) else [config.num_buckets]
+        self.padding_bucket = config.bucket_count
+        all_head_size = self.num_heads * self.head_size
+        self.query_key = nn.Linear(config.hidden_size, all_head_size, bias=False)
+        self.value = nn.Linear(config.hidden_size, all_head_size, bias=False)
+        # Not in the state dict: the rotations follow from the config, as in the reference.
+        self.register_buffer("rotations", draw_rotations(config), persistent=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        fits_one_chunk: torch.Tensor,
+        buckets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states B, L, hidden with L a multiple of C; attention_mask B, L (bool). fits_one_chunk (bool,
+        0-d): the unpadded input is at most `lsh_unchunked_length` long, so all of it sits in the first chunk
+        of every round. `buckets` B, H, N, L replays an earlier hashing (the reversible backward recomputes
+        with the forward's buckets). Returns the attention output B, L, H*D and the buckets B, H, N, L."""
+        query_key = split_heads(self.query_key(hidden_states), self.num_heads, self.head_size)  # B, H, L, D
+        value = split_heads(self.value(hidden_states), self.num_heads, self.head_size)  # B, H, L, D
+        if buckets is None:
+            buckets = self.hash_vectors(query_key.detach(), attention_mask)
+        sorted_positions = ops.sort_by_bucket(buckets)  # B, H, N, L
+        undo_positions = ops.invert_permutation(sorted_positions)  # B, H, N, L
+        out, log_normalizer = self.attend_sorted(query_key, value, sorted_positions, attention_mask, fits_one_chunk)
+        out = gather_along_length(out, undo_positions)  # B, H, N, L, D
+        log_normalizer = torch.gather(log_normalizer, -1, undo_positions)  # B, H, N, L
+        # One chunk: every round attended to the same keys; the reference attends once and combines nothing.
+        out = torch.where(fits_one_chunk, out[:, :, 0], combine_rounds(out, log_normalizer))  # B, H, L, D
+        return merge_heads(out), buckets
+
+    def hash_vectors(self, vectors: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """B, H, L, D -> buckets B, H, N, L. Padding gets its own bucket, after all others."""
+        rotated = torch.einsum("bhld,hdnr->bhnlr", vectors, self.rotations.to(vectors.dtype))  # B, H, N, L, R/2
+        buckets = None
+        start, stride = 0, 1
+        for factor in self.bucket_factors:
+            part = rotated[..., start : start + factor // 2]
+            factor_buckets = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
+            buckets = factor_buckets if buckets is None else buckets + stride * factor_buckets
+            start, stride = start + factor // 2, stride * factor
+        return buckets.masked_fill(~attention_mask[:, None, None, :], self.padding_bucket)
+
+    def attend_sorted(
+        self,
+        query_key: torch.Tensor,
+        value: torch.Tensor,
+        sorted_positions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        fits_one_chunk: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunked attention in bucket order. Returns out B, H, N, L, D and log-normalisers B, H, N, L."""
+        batch, heads, rounds, length = sorted_positions.shape
+        sorted_query = split_chunks(gather_along_length(query_key, sorted_positions).flatten(2, 3), self.chunk_length)
+        sorted_value = split_chunks(gather_along_length(value, sorted_positions).flatten(2, 3), self.chunk_length)
+        # Keys are the length-normalised queries (shared query-key attention), scaled by 1/sqrt(D).
+        sorted_key = length_normalize(sorted_query) / math.sqrt(self.head_size)  # B, H, N*K, C, D
+        sorted_key = look_adjacent(sorted_key, self.chunks_before, self.chunks_after)  # B, H, N*K, W, D
+        sorted_value = look_adjacent(sorted_value, self.chunks_before, self.chunks_after)  # B, H, N*K, W, D
+
+        query_positions = split_chunks(sorted_positions.flatten(2, 3), self.chunk_length)  # B, H, N*K, C
+        key_positions = look_adjacent(query_positions, self.chunks_before, self.chunks_after)  # B, H, N*K, W
+        key_allowed = torch.gather(
+            attention_mask[:, None, :].expand(batch, heads, length), 2, key_positions.flatten(2, 3)
+        ).view(key_positions.shape)  # B, H, N*K, W
+        # An input that fits one chunk gets full attention, each key once, as in the reference: the
+        # neighbouring chunks then hold only copies or padding, and copies of a self-masked key would
+        # shift its -1e5 log-normaliser by log(copies), below fp32 resolution at that magnitude.
+        window_slots = torch.arange(key_positions.shape[-1], device=key_positions.device)  # W
+        own_start = self.chunks_before * self.chunk_length
+        own_chunk = (window_slots >= own_start) & (window_slots < own_start + self.chunk_length)
+        in_window = own_chunk | ~fits_one_chunk  # W
+        allowed = (key_allowed & in_window).unsqueeze(-2)  # B, H, N*K, 1, W
+        if self.is_decoder:
+            allowed = allowed & (query_positions.unsqueeze(-1) >= key_positions.unsqueeze(-2))
+        # Copies of the query outside the window must stay masked, not fall back to the self-mask value.
+        not_self = (query_positions.unsqueeze(-1) != key_positions.unsqueeze(-2)) | ~in_window  # B, H, N*K, C, W
+        out, log_normalizer = masked_softmax_attend(
+            sorted_query, sorted_key, sorted_value, allowed, not_self, self.dropout, self.training
+        )
+        out = out.reshape(batch, heads, rounds, length, self.head_size)
+        return out, log_normalizer.reshape(batch, heads, rounds, length)
+
+
+def gather_along_length(vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Pick vectors by position for every hashing round.
+    vectors B, H, L, D (shared by all rounds) or B, H, N, L, D; positions B, H, N, L -> B, H, N, L, D."""
+    if vectors.dim() == 4:
+        vectors = vectors.unsqueeze(2).expand(-1, -1, positions.shape[2], -1, -1)
+    index = positions.unsqueeze(-1).expand(-1, -1, -1, -1, vectors.shape[-1])
+    return torch.gather(vectors, 3, index)
+
+
+def combine_rounds(out: torch.Tensor, log_normalizer: torch.Tensor) -> torch.Tensor:
+    """Weight each round's output by its share of the total attention mass.
+    out B, H, N, L, D; log_normalizer B, H, N, L -> B, H, L, D. With one round the weight is exactly 1."""
+    weights = torch.exp(log_normalizer - torch.logsumexp(log_normalizer, dim=2, keepdim=True))
+    return torch.sum(out * weights.unsqueeze(-1), dim=2)

@@ -1,0 +1,24 @@
+"""The few operations whose lowering the exporters choose (see `exporters/ops`).
+
+Each function here is the one definition of the op's math: eager PyTorch runs it as written, TorchScript
+keeps it as plain ATen ops, and the ONNX exporter may swap in a specialised lowering with this as fallback.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sort_by_bucket(buckets: torch.Tensor) -> torch.Tensor:
+    """Positions in bucket order, ties broken by position (a stable sort). buckets: ..., L -> ..., L.
+
+    The key `bucket * L + position` is unique, so any sort, ONNX `TopK` included, gives the stable order."""
+    length = buckets.shape[-1]
+    positions = torch.arange(length, device=buckets.device)
+    return torch.argsort(buckets * length + positions, dim=-1)
+
+
+def invert_permutation(permutation: torch.Tensor) -> torch.Tensor:
+    """Inverse of permutations along the last axis: result[..., permutation[..., i]] = i."""
+    positions = torch.arange(permutation.shape[-1], device=permutation.device).expand_as(permutation)
+    return torch.empty_like(permutation).scatter(-1, permutation, positions)
