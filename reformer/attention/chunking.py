@@ -45,8 +45,8 @@ def look_adjacent(x: torch.Tensor, chunks_before: int, chunks_after: int) -> tor
     keeps the graph valid for every K, including K smaller than the number of neighbours."""
     if chunks_before == 0 and chunks_after == 0:
         return x
-    num_chunks = x.shape[2]
-    chunk_index = torch.arange(num_chunks, device=x.device)
+    chunk_index = torch.arange(x.shape[2], device=x.device)
+    num_chunks = chunk_index[-1:] + 1  # K as a tensor: exporters lower tensor % tensor, not tensor % SymInt
     neighbours = [
         x.index_select(2, torch.remainder(chunk_index + offset, num_chunks))
         for offset in range(-chunks_before, chunks_after + 1)
