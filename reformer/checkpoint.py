@@ -128,10 +128,13 @@ class CheckpointMixin:
         config = self.config.to_dict()
         config["architectures"] = [type(self).__name__]
         atomic_write(os.path.join(directory, SAFETENSORS_NAME), lambda path: save_file(state, path))
-        atomic_write(
-            os.path.join(directory, CONFIG_NAME),
-            lambda path: open(path, "w", encoding="utf-8").write(json.dumps(config, indent=2, sort_keys=True)),
-        )
+        atomic_write(os.path.join(directory, CONFIG_NAME), lambda path: write_json(config, path))
+
+
+def write_json(values: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(values, handle, indent=2, sort_keys=True)
+        handle.write("\n")
 
 
 def atomic_write(path: str, write) -> None:
