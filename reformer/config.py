@@ -235,9 +235,6 @@ class ReformerConfig:
             raise ConfigError(f"no {CONFIG_NAME} in {directory}")
         return cls.from_json_file(path)
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
 
 def buckets_for_length(sequence_length: int, chunk_length: int, max_position_embeddings: int) -> int | list[int]:
     """The reference's rule for unset `num_buckets`: about 2 * length / chunk, a power of two, factorised
