@@ -1,0 +1,67 @@
+"""Traced and exported graphs against eager PyTorch, at shapes other than the one they were built from.
+
+Each model is traced (and, once per model class, exported with dynamic batch and sequence) at one shape,
+then run at batch sizes and lengths that cover: length 1, shorter than a chunk, not a multiple of the chunk
+length, and the maximum (32); with the masks of `make_inputs` (a hole and a padded tail) and with no
+padding. Tolerance: max abs <= 1e-5 (fp32, CPU; the spec's `atol`): graph and eager run the same ops, only
+kernel-level rounding separates them. Per-position outputs are compared where the mask keeps the position
+(see tests/reformer/test_parity.py for why masked positions are not defined); with an all-ones mask the
+graph is compared everywhere with eager called without any mask."""
+
+import pytest
+import torch
+
+import reformer
+from exporters.program import export_program
+from exporters.specs import MODEL_CLASS_TO_TASK, TASKS
+from tiny_configs import CASES, make_inputs, per_position
+
+# (batch, length): one token; shorter than every chunk; not a multiple of the chunk length (4 or 8); the
+# maximum length, which is a multiple.
+CHECK_SHAPES = [(1, 1), (3, 3), (1, 10), (2, 17), (3, 32)]
+# One case per model class for torch.export (each export takes seconds).
+EXPORT_CASES = list({case.model_class: case for case in reversed(CASES)}.values())
+
+
+def build_wrapper(case):
+    torch.manual_seed(0)
+    model = getattr(reformer, case.model_class)(reformer.ReformerConfig(**case.config_values)).eval()
+    spec = TASKS[MODEL_CLASS_TO_TASK[case.model_class]]
+    return spec, spec.wrap(model)
+
+
+def assert_graph_matches_eager(graph, wrapper, spec, case):
+    for batch, length in CHECK_SHAPES:
+        input_ids, attention_mask = make_inputs(batch, length, seed=batch * 100 + length)
+        with torch.no_grad():
+            masked = graph(input_ids, attention_mask), wrapper(input_ids, attention_mask)
+            eager_unmasked = wrapper.model(input_ids=input_ids)
+            unmasked = graph(input_ids, torch.ones_like(attention_mask)), [
+                getattr(eager_unmasked, name) for name in spec.output_names]
+        for label, (graph_outputs, eager_outputs), keep in (
+            ("masked", masked, attention_mask.bool()),
+            ("unmasked", unmasked, torch.ones_like(attention_mask).bool()),
+        ):
+            for name, got, want in zip(spec.output_names, graph_outputs, eager_outputs, strict=True):
+                where = f"{case.name} {name} at batch {batch}, length {length} ({label})"
+                assert got.shape == want.shape, where
+                if per_position(case.model_class, name):
+                    got, want = got[keep], want[keep]
+                difference = (got - want).abs().max().item()
+                assert difference <= spec.atol, f"{where}: max abs diff {difference:.3g}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_traced_graph_matches_eager_at_other_shapes(case):
+    spec, wrapper = build_wrapper(case)
+    example = make_inputs(2, case.length)
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+    assert_graph_matches_eager(traced, wrapper, spec, case)
+
+
+@pytest.mark.parametrize("case", EXPORT_CASES, ids=lambda case: case.model_class)
+def test_exported_program_matches_eager_at_other_shapes(case):
+    spec, wrapper = build_wrapper(case)
+    program = export_program(wrapper, make_inputs(2, case.length), case.config_values["max_position_embeddings"])
+    assert_graph_matches_eager(program.module(), wrapper, spec, case)
