@@ -1,0 +1,26 @@
+"""`invert_permutation`: result[..., permutation[..., i]] = i.
+
+One lowering, a `ScatterElements` of positions: one pass over the data. The alternative, a second sort
+(`TopK` of the permutation), costs as much as the bucket sort itself on ONNX Runtime CUDA (DESIGN.md), so
+there is no ort lowering that would pay."""
+
+from __future__ import annotations
+
+import onnxscript
+from onnxscript import INT64
+from onnxscript import opset18 as op
+
+from .registry import DOMAIN, DOMAIN_VERSION, CustomOp, register
+
+REFORMER = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
+
+
+@onnxscript.script(opset=REFORMER, default_opset=op)
+def invert_permutation_by_scatter(permutation: INT64) -> INT64:
+    length = op.Squeeze(op.Shape(permutation, start=-1))
+    positions = op.Expand(op.Range(op.Constant(value_int=0), length, op.Constant(value_int=1)), op.Shape(permutation))
+    # Every entry is overwritten (a permutation hits each slot once), so positions can serve as the data.
+    return op.ScatterElements(positions, permutation, positions, axis=-1)
+
+
+register(CustomOp("invert_permutation", "InvertPermutation", {"standard": lambda context: invert_permutation_by_scatter}))

@@ -1,0 +1,163 @@
+"""The custom-op registry: every op whose ONNX lowering the exporter chooses, with its eager implementation
+and its lowerings. Two kinds:
+
+- `CustomOp`: a replaceable function of `reformer.ops` (the one definition of its math).
+- `AtenOverride`: an ATen op the stock exporter lowers badly; its lowering replaces torchlib's through
+  torch.onnx's `custom_translation_table`. Its eager implementation is the ATen op itself.
+
+How a CustomOp reaches the ONNX file: while the ONNX exporter traces the model, `onnx_placeholders()` routes each
+registered `reformer.ops` function to a node `reformer::<OnnxName>` of the custom domain. After export,
+`apply_lowerings` gives every such node a model-local ONNX function as its body, then either inlines it
+(the op becomes standard ONNX ops any runtime runs) or keeps the node with its function (ONNX Runtime
+inlines a model-local function when it has no kernel for the op, and a host that registers a kernel for
+`reformer::<OnnxName>` gets that kernel instead). TorchScript never sees the placeholders: it traces the
+eager functions as plain ATen ops.
+
+Lowerings: "standard" (every op has one; standard ONNX ops; a CustomOp's is inlined) and "ort" (only where it pays on ONNX Runtime;
+kept as a custom-domain node). Modes (`--custom-ops`): "standard" uses only standard lowerings; "ort" uses
+an op's "ort" lowering where it has one and its standard lowering otherwise; "auto" picks "ort", because
+every runtime this project targets is ONNX Runtime, which runs model-local functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import onnx_ir as ir
+import onnxscript
+import torch
+from onnx_ir.passes.common import InlinePass, RemoveUnusedOpsetsPass
+
+import reformer.ops
+
+DOMAIN = "reformer"
+DOMAIN_VERSION = 1
+LOWERINGS = ("standard", "ort")
+CUSTOM_OPS_MODES = ("auto", "standard", "ort")
+
+
+@dataclass(frozen=True)
+class LoweringContext:
+    """What a lowering may rely on about its inputs, fixed at export time.
+
+    bucket_count: buckets per hashing round, the padding bucket included (bucket ids are below this).
+    max_length: the longest (internally padded) sequence the exported graph accepts."""
+
+    bucket_count: int
+    max_length: int
+
+    @classmethod
+    def from_config(cls, config, max_length: int) -> "LoweringContext":
+        padded_length = math.ceil(max_length / config.padding_multiple) * config.padding_multiple
+        bucket_count = config.bucket_count + 1 if config.num_buckets is not None else 1
+        return cls(bucket_count=bucket_count, max_length=padded_length)
+
+
+Lowering = Callable[[LoweringContext], onnxscript.OnnxFunction]
+
+
+@dataclass(frozen=True)
+class CustomOp:
+    """name: the function's name in `reformer.ops` (its eager implementation); onnx_name: the op's name in
+    the custom domain. Every registered op maps one int64 tensor to one int64 tensor of the same shape."""
+
+    name: str
+    onnx_name: str
+    lowerings: dict[str, Lowering]
+
+    @property
+    def eager(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return getattr(reformer.ops, self.name)
+
+    def lowering_for(self, mode: str) -> str:
+        """The lowering this op gets under a resolved mode ("standard" or "ort")."""
+        return mode if mode in self.lowerings else "standard"
+
+    def placeholder(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.onnx.ops.symbolic(
+            f"{DOMAIN}::{self.onnx_name}", (x,), dtype=x.dtype, shape=x.shape, version=DOMAIN_VERSION
+        )
+
+
+@dataclass(frozen=True)
+class AtenOverride:
+    """name: the registry key; target: the ATen overload whose torchlib lowering this replaces; eager: a
+    call of it as the model makes it; lowerings: onnxscript functions with the ATen op's signature."""
+
+    name: str
+    target: torch._ops.OpOverload
+    eager: Callable[[torch.Tensor], torch.Tensor]
+    lowerings: dict[str, Callable]
+
+    def lowering_for(self, mode: str) -> str:
+        return mode if mode in self.lowerings else "standard"
+
+
+RegisteredOp = CustomOp | AtenOverride
+REGISTRY: dict[str, RegisteredOp] = {}
+
+
+def register(op: RegisteredOp) -> RegisteredOp:
+    if "standard" not in op.lowerings or not set(op.lowerings) <= set(LOWERINGS):
+        raise ValueError(f"{op.name}: lowerings must include 'standard' and be among {LOWERINGS}")
+    if isinstance(op, CustomOp) and not callable(getattr(reformer.ops, op.name, None)):
+        raise ValueError(f"reformer.ops has no function {op.name!r}")
+    REGISTRY[op.name] = op
+    return op
+
+
+def custom_ops(ops: dict[str, RegisteredOp] | None) -> dict[str, CustomOp]:
+    return {name: op for name, op in (REGISTRY if ops is None else ops).items() if isinstance(op, CustomOp)}
+
+
+def resolve_mode(custom_ops: str) -> str:
+    """"standard" or "ort" for a `--custom-ops` value."""
+    if custom_ops not in CUSTOM_OPS_MODES:
+        raise ValueError(f"custom_ops must be one of {', '.join(CUSTOM_OPS_MODES)}, not {custom_ops!r}")
+    return "ort" if custom_ops == "auto" else custom_ops
+
+
+@contextlib.contextmanager
+def onnx_placeholders(ops: dict[str, RegisteredOp] | None = None) -> Iterator[None]:
+    """Within: `reformer.ops` functions emit custom-domain placeholder nodes (for torch.export only)."""
+    ops = custom_ops(ops)
+    originals = {name: getattr(reformer.ops, name) for name in ops}
+    try:
+        for name, op in ops.items():
+            setattr(reformer.ops, name, op.placeholder)
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(reformer.ops, name, function)
+
+
+def translation_table(mode: str, ops: dict[str, RegisteredOp] | None = None) -> dict:
+    """torch.onnx's `custom_translation_table` for the ATen overrides under a resolved mode."""
+    ops = REGISTRY if ops is None else ops
+    return {op.target: op.lowerings[op.lowering_for(mode)] for op in ops.values() if isinstance(op, AtenOverride)}
+
+
+def apply_lowerings(
+    model: ir.Model, mode: str, context: LoweringContext, ops: dict[str, RegisteredOp] | None = None
+) -> dict[str, str]:
+    """Give each placeholder node its lowering (in place). Returns the lowering chosen per op name, ATen
+    overrides included (they were applied during translation)."""
+    ops = REGISTRY if ops is None else ops
+    chosen = {name: op.lowering_for(mode) for name, op in ops.items()}
+    used = {node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.domain == DOMAIN}
+    kept = set()
+    for op in custom_ops(ops).values():
+        if op.onnx_name not in used:
+            continue
+        proto = op.lowerings[chosen[op.name]](context).to_function_proto()
+        proto.name, proto.domain = op.onnx_name, DOMAIN
+        function = ir.serde.deserialize_function(proto)
+        model.functions[function.identifier()] = function
+        if chosen[op.name] != "standard":
+            kept.add(function.identifier())
+    InlinePass(criteria=lambda function: function.identifier() not in kept)(model)
+    RemoveUnusedOpsetsPass()(model)
+    return chosen

@@ -1,0 +1,37 @@
+"""Export precisions and devices, shared by the exporters and the verifier."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .errors import ExportError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DEVICES = ("cpu", "cuda")
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise ExportError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("device 'cuda' requested but torch sees no CUDA device: use --device cpu")
+
+
+def model_as(model: nn.Module, dtype: str, device: str) -> nn.Module:
+    """The model in eval mode on `device` in `dtype`: the model itself when it already is, else a copy
+    (the caller's model stays as it was)."""
+    target_dtype = torch_dtype(dtype)
+    check_device(device)
+    parameter = next(model.parameters())
+    if parameter.dtype == target_dtype and parameter.device.type == device:
+        return model.eval()
+    return copy.deepcopy(model).to(device=device, dtype=target_dtype).eval()
