@@ -1,0 +1,1 @@
+"""The `reformer-export` command line (click), a thin layer over exporters.api."""

@@ -1,0 +1,73 @@
+"""`reformer-export`: parse options, call exporters.api.run_export, print progress and a summary table.
+
+torch and the exporters are imported only when the command runs, so `--help` answers at once."""
+
+from __future__ import annotations
+
+import click
+
+# The names of exporters.specs.TASKS and the choices of exporters.api, spelled out here so that `--help`
+# needs no torch import; tests/cli/test_cli.py checks that they agree.
+TASKS = ("base", "causal-lm", "masked-lm", "sequence-classification", "question-answering")
+FORMATS = ("onnx", "torchscript")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model", metavar="PATH_OR_NAME", default=None,
+              help="Checkpoint directory (config.json + model.safetensors or pytorch_model.bin, as transformers' "
+                   "save_pretrained writes it) or a built-in model from models/ (tiny, enwik8). "
+                   "Default: the built-in tiny model.")
+@click.option("--task", type=click.Choice(TASKS), default=None,
+              help="Head to export. Default: the checkpoint's architectures entry; without one, causal-lm for a "
+                   "causal model (is_decoder) and base otherwise.")
+@click.option("--format", "format_", type=click.Choice(FORMATS), required=True,
+              help="onnx (ONNX Runtime) or torchscript (a .pt for C++ hosts through libtorch).")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the graph. Default: <model>-<task>.onnx or .pt in the current directory.")
+@click.option("--opset", type=click.IntRange(min=1), default=18, show_default=True, help="ONNX opset (ONNX only).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Precision of the exported graph; fp16 needs --device cuda.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Device the graph is exported and verified on.")
+@click.option("--max-length", type=click.IntRange(min=1), default=None,
+              help="Longest sequence the graph must serve. Default: the model's max_position_embeddings.")
+@click.option("--custom-ops", type=click.Choice(["auto", "standard", "ort"]), default="auto", show_default=True,
+              help="ONNX lowering of the custom ops: standard ONNX ops only, ONNX Runtime contrib ops, or auto "
+                   "(ONNX only).")
+@click.option("--atol", type=float, default=None,
+              help="Verification tolerance (max abs difference from eager). Default: the task's, per dtype.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Run the exported graph on the runtimes present and compare it with eager PyTorch.")
+@click.option("--keep-failed", is_flag=True,
+              help="Keep the output file even when verification fails (it is removed otherwise).")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Also write the summary and every verification row as JSON to this file.")
+def main(model, task, format_, output, opset, dtype, device, max_length, custom_ops, atol, verify, keep_failed,
+         report):
+    """Export a Reformer model to ONNX or TorchScript and verify it against eager PyTorch.
+
+    Example: reformer-export --format onnx   (exports the built-in tiny model)"""
+    from exporters.api import ExportRequest, run_export
+    from exporters.errors import ExportError
+    from reformer import CheckpointError, ConfigError
+
+    request = ExportRequest(format=format_, model=model, task=task, output=output, opset=opset, dtype=dtype,
+                            device=device, max_length=max_length, custom_ops=custom_ops, atol=atol, verify=verify,
+                            keep_failed=keep_failed, report=report)
+    try:
+        result = run_export(request, progress=lambda message: click.echo(f"{message} ...", err=True))
+    except (ExportError, CheckpointError, ConfigError, OSError) as error:
+        raise click.ClickException(one_line(error)) from None
+    click.echo(result.summary_table())
+    if not result.passed:
+        kept = f"kept at {result.output} (--keep-failed)" if result.output else "nothing written"
+        raise click.ClickException(f"verification failed ({kept}); see the table above")
+
+
+def one_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The one library call behind `reformer-export`: resolve the model, export it, verify it, and put the file at
+the output path only when it is whole (and verified, unless asked to keep a failed one).
+
+The exporter writes into a staging folder beside the output path, so the file and any external-data files
+it references are renamed into place together, after verification; an error or an interrupt at any step
+leaves nothing at the output path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+from reformer.checkpoint import atomic_write
+
+from .errors import ExportError
+from .precision import DEVICES, DTYPES, check_device
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+CUSTOM_OPS = ("auto", "standard", "ort")
+DEFAULT_OPSET = 18
+
+
+class ExportRequestError(ExportError):
+    """A request that cannot be carried out as given (bad option, unusable device or output path)."""
+
+
+@dataclass
+class ExportRequest:
+    """What to export and how. Field meanings follow the CLI options of the same names."""
+
+    format: str  # "onnx" or "torchscript"
+    model: str | None = None  # checkpoint directory or built-in model name (None: exporters.models.DEFAULT_MODEL)
+    task: str | None = None  # None: the checkpoint's own task (exporters.models.default_task)
+    output: str | None = None  # None: <model name>-<task>.onnx / .pt in the current directory
+    opset: int = DEFAULT_OPSET  # ONNX only
+    dtype: str = "fp32"
+    device: str = "cpu"
+    max_length: int | None = None  # longest sequence the export must serve (None: max_position_embeddings)
+    custom_ops: str = "auto"  # ONNX only
+    atol: float | None = None  # None: the task's tolerance for the dtype (the verifier's default)
+    verify: bool = True
+    keep_failed: bool = False
+    report: str | None = None  # path of a JSON report (None: no report)
+
+
+@dataclass
+class ExportResult:
+    request: ExportRequest
+    model: str  # one line: name, origin, whether the weights are random
+    task: str
+    output: str | None  # where the file is; None when verification failed and it was removed
+    size_bytes: int
+    seconds: dict[str, float] = field(default_factory=dict)  # load, export, verify
+    verification: object | None = None  # exporters.verify.VerificationReport, None without verification
+
+    @property
+    def passed(self) -> bool:
+        """False only when verification ran and failed."""
+        return self.verification is None or self.verification.passed
+
+    def to_dict(self) -> dict:
+        return {
+            "request": asdict(self.request),
+            "model": self.model,
+            "task": self.task,
+            "output": self.output,
+            "size_bytes": self.size_bytes,
+            "seconds": self.seconds,
+            "verified": self.verification is not None,
+            "passed": self.passed,
+            "verification": None if self.verification is None else self.verification.to_dict(),
+        }
+
+    def summary_table(self) -> str:
+        request = self.request
+        options = f"{request.format}, {request.dtype}, {request.device}"
+        if request.format == "onnx":
+            options += f", opset {request.opset}, custom ops {request.custom_ops}"
+        if self.verification is None:
+            verdict = "skipped (--no-verify)"
+        else:
+            verdict = "passed" if self.passed else "FAILED" + ("" if self.output else ": output removed")
+        rows = [
+            ("model", self.model),
+            ("task", self.task),
+            ("export", options),
+            ("output", f"{self.output} ({self.size_bytes / 1e6:.2f} MB)" if self.output else "(none)"),
+            ("time", ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self.seconds.items())),
+            ("verification", verdict),
+        ]
+        width = max(len(label) for label, _ in rows)
+        lines = [f"{label:<{width}}  {value}" for label, value in rows]
+        if self.verification is not None:
+            lines += ["", self.verification.summary_table()]
+        return "\n".join(lines)
+
+
+def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda message: None) -> ExportResult:
+    """Export and (by default) verify. Returns the result; `result.passed` is False when verification failed,
+    in which case the output was removed unless `keep_failed`. Raises ExportError (ExportRequestError for bad
+    options), reformer.CheckpointError, reformer.ConfigError or OSError, leaving nothing at the output path."""
+    check_options(request)
+    from .models import DEFAULT_MODEL, resolve_model
+
+    timer = time.perf_counter()
+    progress(f"Loading model {request.model or DEFAULT_MODEL}")
+    resolved = resolve_model(request.model, request.task)
+    output = request.output or f"{resolved.name}-{resolved.spec.name}{FORMATS[request.format]}"
+    seconds = {"load": time.perf_counter() - timer}
+    with staging_folder(output) as staging:
+        staged = os.path.join(staging, os.path.basename(output))
+        timer = time.perf_counter()
+        progress(f"Exporting {resolved.describe()}, task {resolved.spec.name}, to {request.format}")
+        export(request, resolved, staged)
+        seconds["export"] = time.perf_counter() - timer
+        size_bytes = sum(os.path.getsize(os.path.join(staging, name)) for name in os.listdir(staging))
+        verification = None
+        if request.verify:
+            timer = time.perf_counter()
+            progress("Verifying against eager PyTorch")
+            from .verify import verify_export
+
+            verification = verify_export(resolved.model, resolved.spec, staged, request.format, dtype=request.dtype,
+                                         device=request.device, atol=request.atol)
+            seconds["verify"] = time.perf_counter() - timer
+        keep = verification is None or verification.passed or request.keep_failed
+        if keep:
+            move_into_place(staging, output)
+    result = ExportResult(request, resolved.describe(), resolved.spec.name, output if keep else None, size_bytes,
+                          seconds, verification)
+    if request.report:
+        text = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write(request.report, lambda path: open_and_write(path, text))
+    return result
+
+
+def check_options(request: ExportRequest) -> None:
+    """Checks that need no model, so a bad request fails before any slow step."""
+    for name, value, choices in (("format", request.format, FORMATS), ("dtype", request.dtype, DTYPES),
+                                 ("device", request.device, DEVICES), ("custom ops", request.custom_ops, CUSTOM_OPS)):
+        if value not in choices:
+            raise ExportRequestError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+    check_device(request.device)
+    if request.dtype == "fp16" and request.device != "cuda":
+        raise ExportRequestError("fp16 export is for the CUDA runtimes: use device cuda (fp32 on the CPU)")
+    if request.atol is not None and not request.atol > 0:
+        raise ExportRequestError(f"atol must be positive, got {request.atol}")
+    if request.report:
+        report_folder = os.path.dirname(os.path.abspath(request.report))
+        if not os.path.isdir(report_folder):
+            raise ExportRequestError(f"cannot write the report {request.report}: {report_folder} is not a directory")
+
+
+def export(request: ExportRequest, resolved, path: str) -> None:
+    metadata = resolved.metadata()
+    if request.format == "onnx":
+        from .onnx import export_onnx
+
+        export_onnx(resolved.model, resolved.spec, path, opset=request.opset, custom_ops=request.custom_ops,
+                    dtype=request.dtype, device=request.device, max_length=request.max_length, metadata=metadata)
+    else:
+        from .torchscript import export_torchscript
+
+        export_torchscript(resolved.model, resolved.spec, path, dtype=request.dtype, device=request.device,
+                           max_length=request.max_length, metadata=metadata)
+
+
+@contextmanager
+def staging_folder(output: str) -> Iterator[str]:
+    """A fresh folder beside `output` (same file system, so renames are atomic), removed on exit."""
+    if os.path.isdir(output):
+        raise ExportRequestError(f"output {output} is a directory: give a file path")
+    folder = os.path.dirname(os.path.abspath(output))
+    try:
+        path = tempfile.mkdtemp(prefix=".reformer-export-", dir=folder)
+    except OSError as error:
+        raise ExportRequestError(f"cannot write {output}: {folder}: {error.strerror}") from None
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def move_into_place(staging: str, output: str) -> None:
+    """Rename the staged files beside output, the main file last, so that it never refers to missing data."""
+    folder, main = os.path.dirname(os.path.abspath(output)), os.path.basename(output)
+    for name in sorted(os.listdir(staging), key=lambda name: name == main):
+        os.replace(os.path.join(staging, name), os.path.join(folder, name))
+
+
+def open_and_write(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)

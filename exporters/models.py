@@ -1,0 +1,111 @@
+"""Resolving `--model PATH_OR_NAME` into a model for one task.
+
+PATH_OR_NAME is a checkpoint directory (config.json plus model.safetensors, a sharded safetensors index or
+pytorch_model.bin, as `transformers` or this project save them) or the name of a built-in model in
+`models/` (models/<name>/config.json, with weights where shipped). A built-in model shipped as a config
+alone gets random weights drawn from RANDOM_WEIGHTS_SEED, so its exports are reproducible; the export's
+metadata says so."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import reformer
+from reformer.checkpoint import PYTORCH_NAME, SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME, CheckpointError
+from reformer.config import CONFIG_NAME, ConfigError, ReformerConfig
+
+from .errors import ExportError
+from .specs import MODEL_CLASS_TO_TASK, TASKS, TaskSpec
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL = "tiny"
+RANDOM_WEIGHTS_SEED = 0
+WEIGHT_FILES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME)
+
+
+@dataclass
+class ResolvedModel:
+    model: nn.Module
+    spec: TaskSpec
+    name: str  # the built-in model's name or the checkpoint directory's base name
+    directory: str
+    built_in: bool
+    random_weights_seed: int | None  # set when the weights were drawn at random (config-only built-in model)
+
+    def describe(self) -> str:
+        """One line for people: where the model came from and whether its weights are random."""
+        origin = "built-in" if self.built_in else self.directory
+        weights = "" if self.random_weights_seed is None else f"; random weights, seed {self.random_weights_seed}"
+        return f"{self.name} ({origin}{weights})"
+
+    def metadata(self) -> dict:
+        """What an exported file records about its origin."""
+        return {
+            "model_name": self.name,
+            "model_source": "built-in" if self.built_in else self.directory,
+            "random_weights_seed": self.random_weights_seed,
+        }
+
+
+def built_in_models(models_dir: Path = MODELS_DIR) -> list[str]:
+    if not models_dir.is_dir():
+        return []
+    return sorted(entry.name for entry in models_dir.iterdir() if (entry / CONFIG_NAME).is_file())
+
+
+def resolve_model(path_or_name: str | None, task: str | None = None, models_dir: Path = MODELS_DIR) -> ResolvedModel:
+    """The model for `task` (None: the checkpoint's own task, see default_task), in eval mode on the CPU in
+    fp32. Raises CheckpointError, ConfigError or ExportError with a message that says what to fix."""
+    path_or_name = path_or_name or DEFAULT_MODEL
+    directory, built_in = locate(path_or_name, models_dir)
+    config = ReformerConfig.from_pretrained(directory)
+    task = task or default_task(config)
+    if task not in TASKS:
+        raise ExportError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    check_config_fits_task(config, task)
+    model_class = reformer.MODEL_CLASSES[TASKS[task].model_class]
+    name = path_or_name if built_in else os.path.basename(os.path.normpath(directory))
+    if built_in and not any(os.path.isfile(os.path.join(directory, weights)) for weights in WEIGHT_FILES):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = model_class(config).eval()
+        return ResolvedModel(model, TASKS[task], name, directory, built_in, RANDOM_WEIGHTS_SEED)
+    model = model_class.from_pretrained(directory, config=config)
+    return ResolvedModel(model, TASKS[task], name, directory, built_in, None)
+
+
+def locate(path_or_name: str, models_dir: Path) -> tuple[str, bool]:
+    """(directory, whether it is a built-in model). An existing path wins over a built-in name."""
+    if os.path.isdir(path_or_name):
+        return path_or_name, False
+    if os.path.exists(path_or_name):
+        raise CheckpointError(f"{path_or_name} is a file: give a checkpoint directory (config.json and weights)")
+    if path_or_name in built_in_models(models_dir):
+        return str(models_dir / path_or_name), True
+    raise CheckpointError(
+        f"no model directory {path_or_name} and no built-in model of that name "
+        f"(built-in: {', '.join(built_in_models(models_dir)) or 'none'})"
+    )
+
+
+def default_task(config: ReformerConfig) -> str:
+    """The task of the checkpoint's head (config.json `architectures`, as `transformers` writes it); without
+    one, causal-lm for a causal model and base otherwise (base loads any checkpoint: heads are dropped)."""
+    for architecture in config.extra.get("architectures") or []:
+        if architecture in MODEL_CLASS_TO_TASK:
+            return MODEL_CLASS_TO_TASK[architecture]
+    return "causal-lm" if config.is_decoder else "base"
+
+
+def check_config_fits_task(config: ReformerConfig, task: str) -> None:
+    if task == "causal-lm" and not config.is_decoder:
+        raise ConfigError("task causal-lm needs a causal model (is_decoder: true in config.json); "
+                          "for a bidirectional model use masked-lm or base")
+    if task == "masked-lm" and config.is_decoder:
+        raise ConfigError("task masked-lm needs a bidirectional model (is_decoder: false in config.json); "
+                          "for a causal model use causal-lm or base")

@@ -1,0 +1,121 @@
+"""TorchScript export for C++ hosts: one `torch.jit.trace` of the task's export wrapper that serves every batch
+size and every length up to the model's maximum.
+
+The model has no Python branching on shapes or values in inference `forward` (see ../shared/DESIGN.md), so
+a trace at one representative shape records the general path: padding to the chunk multiple, several chunks,
+and the "fits one chunk" switch as a tensor. The graph holds only ATen ops, which libtorch runs without
+Python."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import torch
+from torch import nn
+
+from reformer.checkpoint import atomic_write
+
+from .errors import ExportError
+from .precision import model_as
+from .specs import INPUT_NAMES, TaskSpec
+
+METADATA_NAME = "reformer_export.json"
+# Node kinds a libtorch host runs without Python: ATen operators and TorchScript's own primitives.
+HOST_OP_NAMESPACES = ("aten::", "prim::")
+
+
+def export_torchscript(
+    model: nn.Module,
+    spec: TaskSpec,
+    path: str,
+    *,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    with_buckets: bool = True,
+    max_length: int | None = None,
+    metadata: dict | None = None,
+) -> None:
+    """Trace `spec.wrap(model, with_buckets)` and save it atomically to path, with a JSON description of the
+    graph (task, input and output names, hash seed, maximum length, ...) as the extra file METADATA_NAME.
+
+    forward(input_ids, attention_mask), both int64 B, L, returns the spec's outputs in the ONNX output order,
+    then, with `with_buckets`, the B, H, N, L int64 buckets of each LSH layer. The caller's model is not
+    changed (exporters.precision.model_as copies it when dtype or device differ from its own)."""
+    config = model.config
+    max_length = config.max_position_embeddings if max_length is None else max_length
+    if not 1 <= max_length <= config.max_position_embeddings:
+        raise ExportError(f"max_length {max_length} must be between 1 and max_position_embeddings "
+                          f"{config.max_position_embeddings}")
+    wrapper = spec.wrap(model_as(model, dtype, device), with_buckets).eval()
+    example = example_inputs(config, trace_length(config.padding_multiple, max_length), device)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about the model's input checks (shape comparisons that become constants); the
+        # values flow through tensors, which the tests check at shapes other than the traced one.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+    foreign = sorted(set(non_host_ops(traced)))
+    if foreign:
+        raise ExportError(f"the traced graph holds ops a C++ host cannot run without Python: {', '.join(foreign)}")
+    description = graph_metadata(model, spec, dtype, device, max_length, with_buckets, example[0].shape)
+    description.update(metadata or {})
+    extra_files = {METADATA_NAME: json.dumps(description, indent=2, sort_keys=True)}
+    atomic_write(path, lambda temporary: torch.jit.save(traced, temporary, _extra_files=extra_files))
+
+
+def load_metadata(path: str) -> dict:
+    """The JSON description export_torchscript embedded in the file at path."""
+    extra_files = {METADATA_NAME: ""}
+    torch.jit.load(path, map_location="cpu", _extra_files=extra_files)
+    return json.loads(extra_files[METADATA_NAME])
+
+
+def trace_length(padding_multiple: int, max_length: int) -> int:
+    """A length that spans more than one chunk and is not a multiple of the chunk length, so the trace takes
+    the general path (internal padding, several chunks); capped at max_length."""
+    return min(max_length, padding_multiple + padding_multiple // 2 + 1)
+
+
+def example_inputs(config, length: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch 2: random ids, and a mask that pads the tail of the second row (masking must not be traced away)."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (2, length), generator=generator)
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    attention_mask[1, length - length // 3:] = 0
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def non_host_ops(module: torch.jit.ScriptModule) -> list[str]:
+    """Kinds of the nodes (nested blocks included) that are neither ATen ops nor TorchScript primitives."""
+    found = []
+
+    def visit(block) -> None:
+        for node in block.nodes():
+            if not node.kind().startswith(HOST_OP_NAMESPACES):
+                found.append(node.kind())
+            for inner in node.blocks():
+                visit(inner)
+
+    visit(module.inlined_graph)
+    return found
+
+
+def graph_metadata(model, spec: TaskSpec, dtype, device, max_length, with_buckets, trace_shape) -> dict:
+    config = model.config
+    lsh_layers = config.attn_layers.count("lsh")
+    return {
+        "format": "torchscript",
+        "task": spec.name,
+        "model_class": spec.model_class,
+        "input_names": list(INPUT_NAMES),
+        "output_names": spec.all_output_names(lsh_layers, with_buckets),
+        "dynamic_axes": spec.dynamic_axes(lsh_layers, with_buckets),
+        "dtype": dtype,
+        "device": device,
+        "max_length": max_length,
+        "hash_seed": config.resolved_hash_seed,
+        "padding_multiple": config.padding_multiple,
+        "trace_shape": list(trace_shape),
+        "torch_version": torch.__version__,
+        "config": config.to_dict(),
+    }

@@ -1,0 +1,213 @@
+"""`reformer-export` through click's CliRunner: every bad input gives one `Error:` line, a non-zero exit, no
+traceback and nothing at the output path; the default model exports and verifies."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import reformer
+from cli import main as cli_main
+from exporters import api
+from exporters.specs import TASKS
+from tiny_configs import BASE
+
+OUTPUT = "out.onnx"
+MARKER = "pickle-ran"
+
+
+class CodeRunningPickle:
+    """Unpickling this creates the file MARKER: what a malicious pytorch_model.bin would do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def save_checkpoint(directory: str, **overrides) -> str:
+    torch.manual_seed(0)
+    config = reformer.ReformerConfig(**{**BASE, "attn_layers": ["local", "lsh"], "is_decoder": True, **overrides})
+    reformer.ReformerModelWithLMHead(config).save_pretrained(directory)
+    return directory
+
+
+def missing_dir(root: str) -> list[str]:
+    return ["--model", os.path.join(root, "no-such-model")]
+
+
+def malformed_config(root: str) -> list[str]:
+    directory = save_checkpoint(os.path.join(root, "ckpt"))
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        handle.write('{"hidden_size": 16,')
+    return ["--model", directory]
+
+
+def wrong_model_type(root: str) -> list[str]:
+    directory = save_checkpoint(os.path.join(root, "ckpt"))
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        json.dump({"model_type": "bert", "hidden_size": 16}, handle)
+    return ["--model", directory]
+
+
+def config_without_weights(root: str) -> list[str]:
+    directory = save_checkpoint(os.path.join(root, "ckpt"))
+    os.remove(os.path.join(directory, "model.safetensors"))
+    return ["--model", directory]
+
+
+def mis_shaped_weights(root: str) -> list[str]:
+    directory = save_checkpoint(os.path.join(root, "ckpt"))
+    config = json.load(open(os.path.join(directory, "config.json")))
+    config["feed_forward_size"] = 48
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        json.dump(config, handle)
+    return ["--model", directory]
+
+
+def code_running_pickle(root: str) -> list[str]:
+    directory = save_checkpoint(os.path.join(root, "ckpt"))
+    os.remove(os.path.join(directory, "model.safetensors"))
+    torch.save({"weight": CodeRunningPickle(os.path.join(root, MARKER))}, os.path.join(directory, "pytorch_model.bin"))
+    return ["--model", directory]
+
+
+def model_is_a_file(root: str) -> list[str]:
+    path = os.path.join(root, "model.bin")
+    open(path, "w").close()
+    return ["--model", path]
+
+
+def output_under_a_file(root: str) -> list[str]:
+    blocker = os.path.join(root, "somefile")
+    open(blocker, "w").close()
+    return ["--output", os.path.join(blocker, OUTPUT)]
+
+
+def output_in_missing_dir(root: str) -> list[str]:
+    return ["--output", os.path.join(root, "missing", OUTPUT)]
+
+
+def output_is_a_dir(root: str) -> list[str]:
+    os.mkdir(os.path.join(root, "taken"))
+    return ["--output", os.path.join(root, "taken")]
+
+
+def report_in_missing_dir(root: str) -> list[str]:
+    return ["--report", os.path.join(root, "missing", "report.json")]
+
+
+@dataclass
+class BadInput:
+    name: str
+    arguments: Callable[[str], list[str]]  # extra arguments, given a scratch folder
+    message: str  # part of the one error line
+    exit_code: int = 1  # 2: rejected by click's option parsing
+    format: str = "onnx"
+
+
+BAD_INPUTS = [
+    BadInput("missing_model_dir", missing_dir, "no model directory"),
+    BadInput("malformed_config", malformed_config, "is not valid JSON"),
+    BadInput("not_a_reformer_config", wrong_model_type, "describes a 'bert' model"),
+    BadInput("config_without_weights", config_without_weights, "no weights in"),
+    BadInput("mis_shaped_weights", mis_shaped_weights, "mis-shaped weight(s)"),
+    BadInput("code_running_pickle", code_running_pickle, "holds more than tensors and was not loaded"),
+    BadInput("model_is_a_file", model_is_a_file, "is a file"),
+    BadInput("unknown_task", lambda root: ["--task", "translation"], "Invalid value for '--task'", 2),
+    BadInput("task_does_not_fit_config", lambda root: ["--task", "masked-lm"], "needs a bidirectional model"),
+    BadInput("unknown_format", lambda root: [], "Invalid value for '--format'", 2, format="tflite"),
+    BadInput("output_under_a_file", output_under_a_file, "cannot write"),
+    BadInput("output_in_missing_dir", output_in_missing_dir, "cannot write"),
+    BadInput("output_is_a_dir", output_is_a_dir, "is a directory", 2),
+    BadInput("report_in_missing_dir", report_in_missing_dir, "cannot write the report"),
+    BadInput("max_length_too_long", lambda root: ["--max-length", "100000"], "must be between 1 and"),
+    BadInput("torchscript_max_length_too_long", lambda root: ["--max-length", "300"], "must be between 1 and",
+             format="torchscript"),
+    BadInput("fp16_on_cpu", lambda root: ["--dtype", "fp16"], "use device cuda"),
+    BadInput("torchscript_missing_model", missing_dir, "no model directory", format="torchscript"),
+]
+if not torch.cuda.is_available():
+    BAD_INPUTS.append(BadInput("cuda_without_gpu", lambda root: ["--device", "cuda"], "sees no CUDA device"))
+
+
+def run_cli(arguments: list[str]):
+    return CliRunner().invoke(cli_main.main, arguments)
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS, ids=lambda bad: bad.name)
+def test_bad_input_gives_one_error_line_and_writes_nothing(bad, tmp_path, monkeypatch):
+    scratch, work = tmp_path / "scratch", tmp_path / "work"
+    scratch.mkdir()
+    work.mkdir()
+    arguments = bad.arguments(str(scratch))
+    scratch_before = sorted(os.listdir(scratch))
+    monkeypatch.chdir(work)
+    result = run_cli(["--format", bad.format, *arguments])
+    assert result.exit_code == bad.exit_code, result.output
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1 and bad.message in error_lines[0], result.stderr
+    assert os.listdir(work) == [], "something was written in the current directory"
+    assert sorted(os.listdir(scratch)) == scratch_before, "something was written beside the output path"
+    assert not (scratch / MARKER).exists(), "the pickle ran code"
+
+
+def test_cli_choices_match_the_library():
+    assert cli_main.TASKS == tuple(TASKS)
+    assert cli_main.FORMATS == tuple(api.FORMATS)
+
+
+def test_every_option_has_help():
+    for parameter in cli_main.main.params:
+        assert getattr(parameter, "help", None), parameter.name
+
+
+def load_report(path) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+@pytest.mark.parametrize("format_,suffix", [("onnx", ".onnx"), ("torchscript", ".pt")])
+def test_default_model_exports_verifies_and_reports(format_, suffix, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--format", format_, "--report", "report.json"])
+    assert result.exit_code == 0, result.output
+    output = f"tiny-causal-lm{suffix}"
+    assert sorted(os.listdir(tmp_path)) == sorted([output, "report.json"])
+    report = load_report(tmp_path / "report.json")
+    assert report["passed"] and report["verified"] and report["output"] == output
+    assert report["size_bytes"] == os.path.getsize(tmp_path / output)
+    assert "passed" in result.stdout and output in result.stdout
+
+
+def test_exported_torchscript_matches_eager_of_the_named_model(tmp_path, monkeypatch):
+    """Through the CLI without the verifier: the file holds the built-in model's numbers."""
+    from exporters.models import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--format", "torchscript", "--no-verify", "--output", "lm.pt", "--max-length", "64"])
+    assert result.exit_code == 0, result.output
+    resolved = resolve_model("tiny")
+    input_ids = torch.randint(0, resolved.model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        expected = resolved.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        actual = torch.jit.load(str(tmp_path / "lm.pt"))(input_ids, attention_mask)[0]
+    assert (expected - actual).abs().max().item() <= 1e-5
+
+
+def test_checkpoint_directory_exports_under_its_own_name(tmp_path, monkeypatch):
+    directory = save_checkpoint(str(tmp_path / "my-reformer"))
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--model", directory, "--format", "torchscript", "--no-verify"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "my-reformer-causal-lm.pt").is_file()

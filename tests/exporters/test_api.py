@@ -1,0 +1,220 @@
+"""exporters.models (resolving --model) and exporters.api.run_export (staging, verification outcome, report).
+
+The verifier is replaced by a stand-in here where a test needs a chosen outcome; the real one runs in
+tests/cli/test_cli.py's happy path."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+import reformer
+from exporters import api
+from exporters.errors import ExportError
+from exporters.models import (
+    DEFAULT_MODEL,
+    RANDOM_WEIGHTS_SEED,
+    built_in_models,
+    default_task,
+    resolve_model,
+)
+from exporters.torchscript import load_metadata
+from tiny_configs import BASE
+
+
+def save_checkpoint(directory, model_class="ReformerModelWithLMHead", **overrides) -> str:
+    torch.manual_seed(0)
+    config = reformer.ReformerConfig(**{**BASE, "attn_layers": ["local", "lsh"], **overrides})
+    reformer.MODEL_CLASSES[model_class](config).save_pretrained(directory)
+    return str(directory)
+
+
+# ----- resolving --model -----
+
+def test_built_in_models_include_the_default_and_enwik8():
+    assert {DEFAULT_MODEL, "enwik8"} <= set(built_in_models())
+
+
+def test_config_only_built_in_model_gets_reproducible_random_weights():
+    first, second = resolve_model(None), resolve_model(DEFAULT_MODEL)
+    assert first.name == DEFAULT_MODEL and first.built_in and first.random_weights_seed == RANDOM_WEIGHTS_SEED
+    assert first.spec.name == "causal-lm" and not first.model.training
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[key]), key
+    assert "random weights" in first.describe()
+
+
+def test_checkpoint_directory_loads_its_weights(tmp_path):
+    directory = save_checkpoint(tmp_path / "ckpt", "ReformerForQuestionAnswering")
+    resolved = resolve_model(directory)
+    assert resolved.spec.name == "question-answering" and resolved.name == "ckpt"
+    assert not resolved.built_in and resolved.random_weights_seed is None
+    saved = reformer.ReformerForQuestionAnswering.from_pretrained(directory).state_dict()
+    for key, value in resolved.model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+def test_head_checkpoint_exports_as_base(tmp_path):
+    resolved = resolve_model(save_checkpoint(tmp_path / "ckpt", is_decoder=True), task="base")
+    assert type(resolved.model).__name__ == "ReformerModel"
+
+
+@pytest.mark.parametrize("architectures,is_decoder,expected", [
+    (["ReformerForMaskedLM"], False, "masked-lm"),
+    (["ReformerForSequenceClassification"], False, "sequence-classification"),
+    (["BertModel"], True, "causal-lm"),
+    (None, True, "causal-lm"),
+    (None, False, "base"),
+])
+def test_default_task(architectures, is_decoder, expected):
+    config = reformer.ReformerConfig(**{**BASE, "is_decoder": is_decoder})
+    if architectures:
+        config.extra["architectures"] = architectures
+    assert default_task(config) == expected
+
+
+def test_unknown_task_is_an_export_error(tmp_path):
+    with pytest.raises(ExportError, match="unknown task 'summarization'"):
+        resolve_model(DEFAULT_MODEL, task="summarization")
+
+
+def test_causal_lm_needs_a_causal_config(tmp_path):
+    directory = save_checkpoint(tmp_path / "ckpt", "ReformerForMaskedLM")
+    with pytest.raises(reformer.ConfigError, match="needs a causal model"):
+        resolve_model(directory, task="causal-lm")
+
+
+def test_existing_directory_wins_over_a_built_in_name(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path / DEFAULT_MODEL, "ReformerModel")
+    monkeypatch.chdir(tmp_path)
+    resolved = resolve_model(DEFAULT_MODEL)
+    assert not resolved.built_in and resolved.spec.name == "base"
+
+
+def test_built_in_model_with_weights_loads_them(tmp_path):
+    directory = save_checkpoint(tmp_path / "shipped", "ReformerForMaskedLM")
+    resolved = resolve_model("shipped", models_dir=tmp_path)
+    assert resolved.built_in and resolved.random_weights_seed is None and resolved.spec.name == "masked-lm"
+
+
+# ----- run_export -----
+
+class StandInReport:
+    def __init__(self, passed: bool):
+        self.passed = passed
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "rows": []}
+
+    def summary_table(self) -> str:
+        return "runtime  max abs\nstand-in  0"
+
+
+@pytest.fixture
+def verifier(monkeypatch):
+    """Replaces the verifier; returns the list of paths it was asked to verify and sets its outcome."""
+    import exporters.verify
+
+    calls = {"paths": [], "passed": True}
+
+    def verify_export(model, spec, path, fmt, **options):
+        assert os.path.isfile(path), "verification must see the exported file"
+        calls["paths"].append(path)
+        return StandInReport(calls["passed"])
+
+    monkeypatch.setattr(exporters.verify, "verify_export", verify_export)
+    return calls
+
+
+def test_output_appears_only_after_verification(tmp_path, monkeypatch, verifier):
+    monkeypatch.chdir(tmp_path)
+    result = api.run_export(api.ExportRequest("torchscript", max_length=64, report="report.json"))
+    assert result.passed and result.output == "tiny-causal-lm.pt"
+    assert verifier["paths"] and not os.path.exists(verifier["paths"][0]), "verified in a staging folder"
+    assert sorted(os.listdir(tmp_path)) == ["report.json", "tiny-causal-lm.pt"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["passed"] and report["task"] == "causal-lm" and report["request"]["max_length"] == 64
+    metadata = load_metadata(str(tmp_path / "tiny-causal-lm.pt"))
+    assert metadata["model_name"] == "tiny" and metadata["random_weights_seed"] == RANDOM_WEIGHTS_SEED
+    assert metadata["max_length"] == 64
+
+
+@pytest.mark.parametrize("keep_failed", [False, True])
+def test_failed_verification_removes_the_output_unless_kept(keep_failed, tmp_path, verifier):
+    verifier["passed"] = False
+    output, report = tmp_path / "lm.pt", tmp_path / "report.json"
+    result = api.run_export(api.ExportRequest("torchscript", output=str(output), keep_failed=keep_failed,
+                                              report=str(report)))
+    assert not result.passed
+    assert output.exists() == keep_failed and (result.output is not None) == keep_failed
+    assert json.loads(report.read_text())["passed"] is False
+    assert "FAILED" in result.summary_table()
+    assert sorted(os.listdir(tmp_path)) == sorted(["report.json"] + (["lm.pt"] if keep_failed else []))
+
+
+def test_error_during_export_leaves_nothing(tmp_path, monkeypatch):
+    import exporters.torchscript
+
+    def broken_export(model, spec, path, **options):
+        with open(path, "w") as handle:
+            handle.write("half a file")
+        raise ExportError("the exporter broke")
+
+    monkeypatch.setattr(exporters.torchscript, "export_torchscript", broken_export)
+    with pytest.raises(ExportError, match="the exporter broke"):
+        api.run_export(api.ExportRequest("torchscript", output=str(tmp_path / "lm.pt")))
+    assert os.listdir(tmp_path) == []
+
+
+def test_no_verify_skips_the_verifier(tmp_path, verifier):
+    result = api.run_export(api.ExportRequest("torchscript", output=str(tmp_path / "lm.pt"), verify=False))
+    assert result.verification is None and result.passed and verifier["paths"] == []
+    assert "skipped" in result.summary_table()
+
+
+def test_existing_output_is_replaced_whole(tmp_path, verifier):
+    output = tmp_path / "lm.pt"
+    output.write_text("an older export")
+    api.run_export(api.ExportRequest("torchscript", output=str(output)))
+    assert torch.jit.load(str(output)) is not None
+
+
+@pytest.mark.parametrize("request_values,message", [
+    (dict(format="tflite"), "unknown format 'tflite'"),
+    (dict(format="onnx", custom_ops="tensorrt"), "unknown custom ops 'tensorrt'"),
+    (dict(format="onnx", atol=0.0), "atol must be positive"),
+    (dict(format="onnx", dtype="fp16"), "use device cuda"),
+])
+def test_bad_options_fail_before_any_work(request_values, message, tmp_path):
+    with pytest.raises(ExportError, match=message):
+        api.run_export(api.ExportRequest(**request_values, output=str(tmp_path / "x")))
+    assert os.listdir(tmp_path) == []
+
+
+# ----- the full-size built-in model -----
+
+@pytest.mark.slow
+def test_enwik8_shape_exports_with_random_weights(tmp_path):
+    """The public enwik8 Reformer's shape (models/enwik8/config.json, about 149M parameters), at a reduced
+    maximum length so that it exports in seconds: traced at 2 x 385 tokens, checked at 1 x 300."""
+    resolved = resolve_model("enwik8")
+    config = resolved.model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size) == (
+        1024, 12, 8, 258)
+    assert resolved.random_weights_seed == RANDOM_WEIGHTS_SEED
+    output = tmp_path / "enwik8.pt"
+    start = time.perf_counter()
+    result = api.run_export(api.ExportRequest("torchscript", model="enwik8", output=str(output), max_length=512,
+                                              verify=False))
+    assert result.output == str(output) and time.perf_counter() - start < 120
+    input_ids = torch.randint(0, config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        expected = resolved.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        actual = torch.jit.load(str(output))(input_ids, attention_mask)[0]
+    # Same kernels as eager; 12 layers of width 1024 still stay far inside the fp32 tolerance.
+    assert (expected - actual).abs().max().item() <= 1e-5

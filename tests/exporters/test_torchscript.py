@@ -1,0 +1,131 @@
+"""TorchScript export against eager, for every task on the tiny configs.
+
+The trace is taken at batch 2 and one length (see exporters.torchscript.trace_length); the loaded module is
+run at other batch sizes and at lengths shorter than one chunk, odd, and maximal, with padded masks.
+Tolerance: max abs <= 1e-5 (fp32, CPU; in practice the traced graph runs the same kernels as eager, so
+the difference is 0). Per-position outputs are compared where the mask keeps the position (see
+tests/reformer/test_parity.py); buckets must agree exactly there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reformer
+from exporters.specs import TASKS
+from exporters.torchscript import example_inputs, export_torchscript, load_metadata, non_host_ops, trace_length
+from tiny_configs import CASES, make_inputs
+
+ATOL = 1e-5
+CONFIGS_PER_TASK = 6
+
+
+def task_configs(task: str) -> list[tuple[str, dict]]:
+    """The first CONFIGS_PER_TASK tiny configs that fit the task: causal-lm needs a causal config (one that
+    looks at no chunk after), masked-lm a bidirectional one; the other heads take either."""
+    chosen = []
+    for case in CASES:
+        values = dict(case.config_values)
+        if task == "causal-lm":
+            if values.get("lsh_num_chunks_after", 0) or values.get("local_num_chunks_after", 0):
+                continue
+            values["is_decoder"] = True
+        elif task == "masked-lm":
+            values["is_decoder"] = False
+        chosen.append((case.name, values))
+    return chosen[:CONFIGS_PER_TASK]
+
+
+def build(task: str, values: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return reformer.MODEL_CLASSES[TASKS[task].model_class](reformer.ReformerConfig(**values)).eval()
+
+
+PARAMS = [(task, name, values) for task in TASKS for name, values in task_configs(task)]
+
+
+def test_every_task_has_enough_configs():
+    for task in TASKS:
+        assert len(task_configs(task)) >= CONFIGS_PER_TASK, task
+
+
+@pytest.mark.parametrize("task,name,values", PARAMS, ids=[f"{task}-{name}" for task, name, _ in PARAMS])
+def test_traced_module_matches_eager_at_other_shapes(task, name, values, tmp_path):
+    spec, model = TASKS[task], build(task, values)
+    path = str(tmp_path / "model.pt")
+    export_torchscript(model, spec, path)
+    loaded = torch.jit.load(path)
+    assert non_host_ops(loaded) == []
+    config = model.config
+    traced_length = trace_length(config.padding_multiple, config.max_position_embeddings)
+    shapes = [(1, 3), (3, 11), (4, config.max_position_embeddings)]
+    assert all(shape != (2, traced_length) for shape in shapes)
+    eager = spec.wrap(model, with_buckets=True)
+    for batch, length in shapes:
+        input_ids, attention_mask = make_inputs(batch, length, config.vocab_size, seed=length)
+        with torch.no_grad():
+            expected, actual = eager(input_ids, attention_mask), loaded(input_ids, attention_mask)
+        assert len(actual) == len(spec.output_names) + config.attn_layers.count("lsh")
+        keep = attention_mask.bool()
+        for index, (want, got) in enumerate(zip(expected, actual)):
+            label = f"output {index} at {batch}x{length}"
+            assert got.shape == want.shape, label
+            if index >= len(spec.output_names):  # buckets, B, H, N, L
+                assert torch.equal(want.movedim(-1, 1)[keep], got.movedim(-1, 1)[keep]), label
+                continue
+            if task != "sequence-classification":
+                want, got = want[keep], got[keep]
+            difference = (want - got).abs().max().item()
+            assert difference <= ATOL, f"{label}: max abs diff {difference:.3g}"
+
+
+def test_metadata_describes_the_graph(tmp_path):
+    task, (_, values) = "question-answering", task_configs("question-answering")[0]
+    model = build(task, values)
+    path = str(tmp_path / "qa.pt")
+    export_torchscript(model, TASKS[task], path, max_length=24, metadata={"model_name": "tiny-case"})
+    metadata = load_metadata(path)
+    lsh_layers = model.config.attn_layers.count("lsh")
+    assert metadata["task"] == task
+    assert metadata["input_names"] == ["input_ids", "attention_mask"]
+    assert metadata["output_names"] == ["start_logits", "end_logits"] + [f"buckets_{i}" for i in range(lsh_layers)]
+    assert metadata["hash_seed"] == model.config.resolved_hash_seed
+    assert metadata["max_length"] == 24
+    assert metadata["model_name"] == "tiny-case"
+
+
+def test_without_buckets_returns_only_the_task_outputs(tmp_path):
+    _, values = task_configs("causal-lm")[0]
+    model = build("causal-lm", values)
+    path = str(tmp_path / "lm.pt")
+    export_torchscript(model, TASKS["causal-lm"], path, with_buckets=False)
+    input_ids, attention_mask = make_inputs(2, 9)
+    outputs = torch.jit.load(path)(input_ids, attention_mask)
+    assert len(outputs) == 1 and outputs[0].shape == (2, 9, model.config.vocab_size)
+
+
+def test_export_leaves_the_callers_model_unchanged(tmp_path):
+    _, values = task_configs("base")[0]
+    model = build("base", values)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    export_torchscript(model, TASKS["base"], str(tmp_path / "base.pt"), dtype="fp16")
+    after = model.state_dict()
+    assert all(after[key].dtype == value.dtype and torch.equal(after[key], value) for key, value in before.items())
+
+
+def test_example_inputs_span_more_than_one_chunk_and_pad_a_row():
+    _, values = task_configs("base")[0]
+    config = reformer.ReformerConfig(**values)
+    length = trace_length(config.padding_multiple, config.max_position_embeddings)
+    assert length > config.padding_multiple and length % config.padding_multiple != 0
+    input_ids, attention_mask = example_inputs(config, length, "cpu")
+    assert input_ids.shape == (2, length) and attention_mask[1, -1] == 0 and attention_mask[0].all()
+
+
+def test_failed_save_leaves_nothing(tmp_path):
+    _, values = task_configs("base")[0]
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError):
+        export_torchscript(build("base", values), TASKS["base"], str(blocker / "model.pt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
