@@ -1,0 +1,115 @@
+"""One decoding step of LSH and local attention against cached past states, with static shapes.
+
+The cache holds, per layer, the layer-normed attention inputs of every past position (B, Lp, hidden) and,
+per LSH layer, their buckets (B, H, N, Lp), as the reference's `past_buckets_states` does. A new token
+attends to a fixed number S of key slots, so one exported graph serves every past length Lp:
+
+- LSH: in each hashing round the new token joins the past tokens in bucket order (the stable sort of
+  `ops.sort_by_bucket`); it attends to the W = (1 + before + after) * C positions of bucket order starting at
+  the chunk before its own, wrapping modulo L = Lp + 1 (the reference's `_expand_to_indices_in_relevant_chunk`).
+  Where that window is found with `argmax`, not `nonzero`. Until the reference first hashes (a prompt short
+  enough for its unchunked path, see `lsh_full_attention_until`), it instead attends once to every position.
+- local: the new token attends to the positions from the start of the chunk `before` chunks ahead of the one
+  its past length falls in, up to itself (the reference's `_retrieve_relevant_hidden_states`).
+
+Unused slots are masked; they add exact zeros to the softmax. Shape letters as in `chunking.py`, plus
+S key slots; the single new position is written as 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+from .chunking import length_normalize, masked_softmax_attend, merge_heads, split_heads
+from .local import LocalSelfAttention
+from .lsh import LSHSelfAttention, combine_rounds
+
+
+def length_as_tensor(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x.shape[dim] as a 1-element int64 tensor: exporters lower tensor arithmetic on it, not on a SymInt."""
+    return torch.arange(x.shape[dim], device=x.device)[-1:] + 1
+
+
+def project_per_head(states: torch.Tensor, linear: torch.nn.Linear, num_heads: int) -> torch.Tensor:
+    """states B, H, N, S, hidden picked separately per head -> B, H, N, S, D through that head's rows of a
+    bias-free projection (the reference's `_query_per_attn_head`)."""
+    weight = linear.weight.view(num_heads, -1, linear.weight.shape[-1])  # H, D, hidden
+    return torch.einsum("bhnsx,hdx->bhnsd", states, weight)
+
+
+def lsh_key_slots(attention: LSHSelfAttention) -> int:
+    """S: the window of W positions, or all L <= C + 1 positions before the reference first hashes."""
+    window = attention.chunk_length * (1 + attention.chunks_before + attention.chunks_after)
+    return max(window, attention.chunk_length + 1)
+
+
+def lsh_attention_step(
+    attention: LSHSelfAttention,
+    hidden_states: torch.Tensor,
+    past_states: torch.Tensor,
+    past_buckets: torch.Tensor,
+    full_attention: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden_states B, 1, hidden (layer-normed); past_states B, Lp, hidden; past_buckets B, H, N, Lp;
+    full_attention B (bool): attend to every position once instead of to each round's window.
+    Returns the attention output B, 1, H*D and the new token's buckets B, H, N, 1."""
+    heads, chunk_length = attention.num_heads, attention.chunk_length
+    window = chunk_length * (1 + attention.chunks_before + attention.chunks_after)
+    slots = torch.arange(lsh_key_slots(attention), device=hidden_states.device)  # S
+    all_states = torch.cat([past_states, hidden_states], dim=1)  # B, L, hidden
+    length = length_as_tensor(all_states, 1)  # L
+    new_position = length - 1
+
+    query = split_heads(attention.query_key(hidden_states), heads, attention.head_size)  # B, H, 1, D
+    no_padding = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool)  # B, 1
+    new_buckets = attention.hash_vectors(query, no_padding)  # B, H, N, 1
+    sorted_positions = ops.sort_by_bucket(torch.cat([past_buckets, new_buckets], dim=-1))  # B, H, N, L
+    new_rank = torch.argmax((sorted_positions == new_position).to(torch.int32), dim=-1)  # B, H, N
+    window_start = (torch.div(new_rank, chunk_length, rounding_mode="floor") - attention.chunks_before) * chunk_length
+    window_ranks = torch.remainder(window_start.unsqueeze(-1) + slots, length)  # B, H, N, S
+    window_positions = torch.gather(sorted_positions, -1, window_ranks)  # B, H, N, S
+
+    full = full_attention[:, None, None, None]  # B, 1, 1, 1
+    key_positions = torch.where(full, torch.minimum(slots, new_position), window_positions)  # B, H, N, S
+    valid = torch.where(full, slots < length, slots < window)  # B, 1, 1, S
+
+    batch, _, rounds, num_slots = key_positions.shape
+    index = key_positions.reshape(batch, -1, 1).expand(-1, -1, all_states.shape[-1])  # B, H*N*S, hidden
+    key_states = torch.gather(all_states, 1, index).view(batch, heads, rounds, num_slots, -1)  # B, H, N, S, hidden
+    key = length_normalize(project_per_head(key_states, attention.query_key, heads)) / math.sqrt(attention.head_size)
+    value = project_per_head(key_states, attention.value, heads)  # B, H, N, S, D
+
+    allowed = valid.unsqueeze(-2)  # B, 1, 1, 1, S
+    not_self = ((key_positions != new_position) | ~valid).unsqueeze(-2)  # B, H, N, 1, S
+    out, log_normalizer = masked_softmax_attend(
+        query.unsqueeze(2), key, value, allowed, not_self, attention.dropout, attention.training
+    )  # B, H, N, 1, D and B, H, N, 1
+    # Full attention: every round saw the same keys; the reference attends once and combines nothing.
+    out = torch.where(full_attention[:, None, None, None], out[:, :, 0], combine_rounds(out, log_normalizer))
+    return merge_heads(out), new_buckets
+
+
+def local_attention_step(
+    attention: LocalSelfAttention, hidden_states: torch.Tensor, past_states: torch.Tensor
+) -> torch.Tensor:
+    """hidden_states B, 1, hidden (layer-normed); past_states B, Lp, hidden -> attention output B, 1, H*D."""
+    heads, head_size, chunk_length = attention.num_heads, attention.head_size, attention.chunk_length
+    slots = torch.arange((1 + attention.chunks_before) * chunk_length, device=hidden_states.device)  # S
+    all_states = torch.cat([past_states, hidden_states], dim=1)  # B, L, hidden
+    new_position = length_as_tensor(all_states, 1) - 1
+    start = (torch.div(new_position, chunk_length, rounding_mode="floor") - attention.chunks_before) * chunk_length
+    # The reference slices `past[:, start:]`: a negative start counts from the end.
+    start = torch.where(start >= 0, start, torch.clamp(new_position + start, min=0))
+    positions = start + slots  # S
+    valid = positions <= new_position
+    key_states = all_states.index_select(1, torch.minimum(positions, new_position))  # B, S, hidden
+
+    query = split_heads(attention.query(hidden_states), heads, head_size)  # B, H, 1, D
+    key = split_heads(attention.key(key_states), heads, head_size) / math.sqrt(head_size)  # B, H, S, D
+    value = split_heads(attention.value(key_states), heads, head_size)  # B, H, S, D
+    out, _ = masked_softmax_attend(query, key, value, valid[None, None, None, :], None, attention.dropout,
+                                   attention.training)  # B, H, 1, D
+    return merge_heads(out)
