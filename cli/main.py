@@ -47,6 +47,7 @@ def main(model, task, format_, output, opset, dtype, device, max_length, custom_
     """Export a Reformer model to ONNX or TorchScript and verify it against eager PyTorch.
 
     Example: reformer-export --format onnx   (exports the built-in tiny model)"""
+    quiet_dependencies()
     from exporters.api import ExportRequest, run_export
     from exporters.errors import ExportError
     from reformer import CheckpointError, ConfigError
@@ -62,6 +63,25 @@ def main(model, task, format_, output, opset, dtype, device, max_length, custom_
     if not result.passed:
         kept = f"kept at {result.output} (--keep-failed)" if result.output else "nothing written"
         raise click.ClickException(f"verification failed ({kept}); see the table above")
+
+
+def quiet_dependencies() -> None:
+    """Silence the exporters' and runtimes' own chatter (missing torchvision ops, deprecations inside torch,
+    ONNX Runtime's log of a CUDA provider it cannot load): the summary table reports what matters, including
+    each runtime that was skipped and why."""
+    import logging
+    import warnings
+
+    import torch  # first: importing torch configures its loggers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    onnxruntime.set_default_logger_severity(4)  # fatal only
 
 
 def one_line(error: Exception) -> str:

@@ -124,10 +124,11 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
         if request.verify:
             timer = time.perf_counter()
             progress("Verifying against eager PyTorch")
-            from .verify import verify_export
+            from .verify import default_shapes, verify_export
 
+            shapes = default_shapes(resolved.model.config, request.max_length)
             verification = verify_export(resolved.model, resolved.spec, staged, request.format, dtype=request.dtype,
-                                         device=request.device, atol=request.atol)
+                                         device=request.device, atol=request.atol, shapes=shapes)
             seconds["verify"] = time.perf_counter() - timer
         keep = verification is None or verification.passed or request.keep_failed
         if keep:
