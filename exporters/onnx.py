@@ -57,6 +57,9 @@ def export_onnx(
         mode = ops.resolve_mode(custom_ops)
     except ValueError as error:
         raise ExportError(str(error)) from None
+    path = Path(path)
+    if not os.access(path.parent, os.W_OK):  # before the slow part
+        raise ExportError(f"cannot write to {path.parent}: not a writable folder")
     model = model_as(model, dtype, device)
     wrapper = spec.wrap(model, with_buckets)
     output_names = spec.all_output_names(config.attn_layers.count("lsh"), with_buckets)
@@ -74,7 +77,7 @@ def export_onnx(
     onnx_model.metadata_props.update({key: str(value) for key, value in (metadata or {}).items()})
     if external_data is None:
         external_data = initializer_bytes(onnx_model) > EXTERNAL_DATA_THRESHOLD
-    save_atomically(onnx_model, Path(path), external_data)
+    save_atomically(onnx_model, path, external_data)
 
 
 def to_onnx_model(

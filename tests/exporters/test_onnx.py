@@ -1,0 +1,188 @@
+"""The ONNX exporter, checked in ONNX Runtime (CPU) against eager PyTorch and the `transformers` reference.
+
+Acceptance 1: for every task, on six configs covering all five model classes, the graph exported at batch 2
+and one length matches eager at other batch sizes and lengths (1 to the maximum, odd ones), with padded
+masks: max abs <= 1e-5 (fp32; both run the same ops, only kernel rounding differs) at the positions the
+mask keeps (masked positions are undefined, see tests/reformer/test_parity.py), buckets identical there.
+Acceptance 2: a checkpoint written by `transformers`' save_pretrained, exported, against the reference's eager
+output with the same hash_seed: max abs <= 1e-4 (the model itself matches the reference within 1e-5;
+the exported graph adds its own 1e-5 at most)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+import reformer
+from exporters import ops
+from exporters.errors import ExportError
+from exporters.onnx import METADATA_PREFIX, export_onnx
+from exporters.specs import MODEL_CLASS_TO_TASK, TASKS
+from exporters.verify import verify_export
+from reference import reference_and_ours
+from tiny_configs import CASES_BY_NAME, make_inputs, output_names, per_position
+
+ATOL = 1e-5
+REFERENCE_ATOL = 1e-4
+# Six configs, all five model classes: mixed and LSH-only layers, factorised buckets, chunks after > 0,
+# 1 to 3 hashing rounds, axial and plain position embeddings.
+CASE_NAMES = ["lm_mixed", "lm_lsh_factorised", "mlm_lsh_after", "base_lsh_before_after", "seqcls_mixed", "qa_mixed"]
+# (batch, length): none is the export's (2, 2 * padding multiple + 1); maximum length 32 for every case.
+SHAPES = [(1, 1), (3, 3), (1, 7), (4, 13), (3, 32)]
+
+
+def session_for(path) -> onnxruntime.InferenceSession:
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run(session, input_ids, attention_mask) -> list[np.ndarray]:
+    return session.run(None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
+
+
+def max_kept_difference(model_class, name, want, got, attention_mask) -> float:
+    want, got = torch.as_tensor(want), torch.as_tensor(got)
+    if per_position(model_class, name):
+        keep = attention_mask.bool()
+        want, got = want[keep], got[keep]
+    return (want.double() - got.double()).abs().max().item()
+
+
+@pytest.fixture(scope="module", params=CASE_NAMES)
+def exported(request, tmp_path_factory):
+    """(case, reference, ours, path): our model loaded from the reference's save_pretrained, exported."""
+    case = CASES_BY_NAME[request.param]
+    directory = tmp_path_factory.mktemp(case.name)
+    reference, ours = reference_and_ours(case, directory / "checkpoint")
+    path = directory / "model.onnx"
+    export_onnx(ours, TASKS[MODEL_CLASS_TO_TASK[case.model_class]], path)
+    return case, reference, ours, path
+
+
+def test_matches_eager_at_other_shapes(exported):
+    case, _, ours, path = exported
+    spec = TASKS[MODEL_CLASS_TO_TASK[case.model_class]]
+    wrapper = spec.wrap(ours, with_buckets=True)
+    session = session_for(path)
+    names = [output.name for output in session.get_outputs()]
+    lsh_layers = ours.config.attn_layers.count("lsh")
+    assert names == spec.all_output_names(lsh_layers, with_buckets=True)
+    for batch, length in SHAPES:
+        input_ids, attention_mask = make_inputs(batch, length, seed=length)
+        with torch.no_grad():
+            expected = wrapper(input_ids, attention_mask)
+        actual = run(session, input_ids, attention_mask)
+        for name, want, got in zip(output_names(case.model_class), expected, actual):
+            difference = max_kept_difference(case.model_class, name, want, got, attention_mask)
+            assert difference <= ATOL, f"{name} at {batch}x{length}: max abs diff {difference:.3g}"
+        keep = attention_mask.bool()[:, None, None, :]
+        for want, got in zip(expected[len(spec.output_names):], actual[len(spec.output_names):]):
+            assert torch.equal(torch.from_numpy(got)[keep.expand_as(want)], want[keep.expand_as(want)])
+
+
+def test_matches_transformers_reference(exported):
+    case, reference, _, path = exported
+    session = session_for(path)
+    for batch in (1, 2):
+        input_ids, attention_mask = make_inputs(batch, case.length)
+        with torch.no_grad():
+            expected = reference(input_ids=input_ids, attention_mask=attention_mask)
+        actual = run(session, input_ids, attention_mask)
+        for name, got in zip(output_names(case.model_class), actual):
+            difference = max_kept_difference(case.model_class, name, getattr(expected, name), got, attention_mask)
+            assert difference <= REFERENCE_ATOL, f"{name} at batch {batch}: max abs diff {difference:.3g}"
+
+
+def test_metadata_and_custom_op_nodes(exported):
+    case, _, ours, path = exported
+    model = onnx.load(str(path))
+    metadata = {prop.key[len(METADATA_PREFIX):]: json.loads(prop.value) for prop in model.metadata_props
+                if prop.key.startswith(METADATA_PREFIX)}
+    assert metadata["hash_seed"] == 3 and metadata["hash_seed_defaulted"] is False
+    assert metadata["task"] == MODEL_CLASS_TO_TASK[case.model_class]
+    assert metadata["num_buckets"] == ours.config.num_buckets
+    assert metadata["max_length"] == 32 and metadata["padding_multiple"] == ours.config.padding_multiple
+    assert (metadata["opset"], metadata["custom_ops"], metadata["dtype"]) == (18, "auto", "fp32")
+    # auto picks the ort lowerings: the bucket sort stays a custom-domain node with its model-local function.
+    assert metadata["lowerings"]["sort_by_bucket"] == "ort"
+    assert [node.op_type for node in model.graph.node if node.domain == ops.DOMAIN] == ["BucketArgsort"] * len(
+        [kind for kind in ours.config.attn_layers if kind == "lsh"])
+    assert [function.name for function in model.functions] == ["BucketArgsort"]
+
+
+def test_standard_ops_defaulted_seed_and_external_data(tmp_path):
+    """custom_ops="standard" leaves only standard ONNX ops; a config without hash_seed records the seed used;
+    external data lands next to the model; a shorter max_length is honoured."""
+    case = CASES_BY_NAME["lm_lsh_factorised"]
+    model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**{**case.config_values, "hash_seed": None}))
+    path = tmp_path / "model.onnx"
+    export_onnx(model.eval(), TASKS["causal-lm"], path, custom_ops="standard", max_length=20, external_data=True)
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
+    proto = onnx.load(str(path))
+    assert all(node.domain == "" for node in proto.graph.node) and not proto.functions
+    metadata = {prop.key: json.loads(prop.value) for prop in proto.metadata_props}
+    assert metadata[METADATA_PREFIX + "hash_seed"] == 0 and metadata[METADATA_PREFIX + "hash_seed_defaulted"]
+    assert metadata[METADATA_PREFIX + "max_length"] == 20
+    session = session_for(path)
+    input_ids, attention_mask = make_inputs(3, 20)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    actual = run(session, input_ids, attention_mask)[0]
+    assert max_kept_difference(case.model_class, "logits", expected, actual, attention_mask) <= ATOL
+
+
+def test_fp16_export_runs_on_onnxruntime_cpu(tmp_path):
+    """fp16 targets CUDA, but ONNX Runtime CPU runs it too (with the registry's logsumexp lowering; torchlib's
+    ReduceLogSumExp is NaN there in fp16). Verified against eager fp16 on the CPU: tolerance 1e-2 of the
+    output scale (exporters/verify.py)."""
+    case = CASES_BY_NAME["lm_mixed"]
+    model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**case.config_values)).eval()
+    path = tmp_path / "model.onnx"
+    export_onnx(model, TASKS["causal-lm"], path, dtype="fp16")
+    assert onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_outputs()[0].type == \
+        "tensor(float16)"
+    report = verify_export(model, TASKS["causal-lm"], path, "onnx", dtype="fp16", runtimes=["onnxruntime-cpu"])
+    assert report.passed, report.summary_table()
+    assert all(row.dtype == "fp16" and row.bucket_agreement is not None for row in report.rows)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(custom_ops="fast"), "custom_ops must be one of"),
+    (dict(dtype="bf16"), "unknown dtype"),
+    (dict(opset=13), "opset 13 is not supported"),
+    (dict(max_length=33), "max_length 33 must be between 1 and"),
+    (dict(device="tpu"), "unknown device"),
+])
+def test_bad_arguments_raise_one_line_errors_and_write_nothing(arguments, message, tmp_path):
+    case = CASES_BY_NAME["lm_mixed"]
+    model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**case.config_values)).eval()
+    with pytest.raises(ExportError, match=message) as error:
+        export_onnx(model, TASKS["causal-lm"], tmp_path / "model.onnx", **arguments)
+    assert "\n" not in str(error.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_unwritable_folder_fails_before_exporting(tmp_path):
+    case = CASES_BY_NAME["lm_mixed"]
+    model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**case.config_values)).eval()
+    with pytest.raises(ExportError, match="cannot write to"):
+        export_onnx(model, TASKS["causal-lm"], tmp_path / "missing" / "model.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_verifies_on_onnxruntime_cuda(dtype, tmp_path):
+    case = CASES_BY_NAME["lm_lsh_factorised"]
+    model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**case.config_values)).eval()
+    path = tmp_path / "model.onnx"
+    export_onnx(model, TASKS["causal-lm"], path, dtype=dtype, device="cuda")
+    report = verify_export(model, TASKS["causal-lm"], path, "onnx", dtype=dtype, device="cuda",
+                           runtimes=["onnxruntime-cuda"])
+    assert report.rows and all(row.device == "cuda" for row in report.rows), report.skipped
+    assert report.passed, report.summary_table()
