@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import click
 
-# The names of exporters.specs.TASKS and the choices of exporters.api, spelled out here so that `--help`
-# needs no torch import; tests/cli/test_cli.py checks that they agree.
+# The library's choices, spelled out here so that `--help` needs no torch import; tests/cli/test_cli.py checks
+# that they agree with exporters.specs.TASKS, exporters.api.FORMATS, exporters.precision and exporters.ops.
 TASKS = ("base", "causal-lm", "masked-lm", "sequence-classification", "question-answering")
 FORMATS = ("onnx", "torchscript")
+DTYPES = ("fp32", "fp16")
+DEVICES = ("cpu", "cuda")
+CUSTOM_OPS_MODES = ("auto", "standard", "ort")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,13 +28,13 @@ FORMATS = ("onnx", "torchscript")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Where to write the graph. Default: <model>-<task>.onnx or .pt in the current directory.")
 @click.option("--opset", type=click.IntRange(min=1), default=18, show_default=True, help="ONNX opset (ONNX only).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
               help="Precision of the exported graph; fp16 needs --device cuda.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="Device the graph is exported and verified on.")
 @click.option("--max-length", type=click.IntRange(min=1), default=None,
               help="Longest sequence the graph must serve. Default: the model's max_position_embeddings.")
-@click.option("--custom-ops", type=click.Choice(["auto", "standard", "ort"]), default="auto", show_default=True,
+@click.option("--custom-ops", type=click.Choice(CUSTOM_OPS_MODES), default="auto", show_default=True,
               help="ONNX lowering of the custom ops: standard ONNX ops only, ONNX Runtime contrib ops, or auto "
                    "(ONNX only).")
 @click.option("--atol", type=float, default=None,
@@ -61,7 +64,7 @@ def main(model, task, format_, output, opset, dtype, device, max_length, custom_
         raise click.ClickException(one_line(error)) from None
     click.echo(result.summary_table())
     if not result.passed:
-        kept = f"kept at {result.output} (--keep-failed)" if result.output else "nothing written"
+        kept = f"kept at {result.output} (--keep-failed)" if result.output else "output file removed"
         raise click.ClickException(f"verification failed ({kept}); see the table above")
 
 

@@ -19,10 +19,10 @@ from typing import Callable, Iterator
 from reformer.checkpoint import atomic_write
 
 from .errors import ExportError
+from .ops import CUSTOM_OPS_MODES
 from .precision import DEVICES, DTYPES, check_device
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
-CUSTOM_OPS = ("auto", "standard", "ort")
 DEFAULT_OPSET = 18
 
 
@@ -144,7 +144,7 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
 def check_options(request: ExportRequest) -> None:
     """Checks that need no model, so a bad request fails before any slow step."""
     for name, value, choices in (("format", request.format, FORMATS), ("dtype", request.dtype, DTYPES),
-                                 ("device", request.device, DEVICES), ("custom ops", request.custom_ops, CUSTOM_OPS)):
+                                 ("device", request.device, DEVICES), ("custom ops", request.custom_ops, CUSTOM_OPS_MODES)):
         if value not in choices:
             raise ExportRequestError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
     check_device(request.device)
@@ -152,10 +152,10 @@ def check_options(request: ExportRequest) -> None:
         raise ExportRequestError("fp16 export is for the CUDA runtimes: use device cuda (fp32 on the CPU)")
     if request.atol is not None and not request.atol > 0:
         raise ExportRequestError(f"atol must be positive, got {request.atol}")
-    if request.report:
-        report_folder = os.path.dirname(os.path.abspath(request.report))
-        if not os.path.isdir(report_folder):
-            raise ExportRequestError(f"cannot write the report {request.report}: {report_folder} is not a directory")
+    for what, path in (("output", request.output), ("report", request.report)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise ExportRequestError(f"cannot write the {what} {path}: {folder} is not a directory")
 
 
 def export(request: ExportRequest, resolved, path: str) -> None:

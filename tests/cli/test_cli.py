@@ -162,8 +162,14 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(bad, tmp_path, monkey
 
 
 def test_cli_choices_match_the_library():
+    from exporters import precision
+    from exporters.ops import CUSTOM_OPS_MODES
+
     assert cli_main.TASKS == tuple(TASKS)
     assert cli_main.FORMATS == tuple(api.FORMATS)
+    assert cli_main.DTYPES == tuple(precision.DTYPES)
+    assert cli_main.DEVICES == tuple(precision.DEVICES)
+    assert cli_main.CUSTOM_OPS_MODES == tuple(CUSTOM_OPS_MODES)
 
 
 def test_every_option_has_help():
@@ -211,3 +217,27 @@ def test_checkpoint_directory_exports_under_its_own_name(tmp_path, monkeypatch):
     result = run_cli(["--model", directory, "--format", "torchscript", "--no-verify"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "my-reformer-causal-lm.pt").is_file()
+
+
+class FailingReport:
+    passed = False
+
+    def to_dict(self) -> dict:
+        return {"passed": False, "rows": []}
+
+    def summary_table(self) -> str:
+        return "runtime      max abs  result\ntorchscript  1.0e+00  FAIL"
+
+
+@pytest.mark.parametrize("keep_failed", [False, True])
+def test_failed_verification_exits_non_zero(keep_failed, tmp_path, monkeypatch):
+    import exporters.verify
+
+    monkeypatch.setattr(exporters.verify, "verify_export", lambda *arguments, **options: FailingReport())
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--format", "torchscript", "--output", "lm.pt", "--report", "report.json"]
+                     + (["--keep-failed"] if keep_failed else []))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "Error: verification failed" in result.stderr and "FAIL" in result.stdout
+    assert (tmp_path / "lm.pt").exists() == keep_failed
+    assert load_report(tmp_path / "report.json")["passed"] is False
