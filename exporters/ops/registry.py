@@ -154,6 +154,11 @@ def apply_lowerings(
             continue
         proto = op.lowerings[chosen[op.name]](context).to_function_proto()
         proto.name, proto.domain = op.onnx_name, DOMAIN
+        # ONNX wants a function's default-domain version to equal the model's. The bodies use opset 18 ops
+        # whose semantics stay the same up to opset 21 (exporters.onnx.SUPPORTED_OPSETS).
+        for opset_import in proto.opset_import:
+            if opset_import.domain == "":
+                opset_import.version = model.opset_imports[""]
         function = ir.serde.deserialize_function(proto)
         model.functions[function.identifier()] = function
         if chosen[op.name] != "standard":

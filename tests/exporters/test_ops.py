@@ -90,12 +90,21 @@ def test_every_op_has_inputs():
 
 @pytest.mark.parametrize("op, lowering, context, dtype", list(cases()))
 def test_lowering_matches_eager(op, lowering, context, dtype, tmp_path):
+    check_lowering(op, lowering, context, dtype, tmp_path, opset=18)
+
+
+def test_kept_function_follows_the_model_opset(tmp_path):
+    """A custom-domain node's function must import the model's opset version, here the highest supported."""
+    check_lowering(ops.REGISTRY["sort_by_bucket"], "ort", CONTEXTS[0], torch.int64, tmp_path, opset=21)
+
+
+def check_lowering(op, lowering, context, dtype, tmp_path, opset):
     module = OneOp(op)
     example = make_input(op, EXPORT_SHAPE, dtype)
     dims = {0: torch.export.Dim("batch", min=1, max=64), 3: torch.export.Dim("length", min=1, max=64)}
     model, chosen = to_onnx_model(
         lambda: torch.export.export(module, (example,), dynamic_shapes={"x": dims}),
-        lowering, context, opset=18, output_names=["y"], input_names=("x",),
+        lowering, context, opset=opset, output_names=["y"], input_names=("x",),
     )
     assert chosen[op.name] == lowering
     custom_nodes = [node for node in model.graph if node.domain == ops.DOMAIN]
