@@ -21,8 +21,10 @@ from .precision import model_as
 from .specs import INPUT_NAMES, TaskSpec
 
 METADATA_NAME = "reformer_export.json"
-# Node kinds a libtorch host runs without Python: ATen operators and TorchScript's own primitives.
+# Node kinds a libtorch host runs without Python: ATen operators and TorchScript's own primitives, except
+# the primitive that calls back into Python (what an autograd Function or a Python op becomes).
 HOST_OP_NAMESPACES = ("aten::", "prim::")
+PYTHON_OP = "prim::PythonOp"
 
 
 def export_torchscript(
@@ -53,7 +55,10 @@ def export_torchscript(
         # The tracer warns about the model's input checks (shape comparisons that become constants); the
         # values flow through tensors, which the tests check at shapes other than the traced one.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(wrapper, example, check_trace=False)
+        try:
+            traced = torch.jit.trace(wrapper, example, check_trace=False)
+        except RuntimeError as error:
+            raise ExportError(f"TorchScript trace failed: {str(error).strip().splitlines()[0]}") from error
     foreign = sorted(set(non_host_ops(traced)))
     if foreign:
         raise ExportError(f"the traced graph holds ops a C++ host cannot run without Python: {', '.join(foreign)}")
@@ -86,12 +91,12 @@ def example_inputs(config, length: int, device: str) -> tuple[torch.Tensor, torc
 
 
 def non_host_ops(module: torch.jit.ScriptModule) -> list[str]:
-    """Kinds of the nodes (nested blocks included) that are neither ATen ops nor TorchScript primitives."""
+    """Kinds of the nodes (nested blocks included) that a libtorch host cannot run without Python."""
     found = []
 
     def visit(block) -> None:
         for node in block.nodes():
-            if not node.kind().startswith(HOST_OP_NAMESPACES):
+            if not node.kind().startswith(HOST_OP_NAMESPACES) or node.kind() == PYTHON_OP:
                 found.append(node.kind())
             for inner in node.blocks():
                 visit(inner)

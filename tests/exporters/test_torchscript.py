@@ -129,3 +129,23 @@ def test_failed_save_leaves_nothing(tmp_path):
     with pytest.raises(OSError):
         export_torchscript(build("base", values), TASKS["base"], str(blocker / "model.pt"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+class PythonStep(torch.autograd.Function):
+    @staticmethod
+    def forward(context, x):
+        return x * 2
+
+    @staticmethod
+    def backward(context, grad):
+        return grad * 2
+
+
+class WithPythonOp(torch.nn.Module):
+    def forward(self, x):
+        return PythonStep.apply(x) + 1
+
+
+def test_python_ops_are_not_host_ops():
+    traced = torch.jit.trace(WithPythonOp(), torch.ones(2))
+    assert non_host_ops(traced) == ["prim::PythonOp"]
