@@ -28,7 +28,7 @@ import torch
 
 from .errors import ExportError
 from .precision import check_device, model_as
-from .specs import BUCKETS_OUTPUT_PREFIX, INPUT_NAMES, TaskSpec
+from .specs import INPUT_NAMES, TaskSpec
 
 FORMATS = ("onnx", "torchscript")
 RUNTIMES = {"onnx": ("onnxruntime-cpu", "onnxruntime-cuda"), "torchscript": ("torchscript-cpu", "torchscript-cuda")}
@@ -49,15 +49,15 @@ class VerificationRow:
     device: str
     shape: tuple[int, int]  # batch, length
     dtype: str
-    max_abs: float
-    max_rel: float
-    tolerance: float
-    bucket_agreement: float | None  # None: the graph has no bucket outputs
-    flipped_buckets: int
-    total_buckets: int
-    first_layer_flipped: int  # in the first LSH layer, whose inputs only rounding separates
-    first_layer_total: int
-    passed: bool
+    max_abs: float = float("nan")
+    max_rel: float = float("nan")
+    tolerance: float = float("nan")
+    bucket_agreement: float | None = None  # None: the graph has no bucket outputs
+    flipped_buckets: int = 0
+    total_buckets: int = 0
+    first_layer_flipped: int = 0  # in the first LSH layer, whose inputs only rounding separates
+    first_layer_total: int = 0
+    passed: bool = False
     note: str = ""
 
 
@@ -82,11 +82,12 @@ class VerificationReport:
         for row in self.rows:
             buckets = "-" if row.bucket_agreement is None else f"{100 * row.bucket_agreement:.2f}%"
             lines.append((row.runtime, row.device, f"{row.shape[0]}x{row.shape[1]}", row.dtype,
-                          f"{row.max_abs:.2e}", f"{row.max_rel:.2e}", f"{row.tolerance:.0e}", buckets,
+                          f"{row.max_abs:.2e}", f"{row.max_rel:.2e}", f"{row.tolerance:.2g}", buckets,
                           "pass" if row.passed else "FAIL"))
         widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
         text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
-        text += [f"{row.runtime} {row.device} {row.shape[0]}x{row.shape[1]}: {row.note}" for row in self.rows if row.note]
+        text += [f"{row.runtime} {row.device} {row.shape[0]}x{row.shape[1]}: {row.note}"
+                 for row in self.rows if row.note]
         text += [f"skipped {reason}" for reason in self.skipped]
         return "\n".join(text)
 
@@ -97,7 +98,7 @@ class VerificationReport:
             return "" if self.rows else "verification ran on no runtime"
         worst = max(failing, key=lambda row: row.max_abs if row.max_abs == row.max_abs else float("inf"))
         return (f"{len(failing)} of {len(self.rows)} checks failed; worst: {worst.runtime} {worst.device} "
-                f"{worst.shape[0]}x{worst.shape[1]} {worst.dtype} max abs {worst.max_abs:.3g} > {worst.tolerance:.0e}"
+                f"{worst.shape[0]}x{worst.shape[1]} {worst.dtype} max abs {worst.max_abs:.3g} > {worst.tolerance:.2g}"
                 f"{'; ' + worst.note if worst.note else ''}")
 
 
@@ -166,8 +167,9 @@ def default_shapes(config, max_length: int | None = None) -> list[tuple[int, int
     return [(batch, min(length, max_length)) for batch, length in dict.fromkeys(candidates)]
 
 
-def verification_inputs(batch: int, length: int, vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ids; row 0 unpadded, row i > 0 keeps its first length - i * length // (batch + 1) tokens (at least one)."""
+def verification_inputs(batch: int, length: int, vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random ids; row 0 unpadded, row i > 0 keeps its first length - i * length // (batch + 1) tokens (at
+    least one)."""
     generator = torch.Generator().manual_seed(seed + 1000 * batch + length)
     input_ids = torch.randint(1, max(2, vocab_size), (batch, length), generator=generator)
     attention_mask = torch.ones(batch, length, dtype=torch.long)
@@ -186,7 +188,7 @@ def open_runtime(name: str, fmt: str, path: str) -> tuple[Runner | None, str, st
     try:
         module = torch.jit.load(path, map_location=device)
     except Exception as error:  # a file torch cannot load is a failed verification, not a crash
-        raise ExportError(f"cannot load TorchScript file {path}: {error}".splitlines()[0]) from None
+        raise ExportError(f"cannot load TorchScript file {path}: {first_line(error)}") from None
 
     def run(input_ids, attention_mask):
         with torch.no_grad():
@@ -210,8 +212,8 @@ def open_onnxruntime(path: str, device: str) -> tuple[Runner | None, str, str]:
         session = onnxruntime.InferenceSession(path, options, providers=providers)
     except Exception as error:
         if device == "cuda":  # the provider is listed but cannot start (no GPU, missing CUDA libraries)
-            return None, device, f"{provider} failed to start: {str(error).splitlines()[0]}"
-        raise ExportError(f"ONNX Runtime cannot load {path}: {str(error).splitlines()[0]}") from None
+            return None, device, f"{provider} failed to start: {first_line(error)}"
+        raise ExportError(f"ONNX Runtime cannot load {path}: {first_line(error)}") from None
     if provider not in session.get_providers():
         return None, device, f"{provider} is listed but the session fell back to {session.get_providers()}"
 
@@ -236,47 +238,74 @@ def strict_fp32():
 def compare(
     runner, eager, spec, per_position, input_ids, attention_mask, runtime, device, dtype, atol
 ) -> VerificationRow:
-    num_outputs = len(spec.output_names)
+    row = VerificationRow(runtime.split("-")[0], device, tuple(input_ids.shape), dtype)
     with torch.no_grad(), strict_fp32():
         expected = [tensor.cpu() for tensor in eager(input_ids.to(device), attention_mask.to(device))]
-    row = VerificationRow(runtime.split("-")[0], device, tuple(input_ids.shape), dtype, float("nan"), float("nan"), float("nan"), None, 0, 0, 0, 0, False)
     try:
         actual = [tensor.cpu() for tensor in runner(input_ids, attention_mask)]
     except Exception as error:  # a runtime that cannot run a shape fails that row, with its reason
-        row.note = f"runtime error: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+        row.note = f"runtime error: {first_line(error)}"
+        return row
+    outputs = len(spec.output_names)
+    mismatch = shape_mismatch(spec.output_names, expected[:outputs], actual[:outputs])
+    if mismatch:
+        row.note = mismatch
         return row
     keep = attention_mask.bool()
-    max_abs, scale = 0.0, 0.0
-    for name, want, got in zip(spec.output_names, expected, actual):
-        if got.shape != want.shape:
-            row.note = f"{name} has shape {tuple(got.shape)}, eager {tuple(want.shape)}"
-            return row
-        want, got = want.double(), got.double()
-        if per_position[name]:
-            want, got = want[keep], got[keep]
-        error = (want - got).abs().max().item() if want.numel() else 0.0
-        max_abs = error if error != error else max(max_abs, error)  # NaN stays NaN
-        scale = max(scale, want.abs().max().item() if want.numel() else 0.0)
-    row.max_abs = max_abs
-    row.max_rel = max_abs / scale if scale > 0 else max_abs
+    row.max_abs, scale = output_error(spec.output_names, per_position, expected, actual, keep)
+    row.max_rel = row.max_abs / scale if scale > 0 else row.max_abs
     if atol is not None:
         row.tolerance = atol
     elif dtype == "fp16":
         row.tolerance = FP16_RELATIVE_TOLERANCE * max(1.0, scale)
     else:
         row.tolerance = spec.atol
-    row.passed = max_abs <= row.tolerance
-    expected_buckets, actual_buckets = expected[num_outputs:], actual[num_outputs:]
-    if actual_buckets:
-        bucket_keep = keep[:, None, None, :]
-        flips = [(int((a != e)[bucket_keep.expand_as(e)].sum()), int(bucket_keep.expand_as(e).sum()))
-                 for a, e in zip(actual_buckets, expected_buckets)]  # per LSH layer
-        row.first_layer_flipped, row.first_layer_total = flips[0]
-        row.flipped_buckets = sum(flipped for flipped, _ in flips)
-        row.total_buckets = sum(total for _, total in flips)
-        row.bucket_agreement = 1 - row.flipped_buckets / row.total_buckets if row.total_buckets else 1.0
+    row.passed = row.max_abs <= row.tolerance  # False for NaN
+    if len(actual) > outputs:
+        count_bucket_flips(row, expected[outputs:], actual[outputs:], keep)
     row.note = explain(row)
     return row
+
+
+def shape_mismatch(names, expected, actual) -> str:
+    if len(actual) < len(names):
+        return f"the graph returns {len(actual)} outputs, the spec names {len(names)}"
+    for name, want, got in zip(names, expected, actual):
+        if got.shape != want.shape:
+            return f"{name} has shape {tuple(got.shape)}, eager {tuple(want.shape)}"
+    return ""
+
+
+def output_error(names, per_position, expected, actual, keep) -> tuple[float, float]:
+    """Max abs error over every output (NaN if any runtime value is NaN where eager's is not) and the largest
+    eager magnitude, both at the positions `keep` (B, L) selects in per-position outputs."""
+    max_abs, scale = 0.0, 0.0
+    for name, want, got in zip(names, expected, actual):
+        want, got = want.double(), got.double()
+        if per_position[name]:
+            want, got = want[keep], got[keep]
+        if want.numel():
+            error = (want - got).abs().max().item()
+            max_abs = error if error != error else max(max_abs, error)  # NaN stays NaN
+            scale = max(scale, want.abs().max().item())
+    return max_abs, scale
+
+
+def count_bucket_flips(row: VerificationRow, expected, actual, keep) -> None:
+    """Bucket assignments (B, H, N, L per LSH layer) that differ from eager at kept positions."""
+    flips = []
+    for want, got in zip(expected, actual):
+        kept = keep[:, None, None, :].expand_as(want)
+        flips.append((int((got != want)[kept].sum()), int(kept.sum())))
+    row.first_layer_flipped, row.first_layer_total = flips[0]
+    row.flipped_buckets = sum(flipped for flipped, _ in flips)
+    row.total_buckets = sum(total for _, total in flips)
+    row.bucket_agreement = 1 - row.flipped_buckets / row.total_buckets if row.total_buckets else 1.0
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def explain(row: VerificationRow) -> str:

@@ -45,7 +45,7 @@ def float_keys_if_exact(context: LoweringContext) -> onnxscript.OnnxFunction:
 
 
 register(CustomOp(
-    "sort_by_bucket",
-    "BucketArgsort",
-    {"standard": lambda context: bucket_argsort_int64_keys, "ort": float_keys_if_exact},
+    name="sort_by_bucket",
+    onnx_name="BucketArgsort",
+    lowerings={"standard": lambda context: bucket_argsort_int64_keys, "ort": float_keys_if_exact},
 ))

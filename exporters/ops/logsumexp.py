@@ -33,8 +33,8 @@ def max_shifted_logsumexp(self: TFloat, dim: Sequence[int], keepdim: bool = Fals
 
 
 register(AtenOverride(
-    "logsumexp",
-    torch.ops.aten.logsumexp.default,
-    lambda x: torch.logsumexp(x, dim=-1),
-    {"standard": max_shifted_logsumexp},
+    name="logsumexp",
+    target=torch.ops.aten.logsumexp.default,
+    eager=lambda x: torch.logsumexp(x, dim=-1),
+    lowerings={"standard": max_shifted_logsumexp},
 ))

@@ -18,9 +18,14 @@ REFORMER = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 @onnxscript.script(opset=REFORMER, default_opset=op)
 def invert_permutation_by_scatter(permutation: INT64) -> INT64:
     length = op.Squeeze(op.Shape(permutation, start=-1))
-    positions = op.Expand(op.Range(op.Constant(value_int=0), length, op.Constant(value_int=1)), op.Shape(permutation))
+    positions = op.Range(op.Constant(value_int=0), length, op.Constant(value_int=1))
+    positions = op.Expand(positions, op.Shape(permutation))
     # Every entry is overwritten (a permutation hits each slot once), so positions can serve as the data.
     return op.ScatterElements(positions, permutation, positions, axis=-1)
 
 
-register(CustomOp("invert_permutation", "InvertPermutation", {"standard": lambda context: invert_permutation_by_scatter}))
+register(CustomOp(
+    name="invert_permutation",
+    onnx_name="InvertPermutation",
+    lowerings={"standard": lambda context: invert_permutation_by_scatter},
+))

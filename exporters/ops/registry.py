@@ -5,18 +5,19 @@ and its lowerings. Two kinds:
 - `AtenOverride`: an ATen op the stock exporter lowers badly; its lowering replaces torchlib's through
   torch.onnx's `custom_translation_table`. Its eager implementation is the ATen op itself.
 
-How a CustomOp reaches the ONNX file: while the ONNX exporter traces the model, `onnx_placeholders()` routes each
-registered `reformer.ops` function to a node `reformer::<OnnxName>` of the custom domain. After export,
-`apply_lowerings` gives every such node a model-local ONNX function as its body, then either inlines it
-(the op becomes standard ONNX ops any runtime runs) or keeps the node with its function (ONNX Runtime
-inlines a model-local function when it has no kernel for the op, and a host that registers a kernel for
+How a CustomOp reaches the ONNX file: while torch.export traces the model, `onnx_placeholders()` routes each
+registered `reformer.ops` function to a node `reformer::<OnnxName>` of the custom domain. After translation,
+`apply_lowerings` gives every such node a model-local ONNX function as its body, then either inlines it (the
+op becomes standard ONNX ops any runtime runs) or keeps the node with its function (ONNX Runtime inlines a
+model-local function when it has no kernel for the op; a host that registers a kernel for
 `reformer::<OnnxName>` gets that kernel instead). TorchScript never sees the placeholders: it traces the
 eager functions as plain ATen ops.
 
-Lowerings: "standard" (every op has one; standard ONNX ops; a CustomOp's is inlined) and "ort" (only where it pays on ONNX Runtime;
-kept as a custom-domain node). Modes (`--custom-ops`): "standard" uses only standard lowerings; "ort" uses
-an op's "ort" lowering where it has one and its standard lowering otherwise; "auto" picks "ort", because
-every runtime this project targets is ONNX Runtime, which runs model-local functions.
+Lowerings: "standard" (every op has one, made of standard ONNX ops; a CustomOp's is inlined) and "ort" (only
+where it pays on ONNX Runtime; a CustomOp's stays a custom-domain node). Modes (`--custom-ops`): "standard"
+uses only standard lowerings; "ort" uses an op's "ort" lowering where it has one and its standard lowering
+otherwise; "auto" picks "ort", because every runtime this project targets is ONNX Runtime, which runs
+model-local functions.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import onnx_ir as ir
-import onnxscript
 import torch
 from onnx_ir.passes.common import InlinePass, RemoveUnusedOpsetsPass
 
@@ -56,25 +56,31 @@ class LoweringContext:
         return cls(bucket_count=bucket_count, max_length=padded_length)
 
 
-Lowering = Callable[[LoweringContext], onnxscript.OnnxFunction]
-
-
 @dataclass(frozen=True)
-class CustomOp:
-    """name: the function's name in `reformer.ops` (its eager implementation); onnx_name: the op's name in
-    the custom domain. Every registered op maps one int64 tensor to one int64 tensor of the same shape."""
+class RegisteredOp:
+    """name: the registry key; lowerings: lowering name -> lowering (see the subclasses)."""
 
     name: str
-    onnx_name: str
-    lowerings: dict[str, Lowering]
-
-    @property
-    def eager(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return getattr(reformer.ops, self.name)
+    lowerings: dict[str, Callable]
 
     def lowering_for(self, mode: str) -> str:
         """The lowering this op gets under a resolved mode ("standard" or "ort")."""
         return mode if mode in self.lowerings else "standard"
+
+
+@dataclass(frozen=True)
+class CustomOp(RegisteredOp):
+    """name: the function's name in `reformer.ops`; onnx_name: the op's name in the custom domain;
+    lowerings: functions of the LoweringContext giving the op's ONNX function body. Every registered op maps
+    one int64 tensor to one int64 tensor of the same shape."""
+
+    onnx_name: str = ""
+
+    @property
+    def eager(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The eager implementation, looked up at call time like the model's own calls: under
+        `onnx_placeholders` a call emits the placeholder."""
+        return getattr(reformer.ops, self.name)
 
     def placeholder(self, x: torch.Tensor) -> torch.Tensor:
         return torch.onnx.ops.symbolic(
@@ -83,20 +89,14 @@ class CustomOp:
 
 
 @dataclass(frozen=True)
-class AtenOverride:
-    """name: the registry key; target: the ATen overload whose torchlib lowering this replaces; eager: a
-    call of it as the model makes it; lowerings: onnxscript functions with the ATen op's signature."""
+class AtenOverride(RegisteredOp):
+    """target: the ATen overload whose torchlib lowering this replaces; eager: a call of it as the model
+    makes it; lowerings: onnxscript functions with the ATen op's signature."""
 
-    name: str
-    target: torch._ops.OpOverload
-    eager: Callable[[torch.Tensor], torch.Tensor]
-    lowerings: dict[str, Callable]
-
-    def lowering_for(self, mode: str) -> str:
-        return mode if mode in self.lowerings else "standard"
+    target: torch._ops.OpOverload | None = None
+    eager: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-RegisteredOp = CustomOp | AtenOverride
 REGISTRY: dict[str, RegisteredOp] = {}
 
 
@@ -109,7 +109,7 @@ def register(op: RegisteredOp) -> RegisteredOp:
     return op
 
 
-def custom_ops(ops: dict[str, RegisteredOp] | None) -> dict[str, CustomOp]:
+def custom_ops_of(ops: dict[str, RegisteredOp] | None) -> dict[str, CustomOp]:
     return {name: op for name, op in (REGISTRY if ops is None else ops).items() if isinstance(op, CustomOp)}
 
 
@@ -123,7 +123,7 @@ def resolve_mode(custom_ops: str) -> str:
 @contextlib.contextmanager
 def onnx_placeholders(ops: dict[str, RegisteredOp] | None = None) -> Iterator[None]:
     """Within: `reformer.ops` functions emit custom-domain placeholder nodes (for torch.export only)."""
-    ops = custom_ops(ops)
+    ops = custom_ops_of(ops)
     originals = {name: getattr(reformer.ops, name) for name in ops}
     try:
         for name, op in ops.items():
@@ -149,7 +149,7 @@ def apply_lowerings(
     chosen = {name: op.lowering_for(mode) for name, op in ops.items()}
     used = {node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.domain == DOMAIN}
     kept = set()
-    for op in custom_ops(ops).values():
+    for op in custom_ops_of(ops).values():
         if op.onnx_name not in used:
             continue
         proto = op.lowerings[chosen[op.name]](context).to_function_proto()
