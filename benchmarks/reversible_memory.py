@@ -9,8 +9,8 @@ over. That process builds the model, gives every parameter a zero gradient (so t
 with depth on both paths, are not counted as activations) and runs one small warm-up step (one-time
 allocations of the thread pool and kernels). It then reads its resident set size (VmRSS), resets the kernel's
 peak-RSS counter (`echo 5 > /proc/self/clear_refs`, Linux), runs the measured step and reads the peak
-(VmHWM). Peak minus baseline is every byte the step touched at its worst moment: saved activations,
-temporaries of forward and backward, the recomputation in the reversible backward, and the logits.
+(VmHWM). Peak minus baseline is the most memory the step held at once: saved activations, temporaries of
+forward and backward, the recomputation in the reversible backward, and the logits.
 The child runs with glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_): every tensor of that
 size or more then gets its own mapping, returned to the kernel when the tensor is freed, so resident memory
 follows live tensor memory. With glibc's default (a threshold that grows up to 32 MiB) freed blocks stay in
@@ -19,7 +19,8 @@ the heap and fragment, and the peak counts memory the allocator kept rather than
 
 Model: hidden 256 per stream, 4 heads x 64, feed-forward 512, alternating local and LSH layers (chunk 64,
 2 hashing rounds), dropout on, causal LM head; batch 1, length 2048, where activations dominate the
-parameters (about 0.6 MB of weights per layer).
+parameters (1.9 MiB of fp32 weights per layer, against about 60 MiB of activations per layer kept by plain
+autograd).
 """
 
 from __future__ import annotations
