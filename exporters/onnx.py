@@ -15,7 +15,7 @@ import onnx_ir as ir
 import torch
 
 from . import ops
-from .errors import ExportError
+from .errors import ExportError, first_line
 from .precision import model_as
 from .program import export_program
 from .specs import INPUT_NAMES, TaskSpec
@@ -45,7 +45,9 @@ def export_onnx(
     [batch, sequence], both dynamic, sequence up to `max_length`, default `max_position_embeddings`), outputs
     `spec.all_output_names(...)`, with the buckets of each LSH layer (B, H, N, L int64) as extra outputs
     when `with_buckets`. `external_data` None: weights go to `<path>.data` only when the file would pass
-    2 GiB. Raises ExportError with a one-line message; leaves nothing at `path` on failure."""
+    2 GiB. dtype "fp16" writes a half-precision graph, meant for CUDA runtimes; ONNX Runtime CPU runs it too
+    (thanks to the registry's logsumexp lowering). custom_ops: see exporters/ops/registry.py ("auto" picks
+    "ort"). Raises ExportError with a one-line message; leaves nothing at `path` on failure."""
     config = model.config
     max_length = config.max_position_embeddings if max_length is None else max_length
     if not 1 <= max_length <= config.max_position_embeddings:
@@ -70,7 +72,7 @@ def export_onnx(
             lambda: export_program(wrapper, example_inputs, max_length), mode, context, opset, output_names
         )
     except Exception as error:  # the exporters raise many kinds; the caller needs one, with the reason
-        raise ExportError(f"ONNX export failed: {first_line(error)}") from error
+        raise ExportError(f"ONNX export failed: {type(error).__name__}: {first_line(error)}") from error
     onnx_model.metadata_props.update(
         export_metadata(config, spec, max_length, opset, custom_ops, lowerings, dtype, with_buckets)
     )
@@ -152,8 +154,3 @@ def save_atomically(model: ir.Model, path: Path, external_data: bool) -> None:
         raise ExportError(f"cannot write {path}: {error.strerror}") from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-
-
-def first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"

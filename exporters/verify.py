@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import ExportError
+from .errors import ExportError, first_line
 from .precision import check_device, model_as
 from .specs import INPUT_NAMES, TaskSpec
 
@@ -301,11 +301,6 @@ def count_bucket_flips(row: VerificationRow, expected, actual, keep) -> None:
     row.flipped_buckets = sum(flipped for flipped, _ in flips)
     row.total_buckets = sum(total for _, total in flips)
     row.bucket_agreement = 1 - row.flipped_buckets / row.total_buckets if row.total_buckets else 1.0
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def explain(row: VerificationRow) -> str:
