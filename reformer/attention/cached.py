@@ -36,8 +36,19 @@ def length_as_tensor(x: torch.Tensor, dim: int) -> torch.Tensor:
 def project_per_head(states: torch.Tensor, linear: torch.nn.Linear, num_heads: int) -> torch.Tensor:
     """states B, H, N, S, hidden picked separately per head -> B, H, N, S, D through that head's rows of a
     bias-free projection (the reference's `_query_per_attn_head`)."""
-    weight = linear.weight.view(num_heads, -1, linear.weight.shape[-1])  # H, D, hidden
-    return torch.einsum("bhnsx,hdx->bhnsd", states, weight)
+    batch, heads, rounds, slots, hidden = states.shape
+    weight = linear.weight.view(num_heads, -1, hidden).transpose(1, 2)  # H, hidden, D
+    return torch.matmul(states.reshape(batch, heads, rounds * slots, hidden), weight).view(batch, heads, rounds, slots, -1)
+
+
+def hash_new_vectors(attention: LSHSelfAttention, query: torch.Tensor) -> torch.Tensor:
+    """query B, H, 1, D -> buckets B, H, N, 1. Hashing is per vector, so the batch is hashed as one row of
+    B + 1 positions (a zero vector appended): torch.export proves B + 1 != 1, where B alone would make the
+    hashing einsum specialise the graph to batch sizes other than 1."""
+    rows = torch.cat([query.transpose(0, 2), torch.zeros_like(query[:1])], dim=2)  # 1, H, B+1, D
+    no_padding = torch.ones_like(rows[0, 0, :, 0], dtype=torch.bool).unsqueeze(0)  # 1, B+1
+    buckets = attention.hash_vectors(rows, no_padding)  # 1, H, N, B+1
+    return buckets[..., :-1].permute(3, 1, 2, 0)
 
 
 def lsh_key_slots(attention: LSHSelfAttention) -> int:
@@ -64,8 +75,7 @@ def lsh_attention_step(
     new_position = length - 1
 
     query = split_heads(attention.query_key(hidden_states), heads, attention.head_size)  # B, H, 1, D
-    no_padding = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool)  # B, 1
-    new_buckets = attention.hash_vectors(query, no_padding)  # B, H, N, 1
+    new_buckets = hash_new_vectors(attention, query)  # B, H, N, 1
     sorted_positions = ops.sort_by_bucket(torch.cat([past_buckets, new_buckets], dim=-1))  # B, H, N, L
     new_rank = torch.argmax((sorted_positions == new_position).to(torch.int32), dim=-1)  # B, H, N
     window_start = (torch.div(new_rank, chunk_length, rounding_mode="floor") - attention.chunks_before) * chunk_length
@@ -74,7 +84,7 @@ def lsh_attention_step(
 
     full = full_attention[:, None, None, None]  # B, 1, 1, 1
     key_positions = torch.where(full, torch.minimum(slots, new_position), window_positions)  # B, H, N, S
-    valid = torch.where(full, slots < length, slots < window)  # B, 1, 1, S
+    valid = (full & (slots < length)) | (~full & (slots < window))  # B, 1, 1, S
 
     batch, _, rounds, num_slots = key_positions.shape
     index = key_positions.reshape(batch, -1, 1).expand(-1, -1, all_states.shape[-1])  # B, H*N*S, hidden
