@@ -65,7 +65,7 @@ def main(model, task, format_, output, opset, dtype, device, max_length, custom_
     click.echo(result.summary_table())
     if not result.passed:
         kept = f"kept at {result.output} (--keep-failed)" if result.output else "output file removed"
-        raise click.ClickException(f"verification failed ({kept}); see the table above")
+        raise click.ClickException(f"verification failed: {result.verification.failure_message()} ({kept})")
 
 
 def quiet_dependencies() -> None:

@@ -228,6 +228,9 @@ class FailingReport:
     def summary_table(self) -> str:
         return "runtime      max abs  result\ntorchscript  1.0e+00  FAIL"
 
+    def failure_message(self) -> str:
+        return "torchscript cpu 1x1: max abs 1.0e+00 > 1e-05"
+
 
 @pytest.mark.parametrize("keep_failed", [False, True])
 def test_failed_verification_exits_non_zero(keep_failed, tmp_path, monkeypatch):
@@ -238,7 +241,8 @@ def test_failed_verification_exits_non_zero(keep_failed, tmp_path, monkeypatch):
     result = run_cli(["--format", "torchscript", "--output", "lm.pt", "--report", "report.json"]
                      + (["--keep-failed"] if keep_failed else []))
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "Error: verification failed" in result.stderr and "FAIL" in result.stdout
+    assert "Error: verification failed: torchscript cpu 1x1: max abs 1.0e+00" in result.stderr
+    assert "FAIL" in result.stdout
     assert (tmp_path / "lm.pt").exists() == keep_failed
     assert load_report(tmp_path / "report.json")["passed"] is False
 
