@@ -177,6 +177,18 @@ def test_every_option_has_help():
         assert getattr(parameter, "help", None), parameter.name
 
 
+def test_help_does_not_import_torch():
+    """--help must answer at once: the command imports torch only when it runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from cli.main import main; "
+            "result = CliRunner().invoke(main, ['--help']); print(result.exit_code, 'torch' in sys.modules)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    completed = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert completed.stdout.split() == ["0", "False"]
+
+
 def load_report(path) -> dict:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
