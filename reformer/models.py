@@ -195,13 +195,16 @@ class ReformerOnlyLMHead(nn.Module):
         return apply_in_chunks(self.decoder, hidden_states, self.chunk_size)
 
 
-class ReformerModelWithLMHead(ReformerPreTrainedModel):
-    """Causal language model: labels are the inputs; the loss predicts each next token."""
+class LanguageModel(ReformerPreTrainedModel):
+    """The base model and an LM head; subclasses fix the direction of attention and the loss."""
+
+    causal: bool
 
     def __init__(self, config: ReformerConfig):
         super().__init__(config)
-        if not config.is_decoder:
-            raise ValueError("ReformerModelWithLMHead needs a causal config (is_decoder=True)")
+        if config.is_decoder != self.causal:
+            direction = "a causal config (is_decoder=True)" if self.causal else "a bidirectional config (is_decoder=False)"
+            raise ValueError(f"{type(self).__name__} needs {direction}")
         self.reformer = ReformerModel(config)
         self.lm_head = ReformerOnlyLMHead(config)
         self.init_weights()
@@ -210,33 +213,26 @@ class ReformerModelWithLMHead(ReformerPreTrainedModel):
                 output_hidden_states=False, return_dict=True):
         base = self.reformer(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states)
         logits = self.lm_head(base.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        loss = None if labels is None else self.language_model_loss(logits, labels)
         output = ReformerLMOutput(loss, logits, base.hidden_states, base.buckets)
         return output if return_dict else output.to_tuple()
 
+    def language_model_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.causal:  # each position predicts the next token
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
-class ReformerForMaskedLM(ReformerPreTrainedModel):
+
+class ReformerModelWithLMHead(LanguageModel):
+    """Causal language model: labels are the inputs; the loss predicts each next token (-100 is ignored)."""
+
+    causal = True
+
+
+class ReformerForMaskedLM(LanguageModel):
     """Bidirectional model predicting masked tokens; labels of -100 are ignored."""
 
-    def __init__(self, config: ReformerConfig):
-        super().__init__(config)
-        if config.is_decoder:
-            raise ValueError("ReformerForMaskedLM needs a bidirectional config (is_decoder=False)")
-        self.reformer = ReformerModel(config)
-        self.lm_head = ReformerOnlyLMHead(config)
-        self.init_weights()
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-                output_hidden_states=False, return_dict=True):
-        base = self.reformer(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states)
-        logits = self.lm_head(base.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        output = ReformerLMOutput(loss, logits, base.hidden_states, base.buckets)
-        return output if return_dict else output.to_tuple()
+    causal = False
 
 
 class ReformerClassificationHead(nn.Module):
