@@ -20,7 +20,7 @@ from torch import nn
 from .attention.cached import length_as_tensor, local_attention_step, lsh_attention_step
 from .config import ReformerConfig
 from .models import ReformerModelWithLMHead
-from .sampling import TokenChooser
+from .sampling import TokenChooser, check_generation_length
 
 
 @dataclass
@@ -138,12 +138,11 @@ def generate(
     (`config.pad_token_id`, else the eos id); generation stops early when every row has. Without the cache,
     every step reruns the whole sequence (the reference's `use_cache=False`)."""
     config = model.config
-    check_generation_length(config, input_ids.shape[1], max_new_tokens)
+    check_generation_length(config.max_position_embeddings, input_ids.shape[1], max_new_tokens)
     model.eval()
-    choose = TokenChooser(do_sample, top_k, top_p, seed)
+    choose = TokenChooser(do_sample, top_k, top_p, seed, eos_token_id, config.pad_token_id)
     decoder = IncrementalDecoder(model)
     sequence, cache = input_ids, None
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
         if not use_cache:
             logits = model(input_ids=sequence).logits
@@ -152,25 +151,8 @@ def generate(
         else:
             logits, cache = decoder.step(sequence[:, -1:], cache)
         next_tokens = torch.from_numpy(choose(logits[:, -1].float().cpu().numpy())).to(input_ids.device)
-        if eos_token_id is not None:
-            filler = config.pad_token_id if config.pad_token_id is not None else eos_token_id
-            next_tokens = torch.where(finished, torch.full_like(next_tokens, filler), next_tokens)
-            finished |= next_tokens == eos_token_id
         sequence = torch.cat([sequence, next_tokens[:, None]], dim=1)
-        if eos_token_id is not None and bool(finished.all()):
+        if choose.all_finished:
             break
     return sequence
 
-
-def check_generation_length(config: ReformerConfig, prompt_length: int, max_new_tokens: int) -> None:
-    """The last new token is predicted from position P + max_new_tokens - 2, which must have an embedding."""
-    if prompt_length < 1:
-        raise ValueError("the prompt must hold at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if prompt_length + max_new_tokens - 1 > config.max_position_embeddings:
-        raise ValueError(
-            f"a prompt of {prompt_length} tokens plus {max_new_tokens} new tokens needs "
-            f"{prompt_length + max_new_tokens - 1} positions; max_position_embeddings is "
-            f"{config.max_position_embeddings}"
-        )

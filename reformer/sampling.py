@@ -1,6 +1,6 @@
-"""Choosing the next token from logits: greedy, top-k and top-p sampling. numpy only, so that eager PyTorch
-generation (`reformer.generation`) and ONNX Runtime generation (`reformer.runtime`) pick tokens with the same
-code and, given the same seed and the same logits, the same tokens."""
+"""The rules of generation shared by eager PyTorch (`reformer.generation`) and ONNX Runtime
+(`reformer.runtime`): choosing the next token (greedy, top-k, top-p), stopping at the end-of-sequence token,
+and the length limit. numpy only, so both pick the same tokens from the same logits and seed."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ class TokenChooser:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    # A row that produced eos_token_id continues with pad_token_id (the eos id when None).
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
     rng: np.random.Generator = field(init=False, repr=False)
+    finished: np.ndarray | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.top_k is not None and self.top_k < 1:
@@ -30,7 +34,22 @@ class TokenChooser:
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         """logits B, V (any float dtype) -> token ids B (int64)."""
-        logits = np.asarray(logits, dtype=np.float64)
+        tokens = self.choose(np.asarray(logits, dtype=np.float64))
+        if self.eos_token_id is None:
+            return tokens
+        if self.finished is None:
+            self.finished = np.zeros(tokens.shape, dtype=bool)
+        filler = self.eos_token_id if self.pad_token_id is None else self.pad_token_id
+        tokens = np.where(self.finished, filler, tokens)
+        self.finished |= tokens == self.eos_token_id
+        return tokens
+
+    @property
+    def all_finished(self) -> bool:
+        """Every row has produced the eos token: generation can stop."""
+        return self.finished is not None and bool(self.finished.all())
+
+    def choose(self, logits: np.ndarray) -> np.ndarray:
         if not self.do_sample:
             return np.argmax(logits, axis=-1).astype(np.int64)
         probs = self.filtered_probabilities(logits)
@@ -56,3 +75,16 @@ class TokenChooser:
         filtered = np.empty_like(probs)
         np.put_along_axis(filtered, order, kept_sorted, axis=-1)
         return filtered
+
+
+def check_generation_length(max_position_embeddings: int, prompt_length: int, max_new_tokens: int) -> None:
+    """The last new token is predicted from position P + max_new_tokens - 2, which must have an embedding."""
+    if prompt_length < 1:
+        raise ValueError("the prompt must hold at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if prompt_length + max_new_tokens - 1 > max_position_embeddings:
+        raise ValueError(
+            f"a prompt of {prompt_length} tokens plus {max_new_tokens} new tokens needs "
+            f"{prompt_length + max_new_tokens - 1} positions; max_position_embeddings is {max_position_embeddings}"
+        )

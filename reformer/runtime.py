@@ -1,0 +1,158 @@
+"""Running exported Reformer graphs with ONNX Runtime, for applications: numpy and onnxruntime only.
+
+- `OnnxModel(path)`: one exported task graph (`reformer-export --format onnx`); call it with token ids and an
+  optional mask, get the named outputs as arrays.
+- `OnnxGenerator(directory)`: text generation over the prefill and decoder-step graphs that
+  `reformer-export --task causal-lm-with-past` writes (see exporters/decoder.py for the directory layout).
+  On CUDA the cache stays on the device between steps (IO binding); only the last logits come to the host.
+
+Providers default to CUDA (when this onnxruntime build has it) then CPU. ONNX Runtime silently falls back to
+the CPU when CUDA cannot load: `providers_in_use` says what a session really runs on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+import onnxruntime
+
+from .sampling import TokenChooser, check_generation_length
+
+DECODER_CONFIG_NAME = "decoder_config.json"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def default_providers() -> list[str]:
+    """CUDA then CPU where this onnxruntime build has CUDA and the machine has an NVIDIA GPU, else CPU (a GPU
+    build lists CUDA even without a GPU, and then logs errors on every session it falls back for)."""
+    available = onnxruntime.get_available_providers()
+    return [CUDA, CPU] if CUDA in available and nvidia_gpu_present() else [CPU]
+
+
+def nvidia_gpu_present() -> bool:
+    if os.name == "nt":  # no /proc or /dev to look at: trust the build
+        return True
+    return os.path.exists("/dev/nvidia0") or bool(os.listdir("/proc/driver/nvidia/gpus")
+                                                   if os.path.isdir("/proc/driver/nvidia/gpus") else [])
+
+
+def pad_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """ids as a B, L array or a ragged list of lists -> (ids, mask), both int64 B, L. Ragged rows are padded at
+    the end with pad_token_id and masked out; a given mask must have the ids' shape (or rows' lengths)."""
+    if isinstance(input_ids, np.ndarray):
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be 2-D (batch, sequence), got shape {input_ids.shape}")
+        ids = input_ids.astype(np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape}, input_ids have {ids.shape}")
+        return ids, mask
+    rows = [list(row) for row in input_ids]
+    if not rows or any(len(row) == 0 for row in rows):
+        raise ValueError("input_ids must hold at least one row, and every row at least one token")
+    masks = [[1] * len(row) for row in rows] if attention_mask is None else [list(row) for row in attention_mask]
+    if [len(row) for row in masks] != [len(row) for row in rows]:
+        raise ValueError("attention_mask rows must have the lengths of the input_ids rows")
+    length = max(len(row) for row in rows)
+    ids = np.full((len(rows), length), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(rows), length), dtype=np.int64)
+    for index, (row, row_mask) in enumerate(zip(rows, masks)):
+        ids[index, : len(row)] = row
+        mask[index, : len(row)] = row_mask
+    return ids, mask
+
+
+class OnnxModel:
+    """An exported task graph (inputs `input_ids`, `attention_mask`; outputs by name)."""
+
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, pad_token_id: int = 0):
+        self.session = onnxruntime.InferenceSession(os.fspath(path), providers=list(providers or default_providers()))
+        self.input_names = [graph_input.name for graph_input in self.session.get_inputs()]
+        self.output_names = [output.name for output in self.session.get_outputs()]
+        # Padding is masked out, so its id changes no output at a real position.
+        self.pad_token_id = pad_token_id
+
+    @property
+    def providers_in_use(self) -> list[str]:
+        return self.session.get_providers()
+
+    def __call__(self, input_ids, attention_mask=None) -> dict[str, np.ndarray]:
+        """input_ids: int array B, L or a list of token-id lists (ragged rows are padded for you);
+        attention_mask: same shape, 1 for real tokens (None: all real). Returns {output name: array}; outputs
+        at padded positions are not defined."""
+        ids, mask = pad_batch(input_ids, attention_mask, self.pad_token_id)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        outputs = self.session.run(None, {name: feeds[name] for name in self.input_names})
+        return dict(zip(self.output_names, outputs))
+
+
+class OnnxGenerator:
+    """Generation over an exported causal-lm-with-past directory."""
+
+    def __init__(self, directory: str | os.PathLike, providers: Sequence[str] | None = None):
+        path = os.path.join(directory, DECODER_CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {DECODER_CONFIG_NAME} in {directory}: export with --task causal-lm-with-past")
+        with open(path, encoding="utf-8") as handle:
+            self.description = json.load(handle)
+        if self.description["format"] != "onnx":
+            raise ValueError(f"{directory} holds a {self.description['format']} export, not ONNX")
+        providers = list(providers or default_providers())
+        self.sessions = {
+            kind: onnxruntime.InferenceSession(os.path.join(directory, file), providers=providers)
+            for kind, file in self.description["files"].items()
+        }
+        self.on_cuda = CUDA in self.sessions["step"].get_providers()
+
+    @property
+    def providers_in_use(self) -> list[str]:
+        return self.sessions["step"].get_providers()
+
+    def generate(
+        self,
+        input_ids: np.ndarray,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> np.ndarray:
+        """input_ids int B, P (every row a whole prompt; no padding) -> B, P + new tokens (int64): the prompt
+        then up to max_new_tokens tokens, greedy unless do_sample (top-k, top-p, drawn from seed). A row that
+        produced eos_token_id continues with the pad token; generation stops when every row has."""
+        sequence = np.asarray(input_ids, dtype=np.int64)
+        if sequence.ndim != 2:
+            raise ValueError(f"input_ids must be 2-D (batch, prompt length), got shape {sequence.shape}")
+        check_generation_length(self.description["max_position_embeddings"], sequence.shape[1], max_new_tokens)
+        choose = TokenChooser(do_sample, top_k, top_p, seed, eos_token_id, self.description["pad_token_id"])
+        logits, cache = self.run("prefill", sequence, [])
+        for step in range(max_new_tokens):
+            next_tokens = choose(logits[:, -1])
+            sequence = np.concatenate([sequence, next_tokens[:, None]], axis=1)
+            if step == max_new_tokens - 1 or choose.all_finished:
+                break
+            logits, cache = self.run("step", next_tokens[:, None], cache)
+        return sequence
+
+    def run(self, kind: str, input_ids: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+        """One graph: (logits as a host array, present cache). The cache is numpy arrays on the CPU and
+        OrtValues left on the device on CUDA."""
+        session, names = self.sessions[kind], self.description[kind]
+        if not self.on_cuda:
+            outputs = session.run(None, dict(zip(names["inputs"], [input_ids, *past])))
+            return outputs[0], outputs[1:]
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        for name, value in zip(names["inputs"][1:], past):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in names["outputs"][1:]:
+            binding.bind_output(name, "cuda")
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), outputs[1:]

@@ -1,0 +1,119 @@
+"""Export of the prefill and decoder-step graphs (task causal-lm-with-past).
+
+Tolerance: max abs diff <= 1e-5 against eager `IncrementalDecoder` (fp32 CPU; the graphs run the same ops),
+at batch sizes and lengths other than the traced ones."""
+
+import json
+import os
+
+import onnx
+import pytest
+import torch
+
+from exporters.decoder import CONFIG_NAME, FILES, export_causal_lm_with_past
+from exporters.errors import ExportError, VerificationError
+from generation_configs import CAUSAL_CONFIGS, prompt, random_model
+from reformer.generation import DecoderCache, IncrementalDecoder, cache_names
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory):
+    model = random_model(CAUSAL_CONFIGS["lsh"])
+    directory = tmp_path_factory.mktemp("onnx") / "decoder"
+    description = export_causal_lm_with_past(model, str(directory), "onnx")
+    return model, directory, description
+
+
+def test_onnx_export_layout_and_verification(onnx_export):
+    model, directory, description = onnx_export
+    assert sorted(os.listdir(directory)) == sorted([CONFIG_NAME, *FILES["onnx"].values()])
+    with open(directory / CONFIG_NAME, encoding="utf-8") as handle:
+        assert json.load(handle) == description
+    assert description["verified"]["max_abs_diff"] <= ATOL
+    assert description["cache"] == cache_names(model.config) == [
+        "states_0", "states_1", "buckets_0", "buckets_1", "lsh_full_attention_until"]
+    assert not [name for name in os.listdir(directory.parent) if name != "decoder"]  # no staging folder left
+    for kind in ("prefill", "step"):
+        graph = onnx.load(directory / FILES["onnx"][kind]).graph
+        assert [value.name for value in graph.input] == description[kind]["inputs"]
+        assert [value.name for value in graph.output] == description[kind]["outputs"]
+        # Static shapes: the window is found with argmax and gather, never with data-dependent ops.
+        assert not {node.op_type for node in graph.node} & {"NonZero", "Loop", "If"}
+
+
+def test_onnx_step_matches_eager_step(onnx_export):
+    import onnxruntime
+
+    model, directory, description = onnx_export
+    session = onnxruntime.InferenceSession(str(directory / FILES["onnx"]["step"]), providers=["CPUExecutionProvider"])
+    decoder = IncrementalDecoder(model)
+    with torch.no_grad():
+        _, cache = decoder.prefill(prompt(4, 21, seed=1))  # past length 21: window mode, several chunks
+        expected, expected_cache = decoder.step(prompt(4, 1, seed=2), cache)
+    feeds = dict(zip(description["step"]["inputs"], [t.numpy() for t in (prompt(4, 1, seed=2), *cache.tensors())]))
+    logits, *present = session.run(None, feeds)
+    assert abs(logits - expected.numpy()).max() <= ATOL
+    for actual, wanted in zip(present, expected_cache.tensors()):
+        assert actual.shape == tuple(wanted.shape)
+        if wanted.dtype == torch.int64:
+            assert (actual == wanted.numpy()).all()
+
+
+def test_torchscript_decoder_runs_prefill_and_step(tmp_path):
+    model = random_model(CAUSAL_CONFIGS["mixed"])
+    directory = tmp_path / "decoder"
+    description = export_causal_lm_with_past(model, str(directory), "torchscript")
+    assert sorted(os.listdir(directory)) == sorted([CONFIG_NAME, FILES["torchscript"]["module"]])
+    extra = {CONFIG_NAME: ""}
+    module = torch.jit.load(str(directory / FILES["torchscript"]["module"]), _extra_files=extra)
+    assert json.loads(extra[CONFIG_NAME])["cache"] == description["cache"]
+    decoder = IncrementalDecoder(model)
+    input_ids = prompt(3, 5, seed=3)  # batch and length other than the traced (2, 13)
+    with torch.no_grad():
+        expected, cache = decoder.prefill(input_ids)
+        logits, *past = module(input_ids)
+        differences = [(logits - expected).abs().max()]
+        for position in range(12):
+            token = expected[:, -1:].argmax(-1)
+            expected, cache = decoder.step(token, cache)
+            logits, *past = module.step(token, *past)
+            differences.append((logits - expected).abs().max())
+    assert max(differences) <= ATOL
+    assert len(past) == len(description["cache"]) and past[0].shape[1] == 5 + 12
+
+
+def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise VerificationError("decoder graphs differ from eager decoding: max abs diff 1 > atol 1e-05")
+
+    monkeypatch.setattr("exporters.decoder.verify_decoder", fail)
+    with pytest.raises(VerificationError):
+        export_causal_lm_with_past(random_model(CAUSAL_CONFIGS["local"]), str(tmp_path / "out"), "torchscript")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("problem", ["exists", "not causal", "format"])
+def test_bad_requests_are_refused(problem, tmp_path):
+    model, output, fmt = random_model(CAUSAL_CONFIGS["local"]), tmp_path / "out", "onnx"
+    if problem == "exists":
+        output.mkdir()
+    elif problem == "not causal":
+        import reformer
+
+        model = reformer.ReformerForMaskedLM(reformer.ReformerConfig(**{**CAUSAL_CONFIGS["local"], "is_decoder": False}))
+    else:
+        fmt = "tflite"
+    with pytest.raises(ExportError):
+        export_causal_lm_with_past(model, str(output), fmt)
+    assert os.listdir(tmp_path) == (["out"] if problem == "exists" else [])
+
+
+def test_cache_round_trips_through_tensors():
+    model = random_model(CAUSAL_CONFIGS["mixed"])
+    with torch.no_grad():
+        _, cache = IncrementalDecoder(model).prefill(prompt(2, 6))
+    again = DecoderCache.from_tensors(model.config, cache.tensors())
+    assert all(a is b for a, b in zip(again.tensors(), cache.tensors()))
+    assert len(cache.tensors()) == len(cache_names(model.config))
