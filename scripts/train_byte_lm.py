@@ -58,6 +58,10 @@ def byte_lm_config() -> ReformerConfig:
         axial_pos_embds=True,
         axial_pos_shape=[32, 32],
         axial_pos_embds_dim=[32, 96],
+        # The reference's default (1.0) gives position vectors 50 times the size of the word embeddings
+        # (std 0.02): the tokens drown, and a short run stalls at the unigram loss (measured: 4.4 against 3.8
+        # bits/token after 40 steps of 4 windows with 0.02).
+        axial_norm_std=0.02,
         # No dropout: the model sees well under one pass over the text in its training budget.
         hidden_dropout_prob=0.0,
         local_attention_probs_dropout_prob=0.0,
@@ -186,7 +190,7 @@ def train(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="model directory to write (config.json, model.safetensors)")
-    parser.add_argument("--steps", type=int, default=250, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=8, help="windows of 1024 tokens per step")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="peak AdamW learning rate")
     parser.add_argument("--warmup", type=int, default=30, help="linear warmup steps")
