@@ -8,7 +8,7 @@ import click
 
 # The library's choices, spelled out here so that `--help` needs no torch import; tests/cli/test_cli.py checks
 # that they agree with exporters.specs.TASKS, exporters.api.FORMATS, exporters.precision and exporters.ops.
-TASKS = ("base", "causal-lm", "masked-lm", "sequence-classification", "question-answering")
+TASKS = ("base", "causal-lm", "masked-lm", "sequence-classification", "question-answering", "causal-lm-with-past")
 FORMATS = ("onnx", "torchscript")
 DTYPES = ("fp32", "fp16")
 DEVICES = ("cpu", "cuda")
@@ -22,11 +22,13 @@ CUSTOM_OPS_MODES = ("auto", "standard", "ort")
                    "Default: the built-in tiny model.")
 @click.option("--task", type=click.Choice(TASKS), default=None,
               help="Head to export. Default: the checkpoint's architectures entry; without one, causal-lm for a "
-                   "causal model (is_decoder) and base otherwise.")
+                   "causal model (is_decoder) and base otherwise. causal-lm-with-past writes a directory with the "
+                   "prefill and decoder-step graphs for generation with a cache (reformer.runtime.OnnxGenerator).")
 @click.option("--format", "format_", type=click.Choice(FORMATS), required=True,
               help="onnx (ONNX Runtime) or torchscript (a .pt for C++ hosts through libtorch).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
-              help="Where to write the graph. Default: <model>-<task>.onnx or .pt in the current directory.")
+              help="Where to write the graph (a new directory for causal-lm-with-past). Default: <model>-<task>.onnx "
+                   "or .pt (a <model>-causal-lm-with-past directory) in the current directory.")
 @click.option("--opset", type=click.IntRange(min=1), default=18, show_default=True, help="ONNX opset (ONNX only).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
               help="Precision of the exported graph; fp16 needs --device cuda.")

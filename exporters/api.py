@@ -23,6 +23,8 @@ from .ops import CUSTOM_OPS_MODES
 from .precision import DEVICES, DTYPES, check_device
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+# Not an exporters.specs task: a directory of two graphs for generation with a cache (exporters/decoder.py).
+GENERATION_TASK = "causal-lm-with-past"
 DEFAULT_OPSET = 18
 
 
@@ -106,6 +108,8 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
     in which case the output was removed unless `keep_failed`. Raises ExportError (ExportRequestError for bad
     options), reformer.CheckpointError, reformer.ConfigError or OSError, leaving nothing at the output path."""
     check_options(request)
+    if request.task == GENERATION_TASK:
+        return run_generation_export(request, progress)
     from .models import DEFAULT_MODEL, resolve_model
 
     timer = time.perf_counter()
@@ -135,10 +139,39 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
             move_into_place(staging, output)
     result = ExportResult(request, resolved.describe(), resolved.spec.name, output if keep else None, size_bytes,
                           seconds, verification)
+    write_report(request, result)
+    return result
+
+
+def run_generation_export(request: ExportRequest, progress: Callable[[str], None]) -> ExportResult:
+    """Task causal-lm-with-past: a directory of prefill and decoder-step graphs (exporters/decoder.py), which
+    verifies itself and is renamed into place only when verified (--keep-failed does not apply)."""
+    from .decoder import DecoderVerification, export_causal_lm_with_past
+    from .models import DEFAULT_MODEL, resolve_model
+
+    timer = time.perf_counter()
+    progress(f"Loading model {request.model or DEFAULT_MODEL}")
+    resolved = resolve_model(request.model, "causal-lm")
+    output = request.output or f"{resolved.name}-{GENERATION_TASK}"
+    seconds = {"load": time.perf_counter() - timer}
+    timer = time.perf_counter()
+    progress(f"Exporting {resolved.describe()}, task {GENERATION_TASK}, to {request.format} graphs in {output}")
+    description = export_causal_lm_with_past(resolved.model, output, request.format, verify=request.verify,
+                                             atol=request.atol, metadata=resolved.metadata())
+    seconds["export and verify" if request.verify else "export"] = time.perf_counter() - timer
+    size_bytes = sum(os.path.getsize(os.path.join(output, name)) for name in os.listdir(output))
+    verified = description.get("verified")
+    verification = None if verified is None else DecoderVerification(
+        **{key: value for key, value in verified.items() if key != "passed"})
+    result = ExportResult(request, resolved.describe(), GENERATION_TASK, output, size_bytes, seconds, verification)
+    write_report(request, result)
+    return result
+
+
+def write_report(request: ExportRequest, result: ExportResult) -> None:
     if request.report:
         text = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write(request.report, lambda path: open_and_write(path, text))
-    return result
 
 
 def check_options(request: ExportRequest) -> None:
@@ -148,6 +181,9 @@ def check_options(request: ExportRequest) -> None:
         if value not in choices:
             raise ExportRequestError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
     check_device(request.device)
+    if request.task == GENERATION_TASK and (request.dtype, request.device) != ("fp32", "cpu"):
+        raise ExportRequestError(f"task {GENERATION_TASK} exports fp32 graphs on the CPU (they run on CUDA too): "
+                                 "drop --dtype and --device")
     if request.dtype == "fp16" and request.device != "cuda":
         raise ExportRequestError("fp16 export is for the CUDA runtimes: use device cuda (fp32 on the CPU)")
     if request.atol is not None and not request.atol > 0:

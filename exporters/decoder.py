@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -47,11 +48,43 @@ from reformer.generation import DecoderCache, IncrementalDecoder, cache_names
 
 from .errors import ExportError, VerificationError
 
+TASK = "causal-lm-with-past"
 CONFIG_NAME = "decoder_config.json"
 FILES = {"onnx": {"prefill": "prefill.onnx", "step": "decoder_step.onnx"}, "torchscript": {"module": "decoder.pt"}}
 OPSET = 18
 # fp32 CPU, same ops in the same order as eager: only kernel rounding separates runtime and eager.
 ATOL = 1e-5
+
+
+@dataclass
+class DecoderVerification:
+    """Greedy decoding through the exported graphs against eager decoding (the interface of
+    exporters.verify.VerificationReport that exporters.api and the CLI read)."""
+
+    format: str
+    max_abs_diff: float
+    atol: float
+    steps: int
+    prompts: list[list[int]]  # (batch, prompt length) pairs
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.atol
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+    def summary_table(self) -> str:
+        prompts = ", ".join(f"{batch}x{length}" for batch, length in self.prompts)
+        runtime = "onnxruntime cpu" if self.format == "onnx" else "torchscript cpu"
+        return (f"{runtime}: prefill + {self.steps} steps (prompts {prompts}), max abs {self.max_abs_diff:.2e}, "
+                f"tolerance {self.atol:.2g}: {'pass' if self.passed else 'FAIL'}")
+
+    def failure_message(self) -> str:
+        if self.passed:
+            return ""
+        return (f"decoder graphs differ from eager decoding: max abs diff {self.max_abs_diff:.3g} > atol "
+                f"{self.atol:g} (prompts (batch, length) {self.prompts}, {self.steps} steps)")
 
 
 def prefill_outputs(decoder: IncrementalDecoder, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -134,12 +167,14 @@ def example_prompt(config, batch: int = 2) -> torch.Tensor:
     return torch.randint(1, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
-def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", verify: bool = True) -> dict:
+def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", verify: bool = True,
+                               atol: float | None = None, metadata: dict | None = None) -> dict:
     """Write the prefill and decoder-step graphs of a causal `ReformerModelWithLMHead` (fp32, CPU) and
     decoder_config.json into output_dir, which must not exist yet: everything is written into a temporary
     folder beside it and renamed into place at the end, after verification, so a failure leaves nothing.
-    Returns the description written to decoder_config.json, with the verification's numbers under "verified".
-    Raises ExportError (VerificationError when the graphs disagree with eager decoding)."""
+    Returns the description written to decoder_config.json (plus `metadata`), with the verification's numbers
+    under "verified". Raises ExportError (VerificationError when the graphs differ from eager decoding by
+    more than atol, default ATOL)."""
     if fmt not in FILES:
         raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(FILES)}")
     if not getattr(model.config, "is_decoder", False) or not hasattr(model, "lm_head"):
@@ -152,7 +187,7 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", verify
         raise ExportError(f"cannot write {output_dir}: {parent} is not a directory")
     model = model.float().cpu().eval()
     decoder = IncrementalDecoder(model)
-    description = decoder_description(model.config, fmt)
+    description = {**decoder_description(model.config, fmt), **(metadata or {})}
     staging = tempfile.mkdtemp(prefix=".reformer-export-", dir=parent)
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -162,7 +197,10 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", verify
             else:
                 export_torchscript_module(decoder, staging, description)
         if verify:
-            description["verified"] = verify_decoder(model, staging, fmt)
+            verification = verify_decoder(model, staging, fmt, atol=ATOL if atol is None else atol)
+            if not verification.passed:
+                raise VerificationError(verification.failure_message(), verification)
+            description["verified"] = verification.to_dict()
         write_json(os.path.join(staging, CONFIG_NAME), description)
         os.replace(staging, output_dir)
     except BaseException:
@@ -214,11 +252,11 @@ def export_torchscript_module(decoder: IncrementalDecoder, folder: str, descript
     torch.jit.save(traced, os.path.join(folder, FILES["torchscript"]["module"]), _extra_files=extra_files)
 
 
-def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol: float = ATOL) -> dict:
+def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol: float = ATOL) -> DecoderVerification:
     """Decode greedily through the exported graphs in folder and through eager `IncrementalDecoder`, feeding
-    both eager's tokens, for a short prompt (the LSH layers' full-attention start) and a longer one, batch 2;
-    compare every prefill and step logit. Returns {"max_abs_diff", "steps", "prompt_lengths"}; raises
-    VerificationError beyond atol."""
+    both eager's tokens, at batch sizes and lengths other than the traced ones: 3 one-token prompts (the LSH
+    layers' full-attention start) and 1 prompt longer than the traced one; compare every prefill and step
+    logit."""
     config = model.config
     run = load_graphs(folder, fmt)
     decoder = IncrementalDecoder(model)
@@ -238,11 +276,7 @@ def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol:
                 expected, cache = decoder.step(next_tokens, cache)
                 actual, past = run("step", next_tokens.numpy(), past)
                 worst = max(worst, float(np.abs(actual - expected.numpy()).max()))
-    result = {"max_abs_diff": worst, "atol": atol, "steps": steps, "prompts": [list(p) for p in prompts]}
-    if not worst <= atol:
-        raise VerificationError(f"decoder graphs differ from eager decoding: max abs diff {worst:.3g} > atol {atol:g} "
-                                f"(prompts (batch, length) {prompts}, {steps} steps)")
-    return result
+    return DecoderVerification(fmt, worst, atol, steps, [list(prompt) for prompt in prompts])
 
 
 def load_graphs(folder: str, fmt: str):

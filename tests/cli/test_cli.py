@@ -165,7 +165,7 @@ def test_cli_choices_match_the_library():
     from exporters import precision
     from exporters.ops import CUSTOM_OPS_MODES
 
-    assert cli_main.TASKS == tuple(TASKS)
+    assert cli_main.TASKS == (*TASKS, api.GENERATION_TASK)
     assert cli_main.FORMATS == tuple(api.FORMATS)
     assert cli_main.DTYPES == tuple(precision.DTYPES)
     assert cli_main.DEVICES == tuple(precision.DEVICES)

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from exporters.decoder import CONFIG_NAME, FILES, export_causal_lm_with_past
+from exporters.decoder import CONFIG_NAME, FILES, DecoderVerification, export_causal_lm_with_past
 from exporters.errors import ExportError, VerificationError
 from generation_configs import CAUSAL_CONFIGS, prompt, random_model
 from reformer.generation import DecoderCache, IncrementalDecoder, cache_names
@@ -85,11 +85,11 @@ def test_torchscript_decoder_runs_prefill_and_step(tmp_path):
 
 
 def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
-    def fail(*args, **kwargs):
-        raise VerificationError("decoder graphs differ from eager decoding: max abs diff 1 > atol 1e-05")
+    def far_off(model, folder, fmt, atol):
+        return DecoderVerification(fmt, max_abs_diff=0.5, atol=atol, steps=3, prompts=[[1, 1]])
 
-    monkeypatch.setattr("exporters.decoder.verify_decoder", fail)
-    with pytest.raises(VerificationError):
+    monkeypatch.setattr("exporters.decoder.verify_decoder", far_off)
+    with pytest.raises(VerificationError, match="max abs diff 0.5 > atol 1e-05"):
         export_causal_lm_with_past(random_model(CAUSAL_CONFIGS["local"]), str(tmp_path / "out"), "torchscript")
     assert os.listdir(tmp_path) == []
 
@@ -117,3 +117,17 @@ def test_cache_round_trips_through_tensors():
     again = DecoderCache.from_tensors(model.config, cache.tensors())
     assert all(a is b for a, b in zip(again.tensors(), cache.tensors()))
     assert len(cache.tensors()) == len(cache_names(model.config))
+
+
+def test_export_api_task(tmp_path):
+    """`reformer-export --task causal-lm-with-past` goes through exporters.api.run_export."""
+    from exporters.api import ExportRequest, ExportRequestError, run_export
+
+    output = tmp_path / "tiny-decoder"
+    result = run_export(ExportRequest(format="torchscript", task="causal-lm-with-past", output=str(output)))
+    assert result.passed and result.task == "causal-lm-with-past" and result.output == str(output)
+    assert result.verification.max_abs_diff <= ATOL
+    with open(output / CONFIG_NAME, encoding="utf-8") as handle:
+        assert json.load(handle)["model_name"] == "tiny"
+    with pytest.raises(ExportRequestError, match="fp32"):
+        run_export(ExportRequest(format="onnx", task="causal-lm-with-past", dtype="fp16", output=str(tmp_path / "x")))
