@@ -202,6 +202,10 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", verify
                 raise VerificationError(verification.failure_message(), verification)
             description["verified"] = verification.to_dict()
         write_json(os.path.join(staging, CONFIG_NAME), description)
+        # mkdtemp makes the folder private (0700); the output gets the mode any new directory would get.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
         os.replace(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -32,6 +32,9 @@ def test_onnx_export_layout_and_verification(onnx_export):
     with open(directory / CONFIG_NAME, encoding="utf-8") as handle:
         assert json.load(handle) == description
     assert description["verified"]["max_abs_diff"] <= ATOL
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(directory).st_mode & 0o777 == 0o777 & ~umask
     assert description["cache"] == cache_names(model.config) == [
         "states_0", "states_1", "buckets_0", "buckets_1", "lsh_full_attention_until"]
     assert not [name for name in os.listdir(directory.parent) if name != "decoder"]  # no staging folder left
