@@ -93,7 +93,10 @@ class OnnxModel:
 class OnnxGenerator:
     """Generation over an exported causal-lm-with-past directory."""
 
-    def __init__(self, directory: str | os.PathLike, providers: Sequence[str] | None = None):
+    def __init__(self, directory: str | os.PathLike, providers: Sequence[str] | None = None,
+                 io_binding: bool | None = None):
+        """io_binding: keep the cache in the session's device memory between steps (None: on CUDA only)."""
+        self.directory = os.fspath(directory)
         path = os.path.join(directory, DECODER_CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {DECODER_CONFIG_NAME} in {directory}: export with --task causal-lm-with-past")
@@ -106,7 +109,8 @@ class OnnxGenerator:
             kind: onnxruntime.InferenceSession(os.path.join(directory, file), providers=providers)
             for kind, file in self.description["files"].items()
         }
-        self.on_cuda = CUDA in self.sessions["step"].get_providers()
+        self.device = "cuda" if CUDA in self.sessions["step"].get_providers() else "cpu"
+        self.io_binding = self.device == "cuda" if io_binding is None else io_binding
 
     @property
     def providers_in_use(self) -> list[str]:
@@ -140,10 +144,10 @@ class OnnxGenerator:
         return sequence
 
     def run(self, kind: str, input_ids: np.ndarray, past: list) -> tuple[np.ndarray, list]:
-        """One graph: (logits as a host array, present cache). The cache is numpy arrays on the CPU and
-        OrtValues left on the device on CUDA."""
+        """One graph: (logits as a host array, present cache). The cache is numpy arrays without IO binding,
+        and OrtValues left in the device's memory with it."""
         session, names = self.sessions[kind], self.description[kind]
-        if not self.on_cuda:
+        if not self.io_binding:
             outputs = session.run(None, dict(zip(names["inputs"], [input_ids, *past])))
             return outputs[0], outputs[1:]
         binding = session.io_binding()
@@ -152,7 +156,7 @@ class OnnxGenerator:
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in names["outputs"][1:]:
-            binding.bind_output(name, "cuda")
+            binding.bind_output(name, self.device)
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), outputs[1:]

@@ -38,6 +38,14 @@ def test_greedy_generation_matches_eager(exported, batch):
     assert (actual == expected).all(), f"first difference at {np.argwhere(actual != expected)[0]}"
 
 
+def test_io_binding_path_matches_eager(exported):
+    """The path CUDA takes (cache kept as OrtValues between steps), run on the CPU."""
+    model, generator = exported
+    bound = OnnxGenerator(generator.directory, providers=["CPUExecutionProvider"], io_binding=True)
+    input_ids = prompt(2, 7, seed=5)
+    assert (bound.generate(input_ids.numpy(), 20) == generate(model, input_ids, 20).numpy()).all()
+
+
 def test_one_token_prompt_matches_eager(exported):
     """A prompt shorter than a chunk: the LSH layer attends to everything until the reference would hash."""
     model, generator = exported
