@@ -33,12 +33,13 @@ def length_as_tensor(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.arange(x.shape[dim], device=x.device)[-1:] + 1
 
 
-def project_per_head(states: torch.Tensor, linear: torch.nn.Linear, num_heads: int) -> torch.Tensor:
+def project_per_head(states: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
     """states B, H, N, S, hidden picked separately per head -> B, H, N, S, D through that head's rows of a
     bias-free projection (the reference's `_query_per_attn_head`)."""
     batch, heads, rounds, slots, hidden = states.shape
-    weight = linear.weight.view(num_heads, -1, hidden).transpose(1, 2)  # H, hidden, D
-    return torch.matmul(states.reshape(batch, heads, rounds * slots, hidden), weight).view(batch, heads, rounds, slots, -1)
+    weight = linear.weight.view(heads, -1, hidden).transpose(1, 2)  # H, hidden, D
+    projected = torch.matmul(states.reshape(batch, heads, rounds * slots, hidden), weight)  # B, H, N*S, D
+    return projected.view(batch, heads, rounds, slots, -1)
 
 
 def hash_new_vectors(attention: LSHSelfAttention, query: torch.Tensor) -> torch.Tensor:
@@ -51,10 +52,14 @@ def hash_new_vectors(attention: LSHSelfAttention, query: torch.Tensor) -> torch.
     return buckets[..., :-1].permute(3, 1, 2, 0)
 
 
+def lsh_window(attention: LSHSelfAttention) -> int:
+    """W: the positions of bucket order a new token attends to in each round."""
+    return attention.chunk_length * (1 + attention.chunks_before + attention.chunks_after)
+
+
 def lsh_key_slots(attention: LSHSelfAttention) -> int:
     """S: the window of W positions, or all L <= C + 1 positions before the reference first hashes."""
-    window = attention.chunk_length * (1 + attention.chunks_before + attention.chunks_after)
-    return max(window, attention.chunk_length + 1)
+    return max(lsh_window(attention), attention.chunk_length + 1)
 
 
 def lsh_attention_step(
@@ -68,7 +73,7 @@ def lsh_attention_step(
     full_attention B (bool): attend to every position once instead of to each round's window.
     Returns the attention output B, 1, H*D and the new token's buckets B, H, N, 1."""
     heads, chunk_length = attention.num_heads, attention.chunk_length
-    window = chunk_length * (1 + attention.chunks_before + attention.chunks_after)
+    window = lsh_window(attention)
     slots = torch.arange(lsh_key_slots(attention), device=hidden_states.device)  # S
     all_states = torch.cat([past_states, hidden_states], dim=1)  # B, L, hidden
     length = length_as_tensor(all_states, 1)  # L
@@ -89,8 +94,8 @@ def lsh_attention_step(
     batch, _, rounds, num_slots = key_positions.shape
     index = key_positions.reshape(batch, -1, 1).expand(-1, -1, all_states.shape[-1])  # B, H*N*S, hidden
     key_states = torch.gather(all_states, 1, index).view(batch, heads, rounds, num_slots, -1)  # B, H, N, S, hidden
-    key = length_normalize(project_per_head(key_states, attention.query_key, heads)) / math.sqrt(attention.head_size)
-    value = project_per_head(key_states, attention.value, heads)  # B, H, N, S, D
+    key = length_normalize(project_per_head(key_states, attention.query_key)) / math.sqrt(attention.head_size)
+    value = project_per_head(key_states, attention.value)  # B, H, N, S, D
 
     allowed = valid.unsqueeze(-2)  # B, 1, 1, 1, S
     not_self = ((key_positions != new_position) | ~valid).unsqueeze(-2)  # B, H, N, 1, S

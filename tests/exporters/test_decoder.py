@@ -105,7 +105,8 @@ def test_bad_requests_are_refused(problem, tmp_path):
     elif problem == "not causal":
         import reformer
 
-        model = reformer.ReformerForMaskedLM(reformer.ReformerConfig(**{**CAUSAL_CONFIGS["local"], "is_decoder": False}))
+        values = {**CAUSAL_CONFIGS["local"], "is_decoder": False}
+        model = reformer.ReformerForMaskedLM(reformer.ReformerConfig(**values))
     else:
         fmt = "tflite"
     with pytest.raises(ExportError):
