@@ -531,16 +531,25 @@ def benchmark_row(runtime, runner, expected, spec, config, input_ids, attention_
 # ----- generation -----
 
 def generation_model(name: str, model, plan: Plan, folder: Path, results: "Results") -> None:
+    """Export the decoder graphs, then time greedy generation with benchmarks/generation_speed.py's helpers:
+    median of `generation_repeats` runs after one warm-up, tokens/s = batch x new tokens / seconds."""
+    import numpy as np
+    import torch
+
+    from exporters.precision import model_as
+
     try:
+        from benchmarks.generation_speed import eager_runner, median_seconds
         from exporters.decoder import export_causal_lm_with_past
         from reformer.runtime import OnnxGenerator
     except ImportError as error:
-        results.notes.append(f"generation skipped: {error} (needs exporters.decoder and reformer.runtime.OnnxGenerator)")
+        results.notes.append(f"generation skipped: {error} (needs exporters.decoder, reformer.runtime.OnnxGenerator "
+                             f"and benchmarks/generation_speed.py)")
         return
     directory = folder / f"{name}-decoder"
-    log(f"exporting {name} as causal-lm-with-past (prefill and decoder step, ONNX fp32) ...")
+    log(f"exporting {name} as causal-lm-with-past (prefill and decoder step, ONNX fp32; verified on the CPU) ...")
     start = time.perf_counter()
-    export_causal_lm_with_past(model, str(directory), "onnx")
+    description = export_causal_lm_with_past(model, str(directory), "onnx")
     results.exports.append({"model": name, "format": "onnx causal-lm-with-past", "dtype": "fp32", "device": "cpu",
                             "seconds": round(time.perf_counter() - start, 1),
                             "megabytes": round(sum(path.stat().st_size for path in directory.iterdir()) / 1e6, 1)})
@@ -552,40 +561,21 @@ def generation_model(name: str, model, plan: Plan, folder: Path, results: "Resul
                              f"threads (its constructor takes no session options); torch uses {plan.threads}")
     if plan.device == "cuda" and providers[0] != CUDA_PROVIDER:
         raise RuntimeUnavailable(f"onnxruntime generator fell back to {providers}")
+    eager = model_as(model, "fp32", plan.device)  # a copy on CUDA: eager_runner moves the model it is given
     for batch in GENERATION_BATCHES:
-        results.add_generation(name, batch, plan.device, providers, generation_speeds(model, generator, batch, plan))
+        prompt = torch.randint(1, model.config.vocab_size, (batch, GENERATION_PROMPT),
+                               generator=torch.Generator().manual_seed(batch))
+        speeds = {}
+        with tf32_matmuls(False):  # strict fp32, as the generator's CUDA sessions (use_tf32=0)
+            for runtime, run in (("eager", eager_runner(eager, plan.device, prompt, GENERATION_NEW_TOKENS)),
+                                 ("onnxruntime", lambda: generator.generate(prompt.numpy(), GENERATION_NEW_TOKENS))):
+                log(f"generating {GENERATION_NEW_TOKENS} tokens, batch {batch}, {runtime} ...")
+                seconds, speeds[f"{runtime}_tokens"] = median_seconds(run, plan.generation_repeats)
+                speeds[runtime] = {"seconds": seconds, "tokens_per_second": batch * GENERATION_NEW_TOKENS / seconds}
+        same_tokens = bool(np.array_equal(speeds.pop("eager_tokens"), speeds.pop("onnxruntime_tokens")))
+        results.add_generation(name, batch, plan.device, providers, {
+            **speeds, "same_tokens": same_tokens, "decoder_verified_max_abs": description["verified"]["max_abs_diff"]})
         results.save()
-
-
-def generation_speeds(model, generator, batch: int, plan: Plan) -> dict:
-    """Median tokens/s (batch x new tokens / seconds, prefill included) of eager and ONNX Runtime greedy
-    generation from the same prompt, and whether their tokens agree."""
-    import numpy as np
-    import torch
-
-    from exporters.precision import model_as
-    from reformer.generation import generate
-
-    device = plan.device
-    eager = model_as(model, "fp32", device)
-    prompt = torch.randint(1, model.config.vocab_size, (batch, GENERATION_PROMPT),
-                           generator=torch.Generator().manual_seed(batch))
-    prompt_on_device, prompt_array = prompt.to(device), prompt.numpy()
-    tokens = {}
-    calls = {
-        "eager": lambda: tokens.__setitem__("eager", generate(eager, prompt_on_device, GENERATION_NEW_TOKENS)),
-        "onnxruntime": lambda: tokens.__setitem__("onnxruntime",
-                                                  generator.generate(prompt_array, GENERATION_NEW_TOKENS)),
-    }
-    speeds = {}
-    with tf32_matmuls(False):
-        for runtime, call in calls.items():
-            log(f"generating {GENERATION_NEW_TOKENS} tokens, batch {batch}, {runtime} ...")
-            repeats = plan.generation_repeats
-            seconds = statistics.median(time_runs(call, device, 1, repeats, min_runs=repeats)) / 1e3
-            speeds[runtime] = {"seconds": seconds, "tokens_per_second": batch * GENERATION_NEW_TOKENS / seconds}
-    speeds["same_tokens"] = bool(np.array_equal(tokens["eager"].cpu().numpy(), tokens["onnxruntime"]))
-    return speeds
 
 
 # ----- results -----
@@ -774,11 +764,11 @@ def markdown_report(results: Results) -> str:
         "",
         "## Generation (greedy, prefill included)",
         markdown_table(("model", "batch", "prompt + new", "eager tok/s", "onnxruntime tok/s", "same tokens",
-                        "providers", "card"), [
+                        "decoder graphs vs eager (CPU export check)", "providers", "card"), [
             (row["model"], row["batch"], f"{row['prompt']} + {row['new_tokens']}",
              f"{row['eager']['tokens_per_second']:.0f}", f"{row['onnxruntime']['tokens_per_second']:.0f}",
-             "yes" if row["same_tokens"] else "NO", ", ".join(row["onnxruntime_providers"]), row["card"])
-            for row in results.generation]),
+             "yes" if row["same_tokens"] else "NO", f"max abs {number(row.get('decoder_verified_max_abs'))}",
+             ", ".join(row["onnxruntime_providers"]), row["card"]) for row in results.generation]),
         "",
         "## Exports",
         markdown_table(("model", "format", "dtype", "device", "seconds", "MB"),
