@@ -8,20 +8,25 @@
 1. Environment: Python, torch and its CUDA device, onnxruntime and the providers it lists, CPU and load.
 2. Verification (models tiny and small): export to ONNX and TorchScript (fp32, and fp16 with CUDA) and run
    `exporters.verify.verify_export` on ONNX Runtime CPU and CUDA and TorchScript CPU and CUDA at its default
-   shapes. CUDA fp32 is strict (ORT `use_tf32=0`, torch TF32 off); one more ORT CUDA row runs with TF32 on,
-   against eager with TF32 allowed, under the fp16 rule (TF32 keeps fp16's 10 mantissa bits).
+   shapes (up to 4,096 tokens on the CPU runtimes). CUDA fp32 is strict (ORT `use_tf32=0`, torch TF32 off);
+   one more ORT CUDA row runs with TF32 on, against eager with TF32 allowed, under the fp16 rule (TF32 keeps
+   fp16's 10 mantissa bits).
 3. Benchmarks (forward only, batch 1, random weights, random token ids, no padding): eager PyTorch, ONNX
    Runtime and TorchScript on the same device and precision (CUDA: fp32 strict, tf32, fp16; CPU: fp32).
    Each runtime's output is first compared with eager's at the timed shape. Timing: `warm-up` runs, then
    runs until `max runs` or about 5 s; every run is bracketed by a device synchronisation and a clock read
    (CUDA events would miss ONNX Runtime's own stream); medians are reported. ONNX Runtime on CUDA runs
-   through IO binding with inputs and outputs on the device, as eager's stay. Peak memory:
-   `torch.cuda.max_memory_allocated` over the timed runs (weights included) for eager and TorchScript; for
-   ONNX Runtime, the drop in the device's free memory since its session was made (its arena, which grows
-   to the largest length run so far; `arena_extend_strategy` kSameAsRequested keeps it close to need).
+   through IO binding with inputs and outputs on the device, as eager's stay. Peak memory on CUDA: for
+   eager and TorchScript, the runtime's own weights plus how far `torch.cuda.max_memory_allocated` rose
+   during the timed runs; for ONNX Runtime, the drop in the device's free memory since its session was made
+   (its arena, which holds the most any length so far needed; `arena_extend_strategy` kSameAsRequested
+   keeps it close to need).
 4. Generation (issue 4): tokens/s of `reformer.runtime.OnnxGenerator` against eager `reformer.generation.
    generate` with the cache, batch 1 and 8, greedy, prompt then new tokens (prefill included), fp32 strict,
-   on the same device; both must produce the same tokens. Skipped when those modules are absent.
+   on the same device, timed with benchmarks/generation_speed.py's helpers; both must produce the same
+   tokens. Skipped, with a note, when those modules are absent.
+
+Order: verification, generation, then benchmarks (the slowest last), so a run cut short loses the least.
 
 Models (random weights from seed 0, causal LM, byte vocabulary of 258): `tiny` is models/tiny; `small` and
 `large` are ../shared/DESIGN.md's anchor shapes, built with `max_position_embeddings` = the longest length
