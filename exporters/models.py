@@ -23,7 +23,7 @@ from .errors import ExportError
 from .specs import MODEL_CLASS_TO_TASK, TASKS, TaskSpec
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "byte-lm"
 RANDOM_WEIGHTS_SEED = 0
 WEIGHT_FILES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME)
 

@@ -129,7 +129,7 @@ BAD_INPUTS = [
     BadInput("output_is_a_dir", output_is_a_dir, "is a directory", 2),
     BadInput("report_in_missing_dir", report_in_missing_dir, "cannot write the report"),
     BadInput("max_length_too_long", lambda root: ["--max-length", "100000"], "must be between 1 and"),
-    BadInput("torchscript_max_length_too_long", lambda root: ["--max-length", "300"], "must be between 1 and",
+    BadInput("torchscript_max_length_too_long", lambda root: ["--max-length", "2000"], "must be between 1 and",
              format="torchscript"),
     BadInput("fp16_on_cpu", lambda root: ["--dtype", "fp16"], "use device cuda"),
     BadInput("torchscript_missing_model", missing_dir, "no model directory", format="torchscript"),
@@ -199,7 +199,9 @@ def test_default_model_exports_verifies_and_reports(format_, suffix, tmp_path, m
     monkeypatch.chdir(tmp_path)
     result = run_cli(["--format", format_, "--report", "report.json"])
     assert result.exit_code == 0, result.output
-    output = f"tiny-causal-lm{suffix}"
+    from exporters.models import DEFAULT_MODEL
+
+    output = f"{DEFAULT_MODEL}-causal-lm{suffix}"
     assert sorted(os.listdir(tmp_path)) == sorted([output, "report.json"])
     report = load_report(tmp_path / "report.json")
     assert report["passed"] and report["verified"] and report["output"] == output
@@ -209,12 +211,12 @@ def test_default_model_exports_verifies_and_reports(format_, suffix, tmp_path, m
 
 def test_exported_torchscript_matches_eager_of_the_named_model(tmp_path, monkeypatch):
     """Through the CLI without the verifier: the file holds the built-in model's numbers."""
-    from exporters.models import resolve_model
+    from exporters.models import DEFAULT_MODEL, resolve_model
 
     monkeypatch.chdir(tmp_path)
     result = run_cli(["--format", "torchscript", "--no-verify", "--output", "lm.pt", "--max-length", "64"])
     assert result.exit_code == 0, result.output
-    resolved = resolve_model("tiny")
+    resolved = resolve_model(DEFAULT_MODEL)
     input_ids = torch.randint(0, resolved.model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
     attention_mask = torch.ones_like(input_ids)
     with torch.no_grad():

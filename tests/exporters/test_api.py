@@ -39,9 +39,18 @@ def test_built_in_models_include_the_default_and_enwik8():
     assert {DEFAULT_MODEL, "enwik8"} <= set(built_in_models())
 
 
+def test_default_model_is_the_shipped_trained_byte_lm():
+    resolved = resolve_model(None)
+    assert resolved.name == DEFAULT_MODEL == "byte-lm" and resolved.built_in
+    assert resolved.random_weights_seed is None and resolved.spec.name == "causal-lm"
+    shipped = reformer.ReformerModelWithLMHead.from_pretrained(resolved.directory).state_dict()
+    for key, value in resolved.model.state_dict().items():
+        assert torch.equal(value, shipped[key]), key
+
+
 def test_config_only_built_in_model_gets_reproducible_random_weights():
-    first, second = resolve_model(None), resolve_model(DEFAULT_MODEL)
-    assert first.name == DEFAULT_MODEL and first.built_in and first.random_weights_seed == RANDOM_WEIGHTS_SEED
+    first, second = resolve_model("tiny"), resolve_model("tiny")
+    assert first.built_in and first.random_weights_seed == RANDOM_WEIGHTS_SEED
     assert first.spec.name == "causal-lm" and not first.model.training
     for key, value in first.model.state_dict().items():
         assert torch.equal(value, second.model.state_dict()[key]), key
@@ -132,7 +141,7 @@ def verifier(monkeypatch):
 
 def test_output_appears_only_after_verification(tmp_path, monkeypatch, verifier):
     monkeypatch.chdir(tmp_path)
-    result = api.run_export(api.ExportRequest("torchscript", max_length=64, report="report.json"))
+    result = api.run_export(api.ExportRequest("torchscript", model="tiny", max_length=64, report="report.json"))
     assert result.passed and result.output == "tiny-causal-lm.pt"
     assert verifier["paths"] and not os.path.exists(verifier["paths"][0]), "verified in a staging folder"
     assert sorted(os.listdir(tmp_path)) == ["report.json", "tiny-causal-lm.pt"]
