@@ -40,7 +40,6 @@ verification row failed or a step raised (the traceback is printed to stderr, th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -313,17 +312,11 @@ class TorchRunner:
         return lambda: self.module(input_ids, attention_mask)
 
 
-@contextlib.contextmanager
 def tf32_matmuls(enabled: bool):
-    """Eager and TorchScript CUDA matmuls in TF32 (enabled) or strict fp32; restores the previous setting."""
-    import torch
+    """exporters.verify.tf32_matmuls, imported when first used (this script loads torch lazily)."""
+    from exporters.verify import tf32_matmuls as switch
 
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+    return switch(enabled)
 
 
 def synchronize(device: str) -> None:

@@ -225,10 +225,11 @@ def open_onnxruntime(path: str, device: str) -> tuple[Runner | None, str, str]:
 
 
 @contextlib.contextmanager
-def strict_fp32():
-    """Eager CUDA matmuls without TF32, to compare like with like."""
+def tf32_matmuls(enabled: bool):
+    """Eager and TorchScript CUDA matmuls in TF32 (enabled) or strict fp32, to compare like with like;
+    restores the previous setting."""
     previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
         yield
     finally:
@@ -239,7 +240,7 @@ def compare(
     runner, eager, spec, per_position, input_ids, attention_mask, runtime, device, dtype, atol
 ) -> VerificationRow:
     row = VerificationRow(runtime.split("-")[0], device, tuple(input_ids.shape), dtype)
-    with torch.no_grad(), strict_fp32():
+    with torch.no_grad(), tf32_matmuls(False):
         expected = [tensor.cpu() for tensor in eager(input_ids.to(device), attention_mask.to(device))]
     try:
         actual = [tensor.cpu() for tensor in runner(input_ids, attention_mask)]
