@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+import reformer
+from exporters.specs import TASKS
+
 BASE = dict(
     hidden_size=16,
     attention_head_size=4,
@@ -100,3 +103,29 @@ def output_names(model_class: str) -> list[str]:
 def per_position(model_class: str, name: str) -> bool:
     """Whether an output has one value per position (compared where the mask keeps the position)."""
     return model_class != "ReformerForSequenceClassification"
+
+
+CONFIGS_PER_TASK = 6
+
+
+def task_configs(task: str) -> list[tuple[str, dict]]:
+    """The first CONFIGS_PER_TASK tiny configs that fit the task: causal-lm needs a causal config (one that
+    looks at no chunk after), masked-lm a bidirectional one; the other heads take either."""
+    chosen = []
+    for case in CASES:
+        values = dict(case.config_values)
+        if task == "causal-lm":
+            if values.get("lsh_num_chunks_after", 0) or values.get("local_num_chunks_after", 0):
+                continue
+            values["is_decoder"] = True
+        elif task == "masked-lm":
+            values["is_decoder"] = False
+        chosen.append((case.name, values))
+    return chosen[:CONFIGS_PER_TASK]
+
+
+def build(task: str, values: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return reformer.MODEL_CLASSES[TASKS[task].model_class](reformer.ReformerConfig(**values)).eval()
+
+

@@ -26,7 +26,7 @@ from exporters.onnx import METADATA_PREFIX, export_onnx
 from exporters.specs import MODEL_CLASS_TO_TASK, TASKS
 from exporters.verify import verify_export
 from reference import reference_and_ours
-from tiny_configs import CASES_BY_NAME, make_inputs, output_names, per_position
+from tiny_configs import CASES_BY_NAME, build, make_inputs, output_names, per_position, task_configs
 
 ATOL = 1e-5
 REFERENCE_ATOL = 1e-4
@@ -35,6 +35,9 @@ REFERENCE_ATOL = 1e-4
 CASE_NAMES = ["lm_mixed", "lm_lsh_factorised", "mlm_lsh_after", "base_lsh_before_after", "seqcls_mixed", "qa_mixed"]
 # (batch, length): none is the export's (2, 2 * padding multiple + 1); maximum length 32 for every case.
 SHAPES = [(1, 1), (3, 3), (1, 7), (4, 13), (3, 32)]
+
+
+TASK_PARAMS = [(task, name, values) for task in TASKS for name, values in task_configs(task)]
 
 
 def session_for(path) -> onnxruntime.InferenceSession:
@@ -83,6 +86,31 @@ def test_matches_eager_at_other_shapes(exported):
         keep = attention_mask.bool()[:, None, None, :]
         for want, got in zip(expected[len(spec.output_names):], actual[len(spec.output_names):]):
             assert torch.equal(torch.from_numpy(got)[keep.expand_as(want)], want[keep.expand_as(want)])
+
+
+@pytest.mark.parametrize("task,name,values", TASK_PARAMS, ids=[f"{task}-{name}" for task, name, _ in TASK_PARAMS])
+def test_every_task_matches_eager_at_other_shapes(task, name, values, tmp_path):
+    """Each task's head on CONFIGS_PER_TASK configs (the table's configs, made causal or bidirectional as
+    the task needs), exported once, at shapes other than the export's; outputs and buckets."""
+    spec, model = TASKS[task], build(task, values)
+    path = tmp_path / "model.onnx"
+    export_onnx(model, spec, path)
+    session = session_for(path)
+    eager = spec.wrap(model, with_buckets=True)
+    for batch, length in SHAPES:
+        input_ids, attention_mask = make_inputs(batch, length, model.config.vocab_size, seed=length)
+        with torch.no_grad():
+            expected = eager(input_ids, attention_mask)
+        actual = run(session, input_ids, attention_mask)
+        assert len(actual) == len(expected)
+        keep = attention_mask.bool()
+        for index, (want, got) in enumerate(zip(expected, actual)):
+            label = f"output {index} at {batch}x{length}"
+            if index >= len(spec.output_names):  # buckets B, H, N, L
+                assert torch.equal(want.movedim(-1, 1)[keep], torch.as_tensor(got).movedim(-1, 1)[keep]), label
+                continue
+            difference = max_kept_difference(spec.model_class, spec.output_names[index], want, got, attention_mask)
+            assert difference <= ATOL, f"{label}: max abs diff {difference:.3g}"
 
 
 def test_matches_transformers_reference(exported):

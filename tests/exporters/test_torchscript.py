@@ -14,31 +14,9 @@ import torch
 import reformer
 from exporters.specs import TASKS
 from exporters.torchscript import example_inputs, export_torchscript, load_metadata, non_host_ops, trace_length
-from tiny_configs import CASES, make_inputs
+from tiny_configs import CONFIGS_PER_TASK, build, make_inputs, task_configs
 
 ATOL = 1e-5
-CONFIGS_PER_TASK = 6
-
-
-def task_configs(task: str) -> list[tuple[str, dict]]:
-    """The first CONFIGS_PER_TASK tiny configs that fit the task: causal-lm needs a causal config (one that
-    looks at no chunk after), masked-lm a bidirectional one; the other heads take either."""
-    chosen = []
-    for case in CASES:
-        values = dict(case.config_values)
-        if task == "causal-lm":
-            if values.get("lsh_num_chunks_after", 0) or values.get("local_num_chunks_after", 0):
-                continue
-            values["is_decoder"] = True
-        elif task == "masked-lm":
-            values["is_decoder"] = False
-        chosen.append((case.name, values))
-    return chosen[:CONFIGS_PER_TASK]
-
-
-def build(task: str, values: dict) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return reformer.MODEL_CLASSES[TASKS[task].model_class](reformer.ReformerConfig(**values)).eval()
 
 
 PARAMS = [(task, name, values) for task in TASKS for name, values in task_configs(task)]
