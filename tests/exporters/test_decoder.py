@@ -128,7 +128,7 @@ def test_export_api_task(tmp_path):
     from exporters.api import ExportRequest, ExportRequestError, run_export
 
     output = tmp_path / "tiny-decoder"
-    result = run_export(ExportRequest(format="torchscript", task="causal-lm-with-past", output=str(output)))
+    result = run_export(ExportRequest(format="torchscript", model="tiny", task="causal-lm-with-past", output=str(output)))
     assert result.passed and result.task == "causal-lm-with-past" and result.output == str(output)
     assert result.verification.max_abs_diff <= ATOL
     with open(output / CONFIG_NAME, encoding="utf-8") as handle:
