@@ -9,6 +9,7 @@ metadata says so."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,15 @@ from reformer.config import CONFIG_NAME, ConfigError, ReformerConfig
 from .errors import ExportError
 from .specs import MODEL_CLASS_TO_TASK, TASKS, TaskSpec
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+def find_models_dir() -> Path:
+    """models/ beside the packages (a source checkout or editable install), else the copy a regular
+    install puts under <prefix>/share/reformer-export/models (pyproject.toml's data-files)."""
+    source_tree = Path(__file__).resolve().parent.parent / "models"
+    installed = Path(sys.prefix) / "share" / "reformer-export" / "models"
+    return source_tree if source_tree.is_dir() or not installed.is_dir() else installed
+
+
+MODELS_DIR = find_models_dir()
 DEFAULT_MODEL = "byte-lm"
 RANDOM_WEIGHTS_SEED = 0
 WEIGHT_FILES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME)
