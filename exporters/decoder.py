@@ -48,7 +48,6 @@ from reformer.generation import DecoderCache, IncrementalDecoder, cache_names
 
 from .errors import ExportError, VerificationError
 
-TASK = "causal-lm-with-past"
 CONFIG_NAME = "decoder_config.json"
 FILES = {"onnx": {"prefill": "prefill.onnx", "step": "decoder_step.onnx"}, "torchscript": {"module": "decoder.pt"}}
 OPSET = 18

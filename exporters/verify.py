@@ -38,7 +38,6 @@ FP16_RELATIVE_TOLERANCE = 1e-2
 # (whose inputs differ by rounding alone) mean the hashed vectors themselves differ. One flip is always
 # allowed, so that short inputs with few assignments are judged too.
 NEAR_TIE_FRACTION = 0.01
-BATCH_SIZES = (1, 2, 3)
 
 Runner = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]
 

@@ -70,7 +70,7 @@ class ReversibleStack(torch.autograd.Function):
         return (x1, x2, *buckets)
 
     @staticmethod
-    def backward(ctx, grad_y1, grad_y2, *unused_bucket_grads):
+    def backward(ctx, grad_y1, grad_y2, *_bucket_grads):  # buckets are not differentiable
         y1, y2 = ctx.saved_tensors
         for layer, record in zip(reversed(ctx.layers), reversed(ctx.records)):
             y1, y2, grad_y1, grad_y2 = backward_through_layer(
