@@ -40,15 +40,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.fx.experimental._config as fx_config
 from torch import nn
 from torch.export import Dim
 
 from reformer.generation import DecoderCache, IncrementalDecoder, cache_names
+from reformer.runtime import DECODER_CONFIG_NAME
 
-from .errors import ExportError, VerificationError
+from .errors import ExportError, VerificationError, first_line
+from .program import batch_dim, export_dynamic
 
-CONFIG_NAME = "decoder_config.json"
+CONFIG_NAME = DECODER_CONFIG_NAME  # the runtime reads it; one name for both sides
 FILES = {"onnx": {"prefill": "prefill.onnx", "step": "decoder_step.onnx"}, "torchscript": {"module": "decoder.pt"}}
 OPSET = 18
 # fp32 CPU, same ops in the same order as eager: only kernel rounding separates runtime and eager.
@@ -216,7 +217,7 @@ def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: di
     config = decoder.config
     prompt = example_prompt(config)
     _, cache = decoder.prefill(prompt)
-    batch = Dim("batch_size", min=1, max=4096)
+    batch = batch_dim()
     prompt_length = Dim("prompt_length", min=1, max=config.max_position_embeddings)
     past_length = Dim("past_length", min=1, max=config.max_position_embeddings - 1)
     past_axes = [{0: batch, 1: past_length} if name.startswith("states_") else
@@ -228,16 +229,13 @@ def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: di
     )
     for name, module, inputs, axes in graphs:
         try:
-            # Size-oblivious reasoning keeps torch.export from specialising on the example's lengths.
-            with fx_config.patch(backed_size_oblivious=True):
-                program = torch.export.export(module, inputs, dynamic_shapes=axes)
+            program = export_dynamic(module, inputs, axes)
             onnx_program = torch.onnx.export(
                 program, inputs, dynamo=True, opset_version=OPSET, input_names=description[name]["inputs"],
                 output_names=description[name]["outputs"], verbose=False)
             onnx_program.save(os.path.join(folder, FILES["onnx"][name]))
         except Exception as error:  # the exporters raise many kinds; the caller needs one, with the reason
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ExportError(f"ONNX export of the {name} graph failed: {message}") from error
+            raise ExportError(f"ONNX export of the {name} graph failed: {first_line(error)}") from error
 
 
 def export_torchscript_module(decoder: IncrementalDecoder, folder: str, description: dict) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from reformer.messages import first_line  # noqa: F401  (exporters import it from here)
+
 
 class ExportError(Exception):
     """An export that could not be written (bad arguments, a graph the exporter cannot build, an invalid file)."""
@@ -16,9 +18,3 @@ class VerificationError(ExportError):
         super().__init__(message)
         self.report = report
 
-
-def first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception's message (its type name when it has none): library errors
-    span many lines, our messages one."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__

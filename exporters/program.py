@@ -1,4 +1,4 @@
-"""torch.export with dynamic batch and sequence axes, the front half of the ONNX exporter."""
+"""torch.export with dynamic axes, the front half of every ONNX export."""
 
 from __future__ import annotations
 
@@ -6,17 +6,29 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch.export import Dim
 
+MAX_BATCH = 4096
+
+
+def batch_dim() -> Dim:
+    return Dim("batch_size", min=1, max=MAX_BATCH)
+
 
 def dynamic_shapes(max_length: int) -> dict[str, dict[int, Dim]]:
-    batch = Dim("batch_size", min=1, max=4096)
+    """A task graph's inputs: input_ids and attention_mask, [batch, sequence]."""
+    batch = batch_dim()
     sequence = Dim("sequence_length", min=1, max=max_length)
     return {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
 
 
-def export_program(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], max_length: int):
-    """An ExportedProgram valid for every batch size and every length up to max_length.
+def export_dynamic(module: torch.nn.Module, example_inputs: tuple, shapes) -> torch.export.ExportedProgram:
+    """torch.export.export valid for every size the dynamic dims allow.
 
-    Size-oblivious reasoning keeps torch.export from specialising on the example's number of chunks
-    (a view of a tensor with one chunk is contiguous, with more it is not; both give the same values)."""
+    Size-oblivious reasoning keeps torch.export from specialising on the example's sizes (a view of a tensor
+    with one chunk is contiguous, with more it is not; both give the same values)."""
     with fx_config.patch(backed_size_oblivious=True):
-        return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes(max_length))
+        return torch.export.export(module, example_inputs, dynamic_shapes=shapes)
+
+
+def export_program(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], max_length: int):
+    """A task graph's ExportedProgram, valid for every batch size and every length up to max_length."""
+    return export_dynamic(module, example_inputs, dynamic_shapes(max_length))

@@ -16,7 +16,7 @@ from torch import nn
 
 from reformer.checkpoint import atomic_write
 
-from .errors import ExportError
+from .errors import ExportError, first_line
 from .precision import model_as
 from .specs import INPUT_NAMES, TaskSpec
 
@@ -58,7 +58,7 @@ def export_torchscript(
         try:
             traced = torch.jit.trace(wrapper, example, check_trace=False)
         except RuntimeError as error:
-            raise ExportError(f"TorchScript trace failed: {str(error).strip().splitlines()[0]}") from error
+            raise ExportError(f"TorchScript trace failed: {first_line(error)}") from error
     foreign = sorted(set(non_host_ops(traced)))
     if foreign:
         raise ExportError(f"the traced graph holds ops a C++ host cannot run without Python: {', '.join(foreign)}")

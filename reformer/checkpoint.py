@@ -11,6 +11,7 @@ import tempfile
 import torch
 
 from .config import CONFIG_NAME, ConfigError, ReformerConfig
+from .messages import first_line
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -47,13 +48,12 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(pytorch_path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            first_line = str(error).strip().splitlines()[0]
             raise CheckpointError(
                 f"{pytorch_path} holds more than tensors and was not loaded (only weights are unpickled): "
-                f"{first_line}"
+                f"{first_line(error)}"
             ) from None
         except (RuntimeError, EOFError, OSError) as error:
-            raise CheckpointError(f"cannot read {pytorch_path}: {str(error).splitlines()[0]}") from None
+            raise CheckpointError(f"cannot read {pytorch_path}: {first_line(error)}") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{pytorch_path} does not hold a state dict of tensors")
         return state
