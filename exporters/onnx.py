@@ -18,7 +18,7 @@ from . import ops
 from .errors import ExportError, first_line
 from .precision import model_as
 from .program import export_program
-from .specs import INPUT_NAMES, TaskSpec
+from .specs import INPUT_NAMES, TaskSpec, example_inputs, graph_description, resolve_max_length
 
 # ONNX Runtime runs every opset from 18 (torch.onnx's own lowest) up to 21 with the ops this graph uses.
 SUPPORTED_OPSETS = range(18, 22)
@@ -49,10 +49,7 @@ def export_onnx(
     (thanks to the registry's logsumexp lowering). custom_ops: see exporters/ops/registry.py ("auto" picks
     "ort"). Raises ExportError with a one-line message; leaves nothing at `path` on failure."""
     config = model.config
-    max_length = config.max_position_embeddings if max_length is None else max_length
-    if not 1 <= max_length <= config.max_position_embeddings:
-        raise ExportError(f"max_length {max_length} must be between 1 and max_position_embeddings "
-                          f"{config.max_position_embeddings}")
+    max_length = resolve_max_length(config, max_length)
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported: choose {SUPPORTED_OPSETS[0]} to {SUPPORTED_OPSETS[-1]}")
     try:
@@ -65,11 +62,11 @@ def export_onnx(
     model = model_as(model, dtype, device)
     wrapper = spec.wrap(model, with_buckets)
     output_names = spec.all_output_names(config.attn_layers.count("lsh"), with_buckets)
-    example_inputs = example_inputs_for(config, max_length, device)
+    example = example_inputs(config, max_length, device)
     context = ops.LoweringContext.from_config(config, max_length)
     try:
         onnx_model, lowerings = to_onnx_model(
-            lambda: export_program(wrapper, example_inputs, max_length), mode, context, opset, output_names
+            lambda: export_program(wrapper, example, max_length), mode, context, opset, output_names
         )
     except Exception as error:  # the exporters raise many kinds; the caller needs one, with the reason
         raise ExportError(f"ONNX export failed: {type(error).__name__}: {first_line(error)}") from error
@@ -103,29 +100,9 @@ def to_onnx_model(
     return onnx_program.model, lowerings
 
 
-def example_inputs_for(config, max_length: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch 2 and a length of more than one chunk that is not a multiple of it (where max_length allows):
-    torch.export then sees the general case, and the graph is checked at other shapes afterwards."""
-    length = min(max_length, 2 * config.padding_multiple + 1)
-    input_ids = torch.full((2, length), 1, dtype=torch.long, device=device)
-    return input_ids, torch.ones_like(input_ids)
-
-
 def export_metadata(config, spec, max_length, opset, custom_ops, lowerings, dtype, with_buckets) -> dict[str, str]:
-    values = {
-        "task": spec.name,
-        "hash_seed": config.resolved_hash_seed,
-        # The reference draws fresh rotations on every call when a config has no seed; this graph fixed one.
-        "hash_seed_defaulted": config.hash_seed is None,
-        "num_buckets": config.num_buckets,
-        "max_length": max_length,
-        "padding_multiple": config.padding_multiple,
-        "opset": opset,
-        "custom_ops": custom_ops,
-        "lowerings": lowerings,
-        "dtype": dtype,
-        "with_buckets": with_buckets,
-    }
+    values = graph_description(config, spec, max_length=max_length, dtype=dtype, with_buckets=with_buckets)
+    values.update(opset=opset, custom_ops=custom_ops, lowerings=lowerings)
     return {METADATA_PREFIX + key: json.dumps(value) for key, value in values.items()}
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import ExportError
+
 INPUT_NAMES = ("input_ids", "attention_mask")
 DYNAMIC_AXES = {0: "batch_size", 1: "sequence_length"}
 BUCKETS_OUTPUT_PREFIX = "buckets_"
@@ -70,3 +72,48 @@ TASKS = {
     )
 }
 MODEL_CLASS_TO_TASK = {spec.model_class: spec.name for spec in TASKS.values()}
+
+
+def resolve_max_length(config, max_length: int | None) -> int:
+    """The longest sequence an exported graph must serve (default max_position_embeddings)."""
+    max_length = config.max_position_embeddings if max_length is None else max_length
+    if not 1 <= max_length <= config.max_position_embeddings:
+        raise ExportError(f"max_length {max_length} must be between 1 and max_position_embeddings "
+                          f"{config.max_position_embeddings}")
+    return max_length
+
+
+def example_length(padding_multiple: int, max_length: int) -> int:
+    """A length that spans more than one chunk and is not a multiple of the chunk length, so a trace or an
+    export sees the general path (internal padding, several chunks); capped at max_length."""
+    return min(max_length, padding_multiple + padding_multiple // 2 + 1)
+
+
+def example_inputs(config, max_length: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch 2 at example_length: random ids, and a mask that pads the tail of the second row (masking must not
+    be traced away). Exporters check the graph at other shapes afterwards."""
+    length = example_length(config.padding_multiple, max_length)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (2, length), generator=generator)
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    attention_mask[1, length - length // 3:] = 0
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def graph_description(config, spec: TaskSpec, *, max_length: int, dtype: str, with_buckets: bool) -> dict:
+    """What every exported task graph records about itself (each exporter adds its own fields)."""
+    lsh_layers = config.attn_layers.count("lsh")
+    return {
+        "task": spec.name,
+        "model_class": spec.model_class,
+        "input_names": list(INPUT_NAMES),
+        "output_names": spec.all_output_names(lsh_layers, with_buckets),
+        "hash_seed": config.resolved_hash_seed,
+        # The reference draws fresh rotations on every call when a config has no seed; the graph fixed one.
+        "hash_seed_defaulted": config.hash_seed is None,
+        "num_buckets": config.num_buckets,
+        "max_length": max_length,
+        "padding_multiple": config.padding_multiple,
+        "dtype": dtype,
+        "with_buckets": with_buckets,
+    }

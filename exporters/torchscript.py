@@ -18,7 +18,7 @@ from reformer.checkpoint import atomic_write
 
 from .errors import ExportError, first_line
 from .precision import model_as
-from .specs import INPUT_NAMES, TaskSpec
+from .specs import TaskSpec, example_inputs, graph_description, resolve_max_length
 
 METADATA_NAME = "reformer_export.json"
 # Node kinds a libtorch host runs without Python: ATen operators and TorchScript's own primitives, except
@@ -45,12 +45,9 @@ def export_torchscript(
     then, with `with_buckets`, the B, H, N, L int64 buckets of each LSH layer. The caller's model is not
     changed (exporters.precision.model_as copies it when dtype or device differ from its own)."""
     config = model.config
-    max_length = config.max_position_embeddings if max_length is None else max_length
-    if not 1 <= max_length <= config.max_position_embeddings:
-        raise ExportError(f"max_length {max_length} must be between 1 and max_position_embeddings "
-                          f"{config.max_position_embeddings}")
+    max_length = resolve_max_length(config, max_length)
     wrapper = spec.wrap(model_as(model, dtype, device), with_buckets).eval()
-    example = example_inputs(config, trace_length(config.padding_multiple, max_length), device)
+    example = example_inputs(config, max_length, device)
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about the model's input checks (shape comparisons that become constants); the
         # values flow through tensors, which the tests check at shapes other than the traced one.
@@ -62,7 +59,15 @@ def export_torchscript(
     foreign = sorted(set(non_host_ops(traced)))
     if foreign:
         raise ExportError(f"the traced graph holds ops a C++ host cannot run without Python: {', '.join(foreign)}")
-    description = graph_metadata(model, spec, dtype, device, max_length, with_buckets, example[0].shape)
+    description = graph_description(config, spec, max_length=max_length, dtype=dtype, with_buckets=with_buckets)
+    description.update(
+        format="torchscript",
+        dynamic_axes=spec.dynamic_axes(config.attn_layers.count("lsh"), with_buckets),
+        device=device,
+        trace_shape=list(example[0].shape),
+        torch_version=torch.__version__,
+        config=config.to_dict(),
+    )
     description.update(metadata or {})
     extra_files = {METADATA_NAME: json.dumps(description, indent=2, sort_keys=True)}
     atomic_write(path, lambda temporary: torch.jit.save(traced, temporary, _extra_files=extra_files))
@@ -73,21 +78,6 @@ def load_metadata(path: str) -> dict:
     extra_files = {METADATA_NAME: ""}
     torch.jit.load(path, map_location="cpu", _extra_files=extra_files)
     return json.loads(extra_files[METADATA_NAME])
-
-
-def trace_length(padding_multiple: int, max_length: int) -> int:
-    """A length that spans more than one chunk and is not a multiple of the chunk length, so the trace takes
-    the general path (internal padding, several chunks); capped at max_length."""
-    return min(max_length, padding_multiple + padding_multiple // 2 + 1)
-
-
-def example_inputs(config, length: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch 2: random ids, and a mask that pads the tail of the second row (masking must not be traced away)."""
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, config.vocab_size, (2, length), generator=generator)
-    attention_mask = torch.ones(2, length, dtype=torch.long)
-    attention_mask[1, length - length // 3:] = 0
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def non_host_ops(module: torch.jit.ScriptModule) -> list[str]:
@@ -103,24 +93,3 @@ def non_host_ops(module: torch.jit.ScriptModule) -> list[str]:
 
     visit(module.inlined_graph)
     return found
-
-
-def graph_metadata(model, spec: TaskSpec, dtype, device, max_length, with_buckets, trace_shape) -> dict:
-    config = model.config
-    lsh_layers = config.attn_layers.count("lsh")
-    return {
-        "format": "torchscript",
-        "task": spec.name,
-        "model_class": spec.model_class,
-        "input_names": list(INPUT_NAMES),
-        "output_names": spec.all_output_names(lsh_layers, with_buckets),
-        "dynamic_axes": spec.dynamic_axes(lsh_layers, with_buckets),
-        "dtype": dtype,
-        "device": device,
-        "max_length": max_length,
-        "hash_seed": config.resolved_hash_seed,
-        "padding_multiple": config.padding_multiple,
-        "trace_shape": list(trace_shape),
-        "torch_version": torch.__version__,
-        "config": config.to_dict(),
-    }

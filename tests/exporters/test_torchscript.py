@@ -1,6 +1,6 @@
 """TorchScript export against eager, for every task on the tiny configs.
 
-The trace is taken at batch 2 and one length (see exporters.torchscript.trace_length); the loaded module is
+The trace is taken at batch 2 and one length (see exporters.specs.example_length); the loaded module is
 run at other batch sizes and at lengths shorter than one chunk, odd, and maximal, with padded masks.
 Tolerance: max abs <= 1e-5 (fp32, CPU; in practice the traced graph runs the same kernels as eager, so
 the difference is 0). Per-position outputs are compared where the mask keeps the position (see
@@ -13,7 +13,8 @@ import torch
 
 import reformer
 from exporters.specs import TASKS
-from exporters.torchscript import example_inputs, export_torchscript, load_metadata, non_host_ops, trace_length
+from exporters.specs import example_inputs, example_length
+from exporters.torchscript import export_torchscript, load_metadata, non_host_ops
 from tiny_configs import CONFIGS_PER_TASK, build, make_inputs, task_configs
 
 ATOL = 1e-5
@@ -35,7 +36,7 @@ def test_traced_module_matches_eager_at_other_shapes(task, name, values, tmp_pat
     loaded = torch.jit.load(path)
     assert non_host_ops(loaded) == []
     config = model.config
-    traced_length = trace_length(config.padding_multiple, config.max_position_embeddings)
+    traced_length = example_length(config.padding_multiple, config.max_position_embeddings)
     shapes = [(1, 3), (3, 11), (4, config.max_position_embeddings)]
     assert all(shape != (2, traced_length) for shape in shapes)
     eager = spec.wrap(model, with_buckets=True)
@@ -94,9 +95,9 @@ def test_export_leaves_the_callers_model_unchanged(tmp_path):
 def test_example_inputs_span_more_than_one_chunk_and_pad_a_row():
     _, values = task_configs("base")[0]
     config = reformer.ReformerConfig(**values)
-    length = trace_length(config.padding_multiple, config.max_position_embeddings)
+    length = example_length(config.padding_multiple, config.max_position_embeddings)
     assert length > config.padding_multiple and length % config.padding_multiple != 0
-    input_ids, attention_mask = example_inputs(config, length, "cpu")
+    input_ids, attention_mask = example_inputs(config, config.max_position_embeddings, "cpu")
     assert input_ids.shape == (2, length) and attention_mask[1, -1] == 0 and attention_mask[0].all()
 
 
