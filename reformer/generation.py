@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention.cached import length_as_tensor, local_attention_step, lsh_attention_step
+from .attention.cached import local_attention_step, lsh_attention_step
+from .attention.chunking import length_as_tensor
 from .config import ReformerConfig
 from .models import ReformerModelWithLMHead
 from .sampling import TokenChooser, check_generation_length

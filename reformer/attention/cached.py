@@ -23,14 +23,9 @@ import math
 import torch
 
 from .. import ops
-from .chunking import length_normalize, masked_softmax_attend, merge_heads, split_heads
+from .chunking import length_as_tensor, length_normalize, masked_softmax_attend, merge_heads, split_heads
 from .local import LocalSelfAttention
 from .lsh import LSHSelfAttention, combine_rounds
-
-
-def length_as_tensor(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """x.shape[dim] as a 1-element int64 tensor: exporters lower tensor arithmetic on it, not on a SymInt."""
-    return torch.arange(x.shape[dim], device=x.device)[-1:] + 1
 
 
 def project_per_head(states: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
@@ -102,8 +97,7 @@ def lsh_attention_step(
     out, log_normalizer = masked_softmax_attend(
         query.unsqueeze(2), key, value, allowed, not_self, attention.dropout, attention.training
     )  # B, H, N, 1, D and B, H, N, 1
-    # Full attention: every round saw the same keys; the reference attends once and combines nothing.
-    out = torch.where(full_attention[:, None, None, None], out[:, :, 0], combine_rounds(out, log_normalizer))
+    out = combine_rounds(out, log_normalizer, full)  # B, H, 1, D
     return merge_heads(out), new_buckets
 
 

@@ -39,6 +39,12 @@ def split_heads_into_chunks(x: torch.Tensor, num_heads: int, head_size: int, chu
     return x.view(batch, -1, chunk_length, num_heads, head_size).permute(0, 3, 1, 2, 4)
 
 
+def length_as_tensor(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x.shape[dim] as a 1-element int64 tensor: exporters lower tensor arithmetic on it (e.g. tensor %
+    tensor), not on a SymInt."""
+    return torch.arange(x.shape[dim], device=x.device)[-1:] + 1
+
+
 def look_adjacent(x: torch.Tensor, chunks_before: int, chunks_after: int) -> torch.Tensor:
     """B, H, K, C, ... -> B, H, K, W, ...: each chunk followed by its neighbours, wrapping around the K axis
     (the reference's order, which matters for float rounding only). Indexing modulo K rather than slicing
@@ -46,7 +52,7 @@ def look_adjacent(x: torch.Tensor, chunks_before: int, chunks_after: int) -> tor
     if chunks_before == 0 and chunks_after == 0:
         return x
     chunk_index = torch.arange(x.shape[2], device=x.device)
-    num_chunks = chunk_index[-1:] + 1  # K as a tensor: exporters lower tensor % tensor, not tensor % SymInt
+    num_chunks = length_as_tensor(x, 2)  # K
     neighbours = [
         x.index_select(2, torch.remainder(chunk_index + offset, num_chunks))
         for offset in range(-chunks_before, chunks_after + 1)

@@ -59,8 +59,7 @@ class LSHSelfAttention(nn.Module):
         out, log_normalizer = self.attend_sorted(query_key, value, sorted_positions, attention_mask, fits_one_chunk)
         out = gather_along_length(out, undo_positions)  # B, H, N, L, D
         log_normalizer = torch.gather(log_normalizer, -1, undo_positions)  # B, H, N, L
-        # One chunk: every round attended to the same keys; the reference attends once and combines nothing.
-        out = torch.where(fits_one_chunk, out[:, :, 0], combine_rounds(out, log_normalizer))  # B, H, L, D
+        out = combine_rounds(out, log_normalizer, fits_one_chunk)  # B, H, L, D
         return merge_heads(out), buckets
 
     def hash_vectors(self, vectors: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -125,8 +124,11 @@ def gather_along_length(vectors: torch.Tensor, positions: torch.Tensor) -> torch
     return torch.gather(vectors, 3, index)
 
 
-def combine_rounds(out: torch.Tensor, log_normalizer: torch.Tensor) -> torch.Tensor:
+def combine_rounds(out: torch.Tensor, log_normalizer: torch.Tensor, attended_once: torch.Tensor) -> torch.Tensor:
     """Weight each round's output by its share of the total attention mass.
-    out B, H, N, L, D; log_normalizer B, H, N, L -> B, H, L, D. With one round the weight is exactly 1."""
+    out B, H, N, L, D; log_normalizer B, H, N, L -> B, H, L, D. With one round the weight is exactly 1.
+    attended_once (bool, broadcast to B, H, L, D): every round saw the same keys, where the reference attends
+    once and combines nothing; round 0 is taken as it is there (weighting equal rounds would shift a
+    self-masked row's -1e5 log-normaliser by log(N), below fp32 resolution at that magnitude)."""
     weights = torch.exp(log_normalizer - torch.logsumexp(log_normalizer, dim=2, keepdim=True))
-    return torch.sum(out * weights.unsqueeze(-1), dim=2)
+    return torch.where(attended_once, out[:, :, 0], torch.sum(out * weights.unsqueeze(-1), dim=2))
