@@ -7,7 +7,6 @@ leaves nothing at the output path."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -16,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-from reformer.checkpoint import atomic_write
+from reformer.checkpoint import atomic_write, write_json
 
 from .errors import ExportError
 from .ops import CUSTOM_OPS_MODES
@@ -170,8 +169,7 @@ def run_generation_export(request: ExportRequest, progress: Callable[[str], None
 
 def write_report(request: ExportRequest, result: ExportResult) -> None:
     if request.report:
-        text = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write(request.report, lambda path: open_and_write(path, text))
+        atomic_write(request.report, lambda path: write_json(result.to_dict(), path))
 
 
 def check_options(request: ExportRequest) -> None:
@@ -230,7 +228,3 @@ def move_into_place(staging: str, output: str) -> None:
     for name in sorted(os.listdir(staging), key=lambda name: name == main):
         os.replace(os.path.join(staging, name), os.path.join(folder, name))
 
-
-def open_and_write(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)

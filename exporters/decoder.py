@@ -43,11 +43,13 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from reformer.checkpoint import mode_after_umask, write_json
 from reformer.generation import DecoderCache, IncrementalDecoder, cache_names
 from reformer.runtime import DECODER_CONFIG_NAME
 
 from .errors import ExportError, VerificationError, first_line
 from .program import batch_dim, export_dynamic
+from .specs import example_length
 
 CONFIG_NAME = DECODER_CONFIG_NAME  # the runtime reads it; one name for both sides
 FILES = {"onnx": {"prefill": "prefill.onnx", "step": "decoder_step.onnx"}, "torchscript": {"module": "decoder.pt"}}
@@ -99,16 +101,9 @@ def step_outputs(decoder: IncrementalDecoder, input_ids: torch.Tensor, past: tup
     return (logits, *cache.tensors())
 
 
-class PrefillGraph(nn.Module):
-    def __init__(self, decoder: IncrementalDecoder):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return prefill_outputs(self.decoder, input_ids)
-
-
 class StepGraph(nn.Module):
+    """The decoder step as `forward`, for exporters that take one method (torch.export)."""
+
     def __init__(self, decoder: IncrementalDecoder):
         super().__init__()
         self.decoder = decoder
@@ -117,8 +112,9 @@ class StepGraph(nn.Module):
         return step_outputs(self.decoder, input_ids, past)
 
 
-class TorchScriptDecoder(nn.Module):
-    """One TorchScript file for C++ hosts: `forward` is the prefill, `step` the decoder step."""
+class DecoderGraphs(nn.Module):
+    """`forward` is the prefill, `step` the decoder step: one TorchScript file for C++ hosts holds both, and
+    the ONNX prefill graph is this module's `forward`."""
 
     def __init__(self, decoder: IncrementalDecoder):
         super().__init__()
@@ -163,7 +159,7 @@ def decoder_description(config, fmt: str) -> dict:
 
 def example_prompt(config, batch: int = 2) -> torch.Tensor:
     """A prompt longer than one chunk and not a multiple of the chunk lengths (the general prefill path)."""
-    length = min(config.max_position_embeddings - 1, config.padding_multiple + config.padding_multiple // 2 + 1)
+    length = example_length(config.padding_multiple, config.max_position_embeddings - 1)
     return torch.randint(1, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
@@ -201,11 +197,8 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", verify
             if not verification.passed:
                 raise VerificationError(verification.failure_message(), verification)
             description["verified"] = verification.to_dict()
-        write_json(os.path.join(staging, CONFIG_NAME), description)
-        # mkdtemp makes the folder private (0700); the output gets the mode any new directory would get.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
+        write_json(description, os.path.join(staging, CONFIG_NAME))
+        os.chmod(staging, mode_after_umask(0o777))  # mkdtemp made it private
         os.replace(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -224,7 +217,7 @@ def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: di
                  {0: batch, 3: past_length} if name.startswith("buckets_") else {0: batch}
                  for name in description["cache"]]
     graphs = (
-        ("prefill", PrefillGraph(decoder), (prompt,), ({0: batch, 1: prompt_length},)),
+        ("prefill", DecoderGraphs(decoder), (prompt,), ({0: batch, 1: prompt_length},)),
         ("step", StepGraph(decoder), (prompt[:, -1:].clone(), *cache.tensors()), ({0: batch}, tuple(past_axes))),
     )
     for name, module, inputs, axes in graphs:
@@ -243,7 +236,7 @@ def export_torchscript_module(decoder: IncrementalDecoder, folder: str, descript
 
     prompt = example_prompt(decoder.config)
     _, cache = decoder.prefill(prompt)
-    module = TorchScriptDecoder(decoder).eval()
+    module = DecoderGraphs(decoder).eval()
     traced = torch.jit.trace_module(
         module, {"forward": (prompt,), "step": (prompt[:, -1:].clone(), *cache.tensors())}, check_trace=False)
     foreign = sorted(set(non_host_ops(traced)) | set(non_host_ops(traced.step)))
@@ -304,8 +297,3 @@ def load_graphs(folder: str, fmt: str):
         return outputs[0], outputs[1:]
     return run
 
-
-def write_json(path: str, values: dict) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(values, handle, indent=2, sort_keys=True)
-        handle.write("\n")

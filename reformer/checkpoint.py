@@ -137,6 +137,14 @@ def write_json(values: dict, path: str) -> None:
         handle.write("\n")
 
 
+def mode_after_umask(permissions: int) -> int:
+    """The mode a new file (0o666) or folder (0o777) gets under the process's umask; mkstemp and mkdtemp
+    ignore the umask and make theirs private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return permissions & ~umask
+
+
 def atomic_write(path: str, write) -> None:
     """Call write(temporary_path) and move the result to path, so that path never holds a partial file."""
     handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
@@ -144,9 +152,7 @@ def atomic_write(path: str, write) -> None:
     try:
         write(temporary)
         # mkstemp creates the file readable by its owner only; give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        os.chmod(temporary, mode_after_umask(0o666))
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
