@@ -409,19 +409,18 @@ def verify_onnx_tf32(model, spec, path: Path, shapes):
         input_ids, attention_mask = verification_inputs(batch, length, model.config.vocab_size)
         with torch.no_grad(), tf32_matmuls(True):
             expected = [tensor.cpu() for tensor in eager(input_ids.cuda(), attention_mask.cuda())]
-        report.rows.append(compare_with(runner, expected, spec, model.config, input_ids, attention_mask,
+        report.rows.append(compare_with(runner, expected, spec, input_ids, attention_mask,
                                         "onnxruntime-cuda", "tf32"))
     return report
 
 
-def compare_with(runner, expected, spec, config, input_ids, attention_mask, runtime: str, precision: str):
+def compare_with(runner, expected, spec, input_ids, attention_mask, runtime: str, precision: str):
     """`exporters.verify.compare` of `runner`'s outputs against outputs eager already produced. TF32 gets the
     fp16 rule (1e-2 of the output scale): both keep 10 explicit mantissa bits."""
     from exporters.verify import compare
 
-    per_position = {name: 1 in axes for name, axes in spec.dynamic_axes(config.attn_layers.count("lsh")).items()}
     rule = "fp16" if precision == "tf32" else precision
-    row = compare(runner.outputs, lambda *_: expected, spec, per_position, input_ids, attention_mask, runtime,
+    row = compare(runner.outputs, lambda *_: expected, spec, input_ids, attention_mask, runtime,
                   runtime.split("-")[1], rule, None)
     row.dtype = precision
     return row
@@ -480,7 +479,7 @@ def benchmark_mode(name, model, spec, mode: str, plan: Plan, exports: Exports, r
         with torch.no_grad(), tf32_matmuls(mode == "tf32"):
             expected = [tensor.cpu() for tensor in runners["eager"].outputs(input_ids, attention_mask)]
             for runtime, runner in runners.items():
-                row = benchmark_row(runtime, runner, expected, spec, model.config, input_ids, attention_mask, plan,
+                row = benchmark_row(runtime, runner, expected, spec, input_ids, attention_mask, plan,
                                     mode)
                 if runtime == "onnxruntime" and torch_free is not None:
                     row["ort_device_gib"] = (torch_free - free_device_bytes()) / 2**30
@@ -503,13 +502,13 @@ def warm_up_torch(runners: dict, vocab_size: int, mode: str) -> None:
             runner.outputs(input_ids, attention_mask)
 
 
-def benchmark_row(runtime, runner, expected, spec, config, input_ids, attention_mask, plan: Plan, mode) -> dict:
+def benchmark_row(runtime, runner, expected, spec, input_ids, attention_mask, plan: Plan, mode) -> dict:
     import torch
 
     device = plan.device
     row = {"runtime": runtime, "providers": runner.providers}
     if runtime != "eager":  # every other runtime is checked against eager at the timed shape
-        check = compare_with(runner, expected, spec, config, input_ids, attention_mask, f"{runtime}-{device}", mode)
+        check = compare_with(runner, expected, spec, input_ids, attention_mask, f"{runtime}-{device}", mode)
         row.update(max_abs=check.max_abs, tolerance=check.tolerance, bucket_agreement=check.bucket_agreement,
                    passed=check.passed, note=check.note)
     if device == "cuda":
@@ -649,9 +648,9 @@ class Results:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    from reformer.checkpoint import atomic_write
+
+    atomic_write(str(path), lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
 
 def verification_cell(rows: list[dict]) -> str:

@@ -38,6 +38,11 @@ class TaskSpec:
                 axes[f"{BUCKETS_OUTPUT_PREFIX}{index}"] = {0: "batch_size", 3: "sequence_length"}
         return axes
 
+    def per_position(self, name: str) -> bool:
+        """Whether output `name` has one value per position (its sequence axis is dynamic); those values are
+        compared only where the attention mask keeps the position."""
+        return 1 in self.dynamic_axes()[name]
+
     def all_output_names(self, lsh_layers: int = 0, with_buckets: bool = False) -> list[str]:
         names = list(self.output_names)
         if with_buckets:

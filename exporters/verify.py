@@ -136,8 +136,6 @@ def verify_export(
     config = model.config
     shapes = list(shapes) if shapes is not None else default_shapes(config)
     report = VerificationReport(fmt, str(path))
-    lsh_layers = config.attn_layers.count("lsh")
-    per_position = {name: 1 in axes for name, axes in spec.dynamic_axes(lsh_layers).items()}
     for name in runtimes or RUNTIMES[fmt]:
         runner, runtime_device, reason = open_runtime(name, fmt, str(path))
         if runner is None:
@@ -147,7 +145,7 @@ def verify_export(
         for batch, length in shapes:
             input_ids, attention_mask = verification_inputs(batch, length, config.vocab_size)
             report.rows.append(compare(
-                runner, eager, spec, per_position, input_ids, attention_mask, name, runtime_device, dtype, atol
+                runner, eager, spec, input_ids, attention_mask, name, runtime_device, dtype, atol
             ))
     if device == "cuda" and not any(row.device == "cuda" for row in report.rows):
         report.skipped.append("cuda: exported for CUDA, but no CUDA runtime could run it here")
@@ -236,7 +234,7 @@ def tf32_matmuls(enabled: bool):
 
 
 def compare(
-    runner, eager, spec, per_position, input_ids, attention_mask, runtime, device, dtype, atol
+    runner, eager, spec, input_ids, attention_mask, runtime, device, dtype, atol
 ) -> VerificationRow:
     row = VerificationRow(runtime.split("-")[0], device, tuple(input_ids.shape), dtype)
     with torch.no_grad(), tf32_matmuls(False):
@@ -252,7 +250,7 @@ def compare(
         row.note = mismatch
         return row
     keep = attention_mask.bool()
-    row.max_abs, scale = output_error(spec.output_names, per_position, expected, actual, keep)
+    row.max_abs, scale = output_error(spec, expected, actual, keep)
     row.max_rel = row.max_abs / scale if scale > 0 else row.max_abs
     if atol is not None:
         row.tolerance = atol
@@ -276,13 +274,13 @@ def shape_mismatch(names, expected, actual) -> str:
     return ""
 
 
-def output_error(names, per_position, expected, actual, keep) -> tuple[float, float]:
+def output_error(spec: TaskSpec, expected, actual, keep) -> tuple[float, float]:
     """Max abs error over every output (NaN if any runtime value is NaN where eager's is not) and the largest
     eager magnitude, both at the positions `keep` (B, L) selects in per-position outputs."""
     max_abs, scale = 0.0, 0.0
-    for name, want, got in zip(names, expected, actual):
+    for name, want, got in zip(spec.output_names, expected, actual):
         want, got = want.double(), got.double()
-        if per_position[name]:
+        if spec.per_position(name):
             want, got = want[keep], got[keep]
         if want.numel():
             error = (want - got).abs().max().item()
