@@ -4,6 +4,9 @@ torch and the exporters are imported only when the command runs, so `--help` ans
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 import click
 
 # The library's choices, spelled out here so that `--help` needs no torch import; tests/cli/test_cli.py checks
@@ -61,13 +64,28 @@ def main(model, task, format_, output, opset, dtype, device, max_length, custom_
                             device=device, max_length=max_length, custom_ops=custom_ops, atol=atol, verify=verify,
                             keep_failed=keep_failed, report=report)
     try:
-        result = run_export(request, progress=lambda message: click.echo(f"{message} ...", err=True))
+        with terminate_as_interrupt():
+            result = run_export(request, progress=lambda message: click.echo(f"{message} ...", err=True))
     except (ExportError, CheckpointError, ConfigError, OSError) as error:
         raise click.ClickException(one_line(error)) from None
     click.echo(result.summary_table())
     if not result.passed:
         kept = f"kept at {result.output} (--keep-failed)" if result.output else "output file removed"
         raise click.ClickException(f"verification failed: {result.verification.failure_message()} ({kept})")
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt while the export runs, so that its staging folder is removed as on
+    Ctrl-C (the default SIGTERM action kills the process before any cleanup)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def quiet_dependencies() -> None:

@@ -8,23 +8,23 @@ leaves nothing at the output path."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-from reformer.checkpoint import atomic_write, write_json
+from reformer.files import publish, staging_folder, write_json_atomically
 
-from .errors import ExportError
+from .errors import ExportError, VerificationError
 from .ops import CUSTOM_OPS_MODES
 from .precision import DEVICES, DTYPES, check_device
+from .specs import DEFAULT_OPSET
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 # Not an exporters.specs task: a directory of two graphs for generation with a cache (exporters/decoder.py).
 GENERATION_TASK = "causal-lm-with-past"
-DEFAULT_OPSET = 18
+# In the staging folder: the verification twin (exporters.specs.ExportWrapper), which is never shipped.
+TWIN_FOLDER = "verification-twin"
 
 
 class ExportRequestError(ExportError):
@@ -116,7 +116,7 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
     resolved = resolve_model(request.model, request.task)
     output = request.output or f"{resolved.name}-{resolved.spec.name}{FORMATS[request.format]}"
     seconds = {"load": time.perf_counter() - timer}
-    with staging_folder(output) as staging:
+    with export_staging(output) as staging:
         staged = os.path.join(staging, os.path.basename(output))
         timer = time.perf_counter()
         progress(f"Exporting {resolved.describe()}, task {resolved.spec.name}, to {request.format}")
@@ -126,12 +126,19 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
         verification = None
         if request.verify:
             timer = time.perf_counter()
+            twin = None
+            if resolved.model.config.attn_layers.count("lsh"):
+                progress("Exporting the verification twin (eager's LSH buckets as inputs; not shipped)")
+                os.mkdir(os.path.join(staging, TWIN_FOLDER))
+                twin = os.path.join(staging, TWIN_FOLDER, os.path.basename(output))
+                export(request, resolved, twin, replay=True)
             progress("Verifying against eager PyTorch")
             from .verify import default_shapes, verify_export
 
             shapes = default_shapes(resolved.model.config, request.max_length)
-            verification = verify_export(resolved.model, resolved.spec, staged, request.format, dtype=request.dtype,
-                                         device=request.device, atol=request.atol, shapes=shapes)
+            verification = verify_export(resolved.model, resolved.spec, staged, request.format, twin_path=twin,
+                                         dtype=request.dtype, device=request.device, atol=request.atol, shapes=shapes)
+            verification.path = output
             seconds["verify"] = time.perf_counter() - timer
         keep = verification is None or verification.passed or request.keep_failed
         if keep:
@@ -143,9 +150,9 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
 
 
 def run_generation_export(request: ExportRequest, progress: Callable[[str], None]) -> ExportResult:
-    """Task causal-lm-with-past: a directory of prefill and decoder-step graphs (exporters/decoder.py), which
-    verifies itself and is renamed into place only when verified (--keep-failed does not apply)."""
-    from .decoder import DecoderVerification, export_causal_lm_with_past
+    """Task causal-lm-with-past: a directory of prefill and decoder-step graphs (exporters/decoder.py), staged,
+    verified by exporters.verify.verify_decoder and renamed into place when verified (or with keep_failed)."""
+    from .decoder import export_causal_lm_with_past
     from .models import DEFAULT_MODEL, resolve_model
 
     timer = time.perf_counter()
@@ -154,22 +161,26 @@ def run_generation_export(request: ExportRequest, progress: Callable[[str], None
     output = request.output or f"{resolved.name}-{GENERATION_TASK}"
     seconds = {"load": time.perf_counter() - timer}
     timer = time.perf_counter()
-    progress(f"Exporting {resolved.describe()}, task {GENERATION_TASK}, to {request.format} graphs in {output}")
-    description = export_causal_lm_with_past(resolved.model, output, request.format, verify=request.verify,
-                                             atol=request.atol, metadata=resolved.metadata())
+    progress(f"Exporting {resolved.describe()}, task {GENERATION_TASK}, to {request.format} graphs in {output}"
+             + (" and verifying them" if request.verify else ""))
+    try:
+        _, verification = export_causal_lm_with_past(
+            resolved.model, output, request.format, opset=request.opset, custom_ops=request.custom_ops,
+            verify=request.verify, atol=request.atol, keep_failed=request.keep_failed, metadata=resolved.metadata())
+    except VerificationError as error:
+        verification = error.report
     seconds["export and verify" if request.verify else "export"] = time.perf_counter() - timer
-    size_bytes = sum(os.path.getsize(os.path.join(output, name)) for name in os.listdir(output))
-    verified = description.get("verified")
-    verification = None if verified is None else DecoderVerification(
-        **{key: value for key, value in verified.items() if key != "passed"})
-    result = ExportResult(request, resolved.describe(), GENERATION_TASK, output, size_bytes, seconds, verification)
+    kept = os.path.isdir(output) and (verification is None or verification.passed or request.keep_failed)
+    size_bytes = sum(os.path.getsize(os.path.join(output, name)) for name in os.listdir(output)) if kept else 0
+    result = ExportResult(request, resolved.describe(), GENERATION_TASK, output if kept else None, size_bytes,
+                          seconds, verification)
     write_report(request, result)
     return result
 
 
 def write_report(request: ExportRequest, result: ExportResult) -> None:
     if request.report:
-        atomic_write(request.report, lambda path: write_json(result.to_dict(), path))
+        write_json_atomically(result.to_dict(), request.report)
 
 
 def check_options(request: ExportRequest) -> None:
@@ -192,39 +203,38 @@ def check_options(request: ExportRequest) -> None:
             raise ExportRequestError(f"cannot write the {what} {path}: {folder} is not a directory")
 
 
-def export(request: ExportRequest, resolved, path: str) -> None:
+def export(request: ExportRequest, resolved, path: str, replay: bool = False) -> None:
+    """The requested graph, or (`replay`) its verification twin, through the same exporter."""
     metadata = resolved.metadata()
     if request.format == "onnx":
         from .onnx import export_onnx
 
         export_onnx(resolved.model, resolved.spec, path, opset=request.opset, custom_ops=request.custom_ops,
-                    dtype=request.dtype, device=request.device, max_length=request.max_length, metadata=metadata)
+                    dtype=request.dtype, device=request.device, max_length=request.max_length, replay=replay,
+                    metadata=metadata)
     else:
         from .torchscript import export_torchscript
 
         export_torchscript(resolved.model, resolved.spec, path, dtype=request.dtype, device=request.device,
-                           max_length=request.max_length, metadata=metadata)
+                           max_length=request.max_length, replay=replay, metadata=metadata)
 
 
 @contextmanager
-def staging_folder(output: str) -> Iterator[str]:
-    """A fresh folder beside `output` (same file system, so renames are atomic), removed on exit."""
+def export_staging(output: str) -> Iterator[str]:
+    """reformer.files.staging_folder beside a file output, with the request errors the CLI reports."""
     if os.path.isdir(output):
         raise ExportRequestError(f"output {output} is a directory: give a file path")
     folder = os.path.dirname(os.path.abspath(output))
-    try:
-        path = tempfile.mkdtemp(prefix=".reformer-export-", dir=folder)
-    except OSError as error:
-        raise ExportRequestError(f"cannot write {output}: {folder}: {error.strerror}") from None
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportRequestError(f"cannot write {output}: {folder} is not a writable folder")
+    with staging_folder(output) as staging:
+        yield staging
 
 
 def move_into_place(staging: str, output: str) -> None:
-    """Rename the staged files beside output, the main file last, so that it never refers to missing data."""
+    """Rename the staged files beside output, the main file last, so that it never refers to missing data
+    (the verification twin stays behind)."""
     folder, main = os.path.dirname(os.path.abspath(output)), os.path.basename(output)
-    for name in sorted(os.listdir(staging), key=lambda name: name == main):
-        os.replace(os.path.join(staging, name), os.path.join(folder, name))
-
+    shipped = [name for name in os.listdir(staging) if name != TWIN_FOLDER]
+    for name in sorted(shipped, key=lambda name: name == main):
+        publish(os.path.join(staging, name), os.path.join(folder, name))

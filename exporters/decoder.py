@@ -7,7 +7,8 @@ Directory layout written by `export_causal_lm_with_past(model, output_dir, fmt)`
 
     decoder_config.json    format, file names, input/output names, cache tensors with dtypes and shapes,
                            token ids (eos, pad), vocab size, max_position_embeddings, hash seed, model config
-    onnx:        prefill.onnx, decoder_step.onnx   (opset 18, dynamo exporter; ONNX Runtime CPU and CUDA)
+    onnx:        prefill.onnx, decoder_step.onnx   (the requested opset, the op registry's lowerings; ONNX
+                                                   Runtime CPU and CUDA)
     torchscript: decoder.pt                        (torch.jit.trace, ATen ops only: libtorch runs it in C++)
 
 The cache, for a model with layers 0..Y-1 of which the LSH layers are i, j, ... (names as in decoder_config.json,
@@ -33,60 +34,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.export import Dim
 
-from reformer.checkpoint import mode_after_umask, write_json
+from reformer.files import publish, staging_folder, write_json
 from reformer.generation import DecoderCache, IncrementalDecoder, cache_names
 from reformer.runtime import DECODER_CONFIG_NAME
 
+from . import ops
 from .errors import ExportError, VerificationError, first_line
 from .program import batch_dim, export_dynamic
-from .specs import example_length
+from .specs import DEFAULT_OPSET, example_length
 
 CONFIG_NAME = DECODER_CONFIG_NAME  # the runtime reads it; one name for both sides
 FILES = {"onnx": {"prefill": "prefill.onnx", "step": "decoder_step.onnx"}, "torchscript": {"module": "decoder.pt"}}
-OPSET = 18
-# fp32 CPU, same ops in the same order as eager: only kernel rounding separates runtime and eager.
-ATOL = 1e-5
-
-
-@dataclass
-class DecoderVerification:
-    """Greedy decoding through the exported graphs against eager decoding (the interface of
-    exporters.verify.VerificationReport that exporters.api and the CLI read)."""
-
-    format: str
-    max_abs_diff: float
-    atol: float
-    steps: int
-    prompts: list[list[int]]  # (batch, prompt length) pairs
-
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_diff <= self.atol
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
-
-    def summary_table(self) -> str:
-        prompts = ", ".join(f"{batch}x{length}" for batch, length in self.prompts)
-        runtime = "onnxruntime cpu" if self.format == "onnx" else "torchscript cpu"
-        return (f"{runtime}: prefill + {self.steps} steps (prompts {prompts}), max abs {self.max_abs_diff:.2e}, "
-                f"tolerance {self.atol:.2g}: {'pass' if self.passed else 'FAIL'}")
-
-    def failure_message(self) -> str:
-        if self.passed:
-            return ""
-        return (f"decoder graphs differ from eager decoding: max abs diff {self.max_abs_diff:.3g} > atol "
-                f"{self.atol:g} (prompts (batch, length) {self.prompts}, {self.steps} steps)")
 
 
 def prefill_outputs(decoder: IncrementalDecoder, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -163,14 +128,16 @@ def example_prompt(config, batch: int = 2) -> torch.Tensor:
     return torch.randint(1, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
-def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", verify: bool = True,
-                               atol: float | None = None, metadata: dict | None = None) -> dict:
+def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, opset: int = DEFAULT_OPSET,
+                               custom_ops: str = "auto", verify: bool = True, atol: float | None = None,
+                               keep_failed: bool = False, metadata: dict | None = None):
     """Write the prefill and decoder-step graphs of a causal `ReformerModelWithLMHead` (fp32, CPU) and
-    decoder_config.json into output_dir, which must not exist yet: everything is written into a temporary
-    folder beside it and renamed into place at the end, after verification, so a failure leaves nothing.
-    Returns the description written to decoder_config.json (plus `metadata`), with the verification's numbers
-    under "verified". Raises ExportError (VerificationError when the graphs differ from eager decoding by
-    more than atol, default ATOL)."""
+    decoder_config.json into output_dir, which must not exist yet: everything is written into a staging folder
+    beside it and renamed into place at the end, after verification (exporters.verify.verify_decoder), so a
+    failure leaves nothing (a failed verification leaves the graphs with `keep_failed`). ONNX graphs go through
+    the op registry like the task graphs (`opset`, `custom_ops`). Returns (the description written to
+    decoder_config.json plus `metadata`, the VerificationReport or None). Raises ExportError (VerificationError,
+    carrying the report, when verification failed and the graphs were not kept)."""
     if fmt not in FILES:
         raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(FILES)}")
     if not getattr(model.config, "is_decoder", False) or not hasattr(model, "lm_head"):
@@ -184,29 +151,34 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", verify
     model = model.float().cpu().eval()
     decoder = IncrementalDecoder(model)
     description = {**decoder_description(model.config, fmt), **(metadata or {})}
-    staging = tempfile.mkdtemp(prefix=".reformer-export-", dir=parent)
-    try:
+    report = None
+    with staging_folder(output_dir) as staging:
+        folder = os.path.join(staging, os.path.basename(output_dir))
+        os.mkdir(folder)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and exporter chatter; the verification below is the check
             if fmt == "onnx":
-                export_onnx_graphs(decoder, staging, description)
+                description["opset"] = opset
+                description["lowerings"] = export_onnx_graphs(decoder, folder, description, opset, custom_ops)
             else:
-                export_torchscript_module(decoder, staging, description)
+                export_torchscript_module(decoder, folder, description)
+        write_json(description, os.path.join(folder, CONFIG_NAME))
         if verify:
-            verification = verify_decoder(model, staging, fmt, atol=ATOL if atol is None else atol)
-            if not verification.passed:
-                raise VerificationError(verification.failure_message(), verification)
-            description["verified"] = verification.to_dict()
-        write_json(description, os.path.join(staging, CONFIG_NAME))
-        os.chmod(staging, mode_after_umask(0o777))  # mkdtemp made it private
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return description
+            from .verify import verify_decoder
+
+            report = verify_decoder(model, folder, fmt, atol=atol)
+            report.path = output_dir
+            if not report.passed and not keep_failed:
+                raise VerificationError(report.failure_message(), report)
+        publish(folder, output_dir)
+    return description, report
 
 
-def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: dict) -> None:
+def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: dict, opset: int,
+                       custom_ops: str) -> dict[str, str]:
+    """Both graphs through exporters.onnx.to_onnx_model (the registry's lowerings); the lowering per op."""
+    from .onnx import save_atomically, to_onnx_model
+
     config = decoder.config
     prompt = example_prompt(config)
     _, cache = decoder.prefill(prompt)
@@ -220,15 +192,20 @@ def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: di
         ("prefill", DecoderGraphs(decoder), (prompt,), ({0: batch, 1: prompt_length},)),
         ("step", StepGraph(decoder), (prompt[:, -1:].clone(), *cache.tensors()), ({0: batch}, tuple(past_axes))),
     )
+    try:
+        mode = ops.resolve_mode(custom_ops)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    context = ops.LoweringContext.from_config(config, config.max_position_embeddings)
+    lowerings = {}
     for name, module, inputs, axes in graphs:
         try:
-            program = export_dynamic(module, inputs, axes)
-            onnx_program = torch.onnx.export(
-                program, inputs, dynamo=True, opset_version=OPSET, input_names=description[name]["inputs"],
-                output_names=description[name]["outputs"], verbose=False)
-            onnx_program.save(os.path.join(folder, FILES["onnx"][name]))
+            model, lowerings = to_onnx_model(lambda: export_dynamic(module, inputs, axes), mode, context, opset,
+                                             description[name]["outputs"], description[name]["inputs"])
         except Exception as error:  # the exporters raise many kinds; the caller needs one, with the reason
             raise ExportError(f"ONNX export of the {name} graph failed: {first_line(error)}") from error
+        save_atomically(model, Path(folder) / FILES["onnx"][name], external_data=False)
+    return lowerings
 
 
 def export_torchscript_module(decoder: IncrementalDecoder, folder: str, description: dict) -> None:
@@ -246,54 +223,23 @@ def export_torchscript_module(decoder: IncrementalDecoder, folder: str, descript
     torch.jit.save(traced, os.path.join(folder, FILES["torchscript"]["module"]), _extra_files=extra_files)
 
 
-def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol: float = ATOL) -> DecoderVerification:
-    """Decode greedily through the exported graphs in folder and through eager `IncrementalDecoder`, feeding
-    both eager's tokens, at batch sizes and lengths other than the traced ones: 3 one-token prompts (the LSH
-    layers' full-attention start) and 1 prompt longer than the traced one; compare every prefill and step
-    logit."""
-    config = model.config
-    run = load_graphs(folder, fmt)
-    decoder = IncrementalDecoder(model)
-    steps = steps or config.lsh_attn_chunk_length + 3
-    traced_length = example_prompt(config).shape[1]
-    prompts = [(3, 1), (1, min(traced_length + 2, config.max_position_embeddings - 1))]  # (batch, length)
-    worst = 0.0
-    for batch, length in prompts:
-        steps_here = min(steps, config.max_position_embeddings - length)
-        tokens = torch.randint(1, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(length))
-        with torch.no_grad():
-            expected, cache = decoder.prefill(tokens)
-            actual, past = run("prefill", tokens.numpy(), [])
-            worst = max(worst, float(np.abs(actual - expected.numpy()).max()))
-            for _ in range(steps_here):
-                next_tokens = expected[:, -1:].argmax(-1)
-                expected, cache = decoder.step(next_tokens, cache)
-                actual, past = run("step", next_tokens.numpy(), past)
-                worst = max(worst, float(np.abs(actual - expected.numpy()).max()))
-    return DecoderVerification(fmt, worst, atol, steps, [list(prompt) for prompt in prompts])
-
-
 def load_graphs(folder: str, fmt: str):
-    """run(kind, input_ids, past) -> (logits, present) over the graphs in folder, numpy in and out."""
-    files = {name: os.path.join(folder, file) for name, file in FILES[fmt].items()}
+    """run(kind, input_ids, past) -> (logits, present) over the graphs in folder, torch tensors in and out (CPU)."""
     if fmt == "torchscript":
-        module = torch.jit.load(files["module"], map_location="cpu")
+        module = torch.jit.load(os.path.join(folder, FILES["torchscript"]["module"]), map_location="cpu")
 
         def run(kind, input_ids, past):
             method = module.forward if kind == "prefill" else module.step
-            outputs = method(torch.from_numpy(input_ids), *(torch.from_numpy(t) for t in past))
-            return outputs[0].numpy(), [t.numpy() for t in outputs[1:]]
+            with torch.no_grad():
+                outputs = method(input_ids, *past)
+            return outputs[0], list(outputs[1:])
         return run
 
-    import onnxruntime
+    from reformer.runtime import CPU, OnnxGenerator
 
-    sessions = {kind: onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-                for kind, path in files.items()}
+    generator = OnnxGenerator(folder, providers=[CPU], io_binding=False)
 
     def run(kind, input_ids, past):
-        session = sessions[kind]
-        names = [graph_input.name for graph_input in session.get_inputs()]
-        outputs = session.run(None, dict(zip(names, [input_ids, *past])))
-        return outputs[0], outputs[1:]
+        logits, present = generator.run(kind, input_ids.numpy(), [tensor.numpy() for tensor in past])
+        return torch.from_numpy(logits), [torch.from_numpy(tensor) for tensor in present]
     return run
-

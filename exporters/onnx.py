@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import onnx
 import onnx_ir as ir
 import torch
 
+from reformer.files import publish, staging_folder
+
 from . import ops
 from .errors import ExportError, first_line
 from .precision import model_as
 from .program import export_program
-from .specs import INPUT_NAMES, TaskSpec, example_inputs, graph_description, resolve_max_length
+from .specs import DEFAULT_OPSET, INPUT_NAMES, TaskSpec, graph_description, resolve_max_length, wrapper_example_inputs
 
 # ONNX Runtime runs every opset from 18 (torch.onnx's own lowest) up to 21 with the ops this graph uses.
 SUPPORTED_OPSETS = range(18, 22)
@@ -32,19 +32,21 @@ def export_onnx(
     spec: TaskSpec,
     path,
     *,
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     custom_ops: str = "auto",
     dtype: str = "fp32",
     device: str = "cpu",
     max_length: int | None = None,
     with_buckets: bool = True,
+    replay: bool = False,
     metadata: dict[str, str] | None = None,
     external_data: bool | None = None,
 ) -> None:
     """Write `model` (eval mode) as an ONNX graph to `path`: inputs `input_ids`, `attention_mask` (int64,
     [batch, sequence], both dynamic, sequence up to `max_length`, default `max_position_embeddings`), outputs
     `spec.all_output_names(...)`, with the buckets of each LSH layer (B, H, N, L int64) as extra outputs
-    when `with_buckets`. `external_data` None: weights go to `<path>.data` only when the file would pass
+    when `with_buckets`. `replay` writes the verification twin instead (exporters.specs.ExportWrapper: extra
+    inputs `forced_buckets_<i>`, bucket outputs always), through the same path. `external_data` None: weights go to `<path>.data` only when the file would pass
     2 GiB. dtype "fp16" writes a half-precision graph, meant for CUDA runtimes; ONNX Runtime CPU runs it too
     (thanks to the registry's logsumexp lowering). custom_ops: see exporters/ops/registry.py ("auto" picks
     "ort"). Raises ExportError with a one-line message; leaves nothing at `path` on failure."""
@@ -60,18 +62,20 @@ def export_onnx(
     if not os.access(path.parent, os.W_OK):  # before the slow part
         raise ExportError(f"cannot write to {path.parent}: not a writable folder")
     model = model_as(model, dtype, device)
-    wrapper = spec.wrap(model, with_buckets)
-    output_names = spec.all_output_names(config.attn_layers.count("lsh"), with_buckets)
-    example = example_inputs(config, max_length, device)
+    wrapper = spec.wrap(model, with_buckets, replay)
+    lsh_layers = config.attn_layers.count("lsh")
+    output_names = spec.all_output_names(lsh_layers, wrapper.with_buckets)
+    example = wrapper_example_inputs(wrapper, config, max_length, device)
     context = ops.LoweringContext.from_config(config, max_length)
     try:
         onnx_model, lowerings = to_onnx_model(
-            lambda: export_program(wrapper, example, max_length), mode, context, opset, output_names
+            lambda: export_program(wrapper, example, max_length), mode, context, opset, output_names,
+            spec.input_names(lsh_layers, replay),
         )
     except Exception as error:  # the exporters raise many kinds; the caller needs one, with the reason
         raise ExportError(f"ONNX export failed: {type(error).__name__}: {first_line(error)}") from error
     onnx_model.metadata_props.update(
-        export_metadata(config, spec, max_length, opset, custom_ops, lowerings, dtype, with_buckets)
+        export_metadata(config, spec, max_length, opset, custom_ops, lowerings, dtype, wrapper.with_buckets)
     )
     onnx_model.metadata_props.update({key: str(value) for key, value in (metadata or {}).items()})
     if external_data is None:
@@ -85,7 +89,7 @@ def to_onnx_model(
     context: ops.LoweringContext,
     opset: int,
     output_names: list[str],
-    input_names: tuple[str, ...] = INPUT_NAMES,
+    input_names: Sequence[str] = INPUT_NAMES,
 ) -> tuple[ir.Model, dict[str, str]]:
     """Run `trace` (a torch.export call) with the registry's placeholders in place, translate the program
     to ONNX and lower the placeholders for `mode` ("standard" or "ort"). Returns the model and the lowering
@@ -111,23 +115,18 @@ def initializer_bytes(model: ir.Model) -> int:
 
 
 def save_atomically(model: ir.Model, path: Path, external_data: bool) -> None:
-    """Write into a temporary folder next to `path`, check the file, then move it (and its data file) in place."""
+    """Write into a staging folder next to `path`, check the file, then move it (its data file first) in place."""
     data_name = path.name + ".data"
     try:
-        temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    except OSError as error:
-        raise ExportError(f"cannot write to {path.parent}: {error.strerror}") from None
-    try:
-        staged = temporary / path.name
-        ir.save(model, staged, external_data=data_name if external_data else None)
-        try:
-            onnx.checker.check_model(str(staged))
-        except onnx.checker.ValidationError as error:
-            raise ExportError(f"the exported ONNX file is invalid: {first_line(error)}") from error
-        if external_data:
-            os.replace(temporary / data_name, path.parent / data_name)
-        os.replace(staged, path)
+        with staging_folder(str(path)) as staging:
+            staged = Path(staging) / path.name
+            ir.save(model, staged, external_data=data_name if external_data else None)
+            try:
+                onnx.checker.check_model(str(staged))
+            except onnx.checker.ValidationError as error:
+                raise ExportError(f"the exported ONNX file is invalid: {first_line(error)}") from error
+            if external_data:
+                publish(str(Path(staging) / data_name), str(path.parent / data_name))
+            publish(str(staged), str(path))
     except OSError as error:
         raise ExportError(f"cannot write {path}: {error.strerror}") from None
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)

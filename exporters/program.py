@@ -13,11 +13,15 @@ def batch_dim() -> Dim:
     return Dim("batch_size", min=1, max=MAX_BATCH)
 
 
-def dynamic_shapes(max_length: int) -> dict[str, dict[int, Dim]]:
-    """A task graph's inputs: input_ids and attention_mask, [batch, sequence]."""
+def dynamic_shapes(max_length: int, forced_buckets: int | None = None) -> dict[str, object]:
+    """A task graph's inputs: input_ids and attention_mask, [batch, sequence]; a verification twin's also
+    `forced_buckets` tensors [batch, heads, rounds, sequence] (their number given)."""
     batch = batch_dim()
     sequence = Dim("sequence_length", min=1, max=max_length)
-    return {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
+    shapes: dict[str, object] = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
+    if forced_buckets is not None:
+        shapes["forced_buckets"] = tuple({0: batch, 3: sequence} for _ in range(forced_buckets))
+    return shapes
 
 
 def export_dynamic(module: torch.nn.Module, example_inputs: tuple, shapes) -> torch.export.ExportedProgram:
@@ -29,6 +33,8 @@ def export_dynamic(module: torch.nn.Module, example_inputs: tuple, shapes) -> to
         return torch.export.export(module, example_inputs, dynamic_shapes=shapes)
 
 
-def export_program(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], max_length: int):
-    """A task graph's ExportedProgram, valid for every batch size and every length up to max_length."""
-    return export_dynamic(module, example_inputs, dynamic_shapes(max_length))
+def export_program(module: torch.nn.Module, example_inputs: tuple, max_length: int):
+    """A task graph's ExportedProgram, valid for every batch size and every length up to max_length.
+    example_inputs: (input_ids, attention_mask), and for a verification twin a tuple of forced buckets."""
+    forced = len(example_inputs[2]) if len(example_inputs) > 2 else None
+    return export_dynamic(module, example_inputs, dynamic_shapes(max_length, forced))

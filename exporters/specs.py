@@ -11,8 +11,12 @@ from torch import nn
 from .errors import ExportError
 
 INPUT_NAMES = ("input_ids", "attention_mask")
+DEFAULT_OPSET = 18
 DYNAMIC_AXES = {0: "batch_size", 1: "sequence_length"}
 BUCKETS_OUTPUT_PREFIX = "buckets_"
+# Inputs of a verification twin (see ExportWrapper): the buckets each LSH layer must use instead of its own.
+FORCED_BUCKETS_PREFIX = "forced_buckets_"
+BUCKETS_AXES = {0: "batch_size", 3: "sequence_length"}  # B, H, N, L
 
 
 @dataclass(frozen=True)
@@ -24,18 +28,25 @@ class TaskSpec:
     # so only kernel-level rounding separates them.
     atol: float = 1e-5
 
-    def wrap(self, model: nn.Module, with_buckets: bool = False) -> "ExportWrapper":
-        return ExportWrapper(model, self.output_names, with_buckets)
+    def wrap(self, model: nn.Module, with_buckets: bool = False, replay: bool = False) -> "ExportWrapper":
+        """The model as an exportable module (see ExportWrapper); `replay` makes the verification twin."""
+        return ExportWrapper(model, self.output_names, with_buckets or replay, replay)
 
-    def dynamic_axes(self, lsh_layers: int = 0, with_buckets: bool = False) -> dict[str, dict[int, str]]:
+    def input_names(self, lsh_layers: int = 0, replay: bool = False) -> list[str]:
+        return list(INPUT_NAMES) + ([f"{FORCED_BUCKETS_PREFIX}{index}" for index in range(lsh_layers)] if replay else [])
+
+    def dynamic_axes(self, lsh_layers: int = 0, with_buckets: bool = False, replay: bool = False
+                     ) -> dict[str, dict[int, str]]:
         """ONNX-style dynamic axes of every input and output."""
         axes = {name: dict(DYNAMIC_AXES) for name in INPUT_NAMES}
         for name in self.output_names:
             axes[name] = {0: "batch_size"} if name == "logits" and self.name == "sequence-classification" else dict(
                 DYNAMIC_AXES)
-        if with_buckets:
-            for index in range(lsh_layers):
-                axes[f"{BUCKETS_OUTPUT_PREFIX}{index}"] = {0: "batch_size", 3: "sequence_length"}
+        for index in range(lsh_layers):
+            if with_buckets or replay:
+                axes[f"{BUCKETS_OUTPUT_PREFIX}{index}"] = dict(BUCKETS_AXES)
+            if replay:
+                axes[f"{FORCED_BUCKETS_PREFIX}{index}"] = dict(BUCKETS_AXES)
         return axes
 
     def per_position(self, name: str) -> bool:
@@ -52,16 +63,26 @@ class TaskSpec:
 
 class ExportWrapper(nn.Module):
     """forward(input_ids, attention_mask) -> tuple of tensors in the spec's output order, then (optionally)
-    the buckets of each LSH layer, B, H, N, L int64, for checking bucket agreement across runtimes."""
+    the buckets of each LSH layer, B, H, N, L int64, for checking bucket agreement across runtimes.
 
-    def __init__(self, model: nn.Module, output_names: tuple[str, ...], with_buckets: bool):
+    The verification twin (`replay`) is the same graph with one change: forward(input_ids, attention_mask,
+    forced_buckets), one B, H, N, L tensor per LSH layer, which the LSH layers use instead of their own
+    hashing; it still returns the buckets its hashing chose. Verification feeds it eager's buckets, so that
+    what is left of the difference to eager is arithmetic, and checks every bucket it would have chosen
+    otherwise. A twin is never shipped."""
+
+    def __init__(self, model: nn.Module, output_names: tuple[str, ...], with_buckets: bool, replay: bool = False):
         super().__init__()
         self.model = model
         self.output_names = output_names
         self.with_buckets = with_buckets
+        self.replay = replay
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                forced_buckets: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        if self.replay != (forced_buckets is not None):
+            raise ValueError("forced_buckets are the verification twin's input, and only its")
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, forced_buckets=forced_buckets)
         tensors = tuple(getattr(output, name) for name in self.output_names)
         return tensors + tuple(output.buckets) if self.with_buckets else tensors
 
@@ -103,6 +124,16 @@ def example_inputs(config, max_length: int, device: str) -> tuple[torch.Tensor, 
     attention_mask = torch.ones(2, length, dtype=torch.long)
     attention_mask[1, length - length // 3:] = 0
     return input_ids.to(device), attention_mask.to(device)
+
+
+def wrapper_example_inputs(wrapper: ExportWrapper, config, max_length: int, device: str) -> tuple:
+    """example_inputs, and for a verification twin the buckets the model's own hashing gives them."""
+    input_ids, attention_mask = example_inputs(config, max_length, device)
+    if not wrapper.replay:
+        return input_ids, attention_mask
+    with torch.no_grad():
+        buckets = wrapper.model(input_ids=input_ids, attention_mask=attention_mask).buckets
+    return input_ids, attention_mask, tuple(buckets)
 
 
 def graph_description(config, spec: TaskSpec, *, max_length: int, dtype: str, with_buckets: bool) -> dict:

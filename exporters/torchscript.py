@@ -14,11 +14,11 @@ import warnings
 import torch
 from torch import nn
 
-from reformer.checkpoint import atomic_write
+from reformer.files import atomic_write
 
 from .errors import ExportError, first_line
 from .precision import model_as
-from .specs import TaskSpec, example_inputs, graph_description, resolve_max_length
+from .specs import TaskSpec, graph_description, resolve_max_length, wrapper_example_inputs
 
 METADATA_NAME = "reformer_export.json"
 # Node kinds a libtorch host runs without Python: ATen operators and TorchScript's own primitives, except
@@ -35,6 +35,7 @@ def export_torchscript(
     dtype: str = "fp32",
     device: str = "cpu",
     with_buckets: bool = True,
+    replay: bool = False,
     max_length: int | None = None,
     metadata: dict | None = None,
 ) -> None:
@@ -42,12 +43,13 @@ def export_torchscript(
     graph (task, input and output names, hash seed, maximum length, ...) as the extra file METADATA_NAME.
 
     forward(input_ids, attention_mask), both int64 B, L, returns the spec's outputs in the ONNX output order,
-    then, with `with_buckets`, the B, H, N, L int64 buckets of each LSH layer. The caller's model is not
-    changed (exporters.precision.model_as copies it when dtype or device differ from its own)."""
+    then, with `with_buckets`, the B, H, N, L int64 buckets of each LSH layer. `replay` traces the
+    verification twin instead (exporters.specs.ExportWrapper: forward(input_ids, attention_mask,
+    forced_buckets), bucket outputs always). The caller's model is not changed (exporters.precision.model_as copies it when dtype or device differ from its own)."""
     config = model.config
     max_length = resolve_max_length(config, max_length)
-    wrapper = spec.wrap(model_as(model, dtype, device), with_buckets).eval()
-    example = example_inputs(config, max_length, device)
+    wrapper = spec.wrap(model_as(model, dtype, device), with_buckets, replay).eval()
+    example = wrapper_example_inputs(wrapper, config, max_length, device)
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about the model's input checks (shape comparisons that become constants); the
         # values flow through tensors, which the tests check at shapes other than the traced one.
@@ -59,10 +61,11 @@ def export_torchscript(
     foreign = sorted(set(non_host_ops(traced)))
     if foreign:
         raise ExportError(f"the traced graph holds ops a C++ host cannot run without Python: {', '.join(foreign)}")
-    description = graph_description(config, spec, max_length=max_length, dtype=dtype, with_buckets=with_buckets)
+    description = graph_description(config, spec, max_length=max_length, dtype=dtype,
+                                    with_buckets=wrapper.with_buckets)
     description.update(
         format="torchscript",
-        dynamic_axes=spec.dynamic_axes(config.attn_layers.count("lsh"), with_buckets),
+        dynamic_axes=spec.dynamic_axes(config.attn_layers.count("lsh"), wrapper.with_buckets, replay),
         device=device,
         trace_shape=list(example[0].shape),
         torch_version=torch.__version__,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 
 import torch
 
 from .config import CONFIG_NAME, ConfigError, ReformerConfig
+from .files import atomic_write, write_json
 from .messages import first_line
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -130,31 +130,3 @@ class CheckpointMixin:
         atomic_write(os.path.join(directory, SAFETENSORS_NAME), lambda path: save_file(state, path))
         atomic_write(os.path.join(directory, CONFIG_NAME), lambda path: write_json(config, path))
 
-
-def write_json(values: dict, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(values, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-
-
-def mode_after_umask(permissions: int) -> int:
-    """The mode a new file (0o666) or folder (0o777) gets under the process's umask; mkstemp and mkdtemp
-    ignore the umask and make theirs private."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return permissions & ~umask
-
-
-def atomic_write(path: str, write) -> None:
-    """Call write(temporary_path) and move the result to path, so that path never holds a partial file."""
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(handle)
-    try:
-        write(temporary)
-        # mkstemp creates the file readable by its owner only; give it the mode a plain open() would.
-        os.chmod(temporary, mode_after_umask(0o666))
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise

@@ -54,12 +54,14 @@ class ReformerAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor,
         fits_one_chunk: torch.Tensor,
-        buckets: torch.Tensor | None = None,
+        forced_buckets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the block output B, L, hidden and, for LSH layers, the buckets B, H, N, L."""
+        """Returns the block output B, L, hidden and, for LSH layers, the buckets B, H, N, L its hashing chose
+        (`forced_buckets`, if given, are used instead; see LSHSelfAttention.forward)."""
         normed = self.layer_norm(hidden_states)
+        buckets = None
         if self.is_lsh:
-            attended, buckets = self.self_attention(normed, attention_mask, fits_one_chunk, buckets)
+            attended, buckets = self.self_attention(normed, attention_mask, fits_one_chunk, forced_buckets)
         else:
             attended = self.self_attention(normed, attention_mask)
         return self.output(attended), buckets
@@ -113,9 +115,14 @@ class ReformerLayer(nn.Module):
         self.feed_forward = ChunkedFeedForward(config)
 
     def forward(
-        self, x1: torch.Tensor, x2: torch.Tensor, attention_mask: torch.Tensor, fits_one_chunk: torch.Tensor
+        self,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        attention_mask: torch.Tensor,
+        fits_one_chunk: torch.Tensor,
+        forced_buckets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        attended, buckets = self.attention(x2, attention_mask, fits_one_chunk)
+        attended, buckets = self.attention(x2, attention_mask, fits_one_chunk, forced_buckets)
         y1 = x1 + attended
         y2 = x2 + self.feed_forward(y1)
         return y1, y2, buckets

@@ -86,19 +86,26 @@ class ReformerEncoder(nn.Module):
         attention_mask: torch.Tensor,
         fits_one_chunk: torch.Tensor,
         output_hidden_states: bool = False,
+        forced_buckets: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
-        """Returns B, L, 2*hidden, the buckets of the LSH layers and (optionally) each layer's input."""
+        """Returns B, L, 2*hidden, the buckets each LSH layer's hashing chose and (optionally) each layer's
+        input. `forced_buckets` (one B, H, N, L per LSH layer, in layer order) replace the LSH layers' own
+        hashing (inference only)."""
         all_hidden_states = [] if output_hidden_states else None
         if self.training and self.use_reversible_backward and torch.is_grad_enabled():
+            if forced_buckets is not None:
+                raise ValueError("forced_buckets is for inference: call model.eval() first")
             y1, y2, *buckets = ReversibleStack.apply(
                 hidden_states, hidden_states, attention_mask, fits_one_chunk, self.layers, all_hidden_states
             )
         else:
             y1, y2, buckets = hidden_states, hidden_states, []
+            forced = iter(forced_buckets or ())
             for layer in self.layers:
                 if all_hidden_states is not None:
                     all_hidden_states.append(y2)
-                y1, y2, layer_buckets = layer(y1, y2, attention_mask, fits_one_chunk)
+                layer_forced = next(forced) if forced_buckets is not None and layer.attention.is_lsh else None
+                y1, y2, layer_buckets = layer(y1, y2, attention_mask, fits_one_chunk, layer_forced)
                 if layer_buckets is not None:
                     buckets.append(layer_buckets)
             if all_hidden_states is not None:
@@ -125,13 +132,20 @@ class ReformerModel(ReformerPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool = True,
+        forced_buckets: tuple[torch.Tensor, ...] | None = None,
     ):
+        """`forced_buckets`: one B, H, N, L int64 tensor per LSH layer (the `buckets` of an earlier output at
+        the same inputs), used instead of hashing; the output's `buckets` are still those the hashing chose.
+        Verification runs an exported graph with eager's buckets this way, to tell hashing near-ties apart
+        from arithmetic differences."""
         inputs_embeds, attention_mask, position_ids, length, fits_one_chunk = self.pad_inputs(
             input_ids, attention_mask, position_ids, inputs_embeds
         )
+        if forced_buckets is not None:
+            forced_buckets = self.pad_forced_buckets(forced_buckets, attention_mask)
         hidden_states = self.embeddings(inputs_embeds, position_ids)
         hidden_states, buckets, all_hidden_states = self.encoder(
-            hidden_states, attention_mask, fits_one_chunk, output_hidden_states
+            hidden_states, attention_mask, fits_one_chunk, output_hidden_states, forced_buckets
         )
         # Drop the internal padding again. index_select rather than a slice: a slice's contiguity depends on
         # whether any padding was added, which torch.export would otherwise specialise on.
@@ -143,6 +157,21 @@ class ReformerModel(ReformerPreTrainedModel):
             buckets=tuple(b.index_select(-1, real_positions) for b in buckets),
         )
         return output if return_dict else output.to_tuple()
+
+    def pad_forced_buckets(self, forced_buckets: tuple[torch.Tensor, ...], attention_mask: torch.Tensor
+                           ) -> tuple[torch.Tensor, ...]:
+        """Forced buckets B, H, N, L to the internally padded length of attention_mask (B, Lp, bool); positions
+        the mask excludes take the padding bucket, as the model's own hashing gives them."""
+        lsh_layers = self.config.attn_layers.count("lsh")
+        if len(forced_buckets) != lsh_layers:
+            raise ValueError(f"forced_buckets has {len(forced_buckets)} tensors, the model has {lsh_layers} LSH layers")
+        # A gather to the padded length rather than a pad: its length is the mask's, which torch.export then
+        # knows equals the hashed buckets' length.
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        positions = torch.where(positions < forced_buckets[0].shape[-1], positions, 0) if forced_buckets else positions
+        excluded = ~attention_mask[:, None, None, :]
+        return tuple(buckets.index_select(-1, positions).masked_fill(excluded, self.config.bucket_count)
+                     for buckets in forced_buckets)
 
     def pad_inputs(self, input_ids, attention_mask, position_ids, inputs_embeds):
         """Pad every input to a multiple of the chunk lengths, so that chunk shapes are static and one graph
@@ -210,8 +239,9 @@ class LanguageModel(ReformerPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-                output_hidden_states=False, return_dict=True):
-        base = self.reformer(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states)
+                output_hidden_states=False, return_dict=True, forced_buckets=None):
+        base = self.reformer(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states,
+                             forced_buckets=forced_buckets)
         logits = self.lm_head(base.last_hidden_state)
         loss = None if labels is None else self.language_model_loss(logits, labels)
         output = ReformerLMOutput(loss, logits, base.hidden_states, base.buckets)
@@ -258,8 +288,9 @@ class ReformerForSequenceClassification(ReformerPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-                output_hidden_states=False, return_dict=True):
-        base = self.reformer(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states)
+                output_hidden_states=False, return_dict=True, forced_buckets=None):
+        base = self.reformer(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states,
+                             forced_buckets=forced_buckets)
         logits = self.classifier(base.last_hidden_state)
         loss = None if labels is None else self.classification_loss(logits, labels)
         output = ReformerLMOutput(loss, logits, base.hidden_states, base.buckets)
@@ -292,8 +323,10 @@ class ReformerForQuestionAnswering(ReformerPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                start_positions=None, end_positions=None, output_hidden_states=False, return_dict=True):
-        base = self.reformer(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states)
+                start_positions=None, end_positions=None, output_hidden_states=False, return_dict=True,
+                forced_buckets=None):
+        base = self.reformer(input_ids, attention_mask, position_ids, inputs_embeds, output_hidden_states,
+                             forced_buckets=forced_buckets)
         start_logits, end_logits = self.qa_outputs(base.last_hidden_state).split(1, dim=-1)
         start_logits, end_logits = start_logits.squeeze(-1), end_logits.squeeze(-1)
         loss = None

@@ -40,6 +40,16 @@ def nvidia_gpu_present() -> bool:
                                                    if os.path.isdir("/proc/driver/nvidia/gpus") else [])
 
 
+def open_session(path: str | os.PathLike, providers: Sequence | None = None, quiet: bool = False
+                 ) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime session on `providers` (names, or (name, options) pairs; default `default_providers()`).
+    quiet: errors only, for callers that report a provider that could not start themselves."""
+    options = onnxruntime.SessionOptions()
+    if quiet:
+        options.log_severity_level = 3
+    return onnxruntime.InferenceSession(os.fspath(path), options, providers=list(providers or default_providers()))
+
+
 def pad_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """ids as a B, L array or a ragged list of lists -> (ids, mask), both int64 B, L. Ragged rows are padded at
     the end with pad_token_id and masked out; a given mask must have the ids' shape (or rows' lengths)."""
@@ -70,7 +80,7 @@ class OnnxModel:
     """An exported task graph (inputs `input_ids`, `attention_mask`; outputs by name)."""
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, pad_token_id: int = 0):
-        self.session = onnxruntime.InferenceSession(os.fspath(path), providers=list(providers or default_providers()))
+        self.session = open_session(path, providers)
         self.input_names = [graph_input.name for graph_input in self.session.get_inputs()]
         self.output_names = [output.name for output in self.session.get_outputs()]
         # Padding is masked out, so its id changes no output at a real position.
@@ -104,11 +114,8 @@ class OnnxGenerator:
             self.description = json.load(handle)
         if self.description["format"] != "onnx":
             raise ValueError(f"{directory} holds a {self.description['format']} export, not ONNX")
-        providers = list(providers or default_providers())
-        self.sessions = {
-            kind: onnxruntime.InferenceSession(os.path.join(directory, file), providers=providers)
-            for kind, file in self.description["files"].items()
-        }
+        self.sessions = {kind: open_session(os.path.join(directory, file), providers)
+                         for kind, file in self.description["files"].items()}
         self.device = "cuda" if CUDA in self.sessions["step"].get_providers() else "cpu"
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
 

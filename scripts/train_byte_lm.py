@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from reformer import ReformerConfig, ReformerModelWithLMHead  # noqa: E402
 from reformer import tokenizer  # noqa: E402
-from reformer.checkpoint import atomic_write, write_json  # noqa: E402
+from reformer.files import write_json_atomically  # noqa: E402
 
 HELD_OUT_EVERY = 20
 # Modules generated when Python was built (their content depends on the machine), not written by people.
@@ -183,7 +183,7 @@ def train(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
     }
     model.save_pretrained(args.output)
-    atomic_write(os.path.join(args.output, TRAINING_RECORD), lambda path: write_json(record, path))
+    write_json_atomically(record, os.path.join(args.output, TRAINING_RECORD))
     return record
 
 

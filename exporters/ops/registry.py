@@ -83,9 +83,11 @@ class CustomOp(RegisteredOp):
         return getattr(reformer.ops, self.name)
 
     def placeholder(self, x: torch.Tensor) -> torch.Tensor:
+        # torch.onnx.ops.symbolic's fake result is made on the CPU whatever its input's device; a CUDA export
+        # then fails on the first op that mixes it with a CUDA tensor. Moving it adds no node on the CPU.
         return torch.onnx.ops.symbolic(
             f"{DOMAIN}::{self.onnx_name}", (x,), dtype=x.dtype, shape=x.shape, version=DOMAIN_VERSION
-        )
+        ).to(x.device)
 
 
 @dataclass(frozen=True)

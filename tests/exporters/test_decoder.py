@@ -1,4 +1,5 @@
-"""Export of the prefill and decoder-step graphs (task causal-lm-with-past).
+"""Export of the prefill and decoder-step graphs (task causal-lm-with-past), verified by the same verifier,
+report and pass/fail protocol as the task graphs (exporters.verify.verify_decoder).
 
 Tolerance: max abs diff <= 1e-5 against eager `IncrementalDecoder` (fp32 CPU; the graphs run the same ops),
 at batch sizes and lengths other than the traced ones."""
@@ -10,7 +11,8 @@ import onnx
 import pytest
 import torch
 
-from exporters.decoder import CONFIG_NAME, FILES, DecoderVerification, export_causal_lm_with_past
+from exporters.decoder import CONFIG_NAME, FILES, export_causal_lm_with_past
+from exporters.verify import VerificationReport, VerificationRow
 from exporters.errors import ExportError, VerificationError
 from generation_configs import CAUSAL_CONFIGS, prompt, random_model
 from reformer.generation import DecoderCache, IncrementalDecoder, cache_names
@@ -22,16 +24,19 @@ ATOL = 1e-5
 def onnx_export(tmp_path_factory):
     model = random_model(CAUSAL_CONFIGS["lsh"])
     directory = tmp_path_factory.mktemp("onnx") / "decoder"
-    description = export_causal_lm_with_past(model, str(directory), "onnx")
-    return model, directory, description
+    description, report = export_causal_lm_with_past(model, str(directory), "onnx", opset=20)
+    return model, directory, description, report
 
 
 def test_onnx_export_layout_and_verification(onnx_export):
-    model, directory, description = onnx_export
+    model, directory, description, report = onnx_export
     assert sorted(os.listdir(directory)) == sorted([CONFIG_NAME, *FILES["onnx"].values()])
     with open(directory / CONFIG_NAME, encoding="utf-8") as handle:
         assert json.load(handle) == description
-    assert description["verified"]["max_abs_diff"] <= ATOL
+    assert report.passed and len(report.rows) == 2, report.summary_table()
+    for row in report.rows:
+        assert row.replayed and row.replay_max_abs <= ATOL <= row.tolerance and row.total_buckets > 0
+    assert description["opset"] == 20 and description["lowerings"]["sort_by_bucket"] == "ort"
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(directory).st_mode & 0o777 == 0o777 & ~umask
@@ -39,7 +44,9 @@ def test_onnx_export_layout_and_verification(onnx_export):
         "states_0", "states_1", "buckets_0", "buckets_1", "lsh_full_attention_until"]
     assert not [name for name in os.listdir(directory.parent) if name != "decoder"]  # no staging folder left
     for kind in ("prefill", "step"):
-        graph = onnx.load(directory / FILES["onnx"][kind]).graph
+        proto = onnx.load(directory / FILES["onnx"][kind])
+        assert {opset.domain: opset.version for opset in proto.opset_import}[""] == 20  # the requested opset
+        graph = proto.graph
         assert [value.name for value in graph.input] == description[kind]["inputs"]
         assert [value.name for value in graph.output] == description[kind]["outputs"]
         # Static shapes: the window is found with argmax and gather, never with data-dependent ops.
@@ -49,7 +56,7 @@ def test_onnx_export_layout_and_verification(onnx_export):
 def test_onnx_step_matches_eager_step(onnx_export):
     import onnxruntime
 
-    model, directory, description = onnx_export
+    model, directory, description, _ = onnx_export
     session = onnxruntime.InferenceSession(str(directory / FILES["onnx"]["step"]), providers=["CPUExecutionProvider"])
     decoder = IncrementalDecoder(model)
     with torch.no_grad():
@@ -67,7 +74,8 @@ def test_onnx_step_matches_eager_step(onnx_export):
 def test_torchscript_decoder_runs_prefill_and_step(tmp_path):
     model = random_model(CAUSAL_CONFIGS["mixed"])
     directory = tmp_path / "decoder"
-    description = export_causal_lm_with_past(model, str(directory), "torchscript")
+    description, report = export_causal_lm_with_past(model, str(directory), "torchscript")
+    assert report.passed, report.summary_table()
     assert sorted(os.listdir(directory)) == sorted([CONFIG_NAME, FILES["torchscript"]["module"]])
     extra = {CONFIG_NAME: ""}
     module = torch.jit.load(str(directory / FILES["torchscript"]["module"]), _extra_files=extra)
@@ -87,14 +95,20 @@ def test_torchscript_decoder_runs_prefill_and_step(tmp_path):
     assert len(past) == len(description["cache"]) and past[0].shape[1] == 5 + 12
 
 
-def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
-    def far_off(model, folder, fmt, atol):
-        return DecoderVerification(fmt, max_abs_diff=0.5, atol=atol, steps=3, prompts=[[1, 1]])
+def far_off(model, folder, fmt, atol):
+    row = VerificationRow("torchscript", "cpu", (1, 1), "fp32", tolerance=1e-5, replay_max_abs=0.5,
+                          note="replayed outputs differ by 0.5 > tolerance 1e-05")
+    return VerificationReport(fmt, folder, rows=[row])
 
-    monkeypatch.setattr("exporters.decoder.verify_decoder", far_off)
-    with pytest.raises(VerificationError, match="max abs diff 0.5 > atol 1e-05"):
+
+def test_failed_verification_leaves_nothing_or_keeps_on_request(tmp_path, monkeypatch):
+    monkeypatch.setattr("exporters.verify.verify_decoder", far_off)
+    with pytest.raises(VerificationError, match="0.5 > tolerance 1e-05"):
         export_causal_lm_with_past(random_model(CAUSAL_CONFIGS["local"]), str(tmp_path / "out"), "torchscript")
     assert os.listdir(tmp_path) == []
+    _, report = export_causal_lm_with_past(random_model(CAUSAL_CONFIGS["local"]), str(tmp_path / "kept"),
+                                           "torchscript", keep_failed=True)
+    assert not report.passed and os.listdir(tmp_path) == ["kept"]
 
 
 @pytest.mark.parametrize("problem", ["exists", "not causal", "format"])
@@ -130,7 +144,8 @@ def test_export_api_task(tmp_path):
     output = tmp_path / "tiny-decoder"
     result = run_export(ExportRequest(format="torchscript", model="tiny", task="causal-lm-with-past", output=str(output)))
     assert result.passed and result.task == "causal-lm-with-past" and result.output == str(output)
-    assert result.verification.max_abs_diff <= ATOL
+    assert isinstance(result.verification, VerificationReport) and result.verification.passed
+    assert all(row.replay_max_abs <= ATOL for row in result.verification.rows)
     with open(output / CONFIG_NAME, encoding="utf-8") as handle:
         assert json.load(handle)["model_name"] == "tiny"
     with pytest.raises(ExportRequestError, match="fp32"):

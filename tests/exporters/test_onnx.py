@@ -172,11 +172,13 @@ def test_fp16_export_runs_on_onnxruntime_cpu(tmp_path):
     model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**case.config_values)).eval()
     path = tmp_path / "model.onnx"
     export_onnx(model, TASKS["causal-lm"], path, dtype="fp16")
+    export_onnx(model, TASKS["causal-lm"], tmp_path / "twin.onnx", dtype="fp16", replay=True)
     assert onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_outputs()[0].type == \
         "tensor(float16)"
-    report = verify_export(model, TASKS["causal-lm"], path, "onnx", dtype="fp16", runtimes=["onnxruntime-cpu"])
+    report = verify_export(model, TASKS["causal-lm"], path, "onnx", twin_path=tmp_path / "twin.onnx", dtype="fp16",
+                           runtimes=["onnxruntime-cpu"])
     assert report.passed, report.summary_table()
-    assert all(row.dtype == "fp16" and row.bucket_agreement is not None for row in report.rows)
+    assert all(row.dtype == "fp16" and row.replayed and row.total_buckets for row in report.rows)
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -210,7 +212,8 @@ def test_verifies_on_onnxruntime_cuda(dtype, tmp_path):
     model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**case.config_values)).eval()
     path = tmp_path / "model.onnx"
     export_onnx(model, TASKS["causal-lm"], path, dtype=dtype, device="cuda")
-    report = verify_export(model, TASKS["causal-lm"], path, "onnx", dtype=dtype, device="cuda",
-                           runtimes=["onnxruntime-cuda"])
+    export_onnx(model, TASKS["causal-lm"], tmp_path / "twin.onnx", dtype=dtype, device="cuda", replay=True)
+    report = verify_export(model, TASKS["causal-lm"], path, "onnx", twin_path=tmp_path / "twin.onnx", dtype=dtype,
+                           device="cuda", runtimes=["onnxruntime-cuda"])
     assert report.rows and all(row.device == "cuda" for row in report.rows), report.skipped
     assert report.passed, report.summary_table()

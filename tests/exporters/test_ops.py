@@ -124,3 +124,21 @@ def check_lowering(op, lowering, context, dtype, tmp_path, opset):
             torch.testing.assert_close(got.float(), want.float(), rtol=2 * eps, atol=2 * eps)
         else:
             assert torch.equal(got, want), f"{op.name} differs at shape {shape}"
+
+
+def test_placeholders_stay_on_their_input_device():
+    """torch.onnx.ops.symbolic's fake result is made on the CPU: a CUDA export then failed at the first op
+    mixing it with a CUDA tensor ("found two different devices cuda:0, cpu"). The meta device shows the same
+    device propagation on a machine without a GPU: the whole model exports on it."""
+    import reformer
+    from exporters.program import export_program
+    from exporters.specs import TASKS, example_inputs
+    from tiny_configs import CASES_BY_NAME
+
+    config = reformer.ReformerConfig(**CASES_BY_NAME["lm_lsh_factorised"].config_values)
+    model = reformer.ReformerModelWithLMHead(config).eval().to("meta")
+    with ops.onnx_placeholders():
+        program = export_program(TASKS["causal-lm"].wrap(model, with_buckets=True),
+                                 example_inputs(config, 32, "meta"), 32)
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert any("onnx_symbolic" in target for target in targets)  # the placeholders are in the graph
