@@ -305,14 +305,10 @@ class OrtRunner:
     session's providers (ONNX Runtime falls back to the CPU silently)."""
 
     def __init__(self, path: Path, device: str, tf32: bool = False, threads: int | None = None):
-        import onnxruntime
+        from reformer.runtime import open_session
 
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         self.device = device
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=ort_providers(device, tf32))
+        self.session = open_session(path, ort_providers(device, tf32), quiet=True, threads=threads)
         self.providers = self.session.get_providers()
         log(f"onnxruntime session {path.name} ({'tf32' if tf32 else 'strict fp32'} on {device}): {self.providers}")
         if device == "cuda" and self.providers[0] != CUDA_PROVIDER:

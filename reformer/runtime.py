@@ -40,13 +40,16 @@ def nvidia_gpu_present() -> bool:
                                                    if os.path.isdir("/proc/driver/nvidia/gpus") else [])
 
 
-def open_session(path: str | os.PathLike, providers: Sequence | None = None, quiet: bool = False
-                 ) -> onnxruntime.InferenceSession:
+def open_session(path: str | os.PathLike, providers: Sequence | None = None, quiet: bool = False,
+                 threads: int | None = None) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session on `providers` (names, or (name, options) pairs; default `default_providers()`).
-    quiet: errors only, for callers that report a provider that could not start themselves."""
+    quiet: errors only, for callers that report a provider that could not start themselves; threads: intra-op
+    threads (None: one per core)."""
     options = onnxruntime.SessionOptions()
     if quiet:
         options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
     return onnxruntime.InferenceSession(os.fspath(path), options, providers=list(providers or default_providers()))
 
 

@@ -150,3 +150,18 @@ def test_export_api_task(tmp_path):
         assert json.load(handle)["model_name"] == "tiny"
     with pytest.raises(ExportRequestError, match="fp32"):
         run_export(ExportRequest(format="onnx", task="causal-lm-with-past", dtype="fp16", output=str(tmp_path / "x")))
+
+
+def test_export_api_keeps_failed_decoder_graphs_only_on_request(tmp_path, monkeypatch):
+    """--keep-failed works for causal-lm-with-past as for the task graphs: the result says it failed, and the
+    directory is there only when asked for."""
+    from exporters.api import ExportRequest, run_export
+
+    monkeypatch.setattr("exporters.verify.verify_decoder", far_off)
+    for keep_failed, name in ((False, "removed"), (True, "kept")):
+        output = tmp_path / name
+        result = run_export(ExportRequest(format="torchscript", model="tiny", task="causal-lm-with-past",
+                                          output=str(output), keep_failed=keep_failed))
+        assert not result.passed and "0.5 > tolerance" in result.verification.failure_message()
+        assert output.exists() == keep_failed and result.output == (str(output) if keep_failed else None)
+    assert sorted(os.listdir(tmp_path)) == ["kept"]  # no staging folder left behind
