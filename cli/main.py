@@ -45,14 +45,17 @@ CUSTOM_OPS_MODES = ("auto", "standard", "ort")
 @click.option("--atol", type=float, default=None,
               help="Absolute tolerance for the replayed outputs (max abs difference from eager with eager's LSH "
                    "buckets forced). Default: 1e-5 (fp32) or 1e-2 (fp16) of the output scale.")
+@click.option("--with-buckets", is_flag=True,
+              help="Also output each LSH layer's bucket assignments (buckets_0, ...), to compare runtimes' hashing; "
+                   "deployment graphs need none (verification uses its own twin of the graph).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Run the exported graph on the runtimes present and compare it with eager PyTorch.")
 @click.option("--keep-failed", is_flag=True,
               help="Keep the output file even when verification fails (it is removed otherwise).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Also write the summary and every verification row as JSON to this file.")
-def main(model, task, format_, output, opset, dtype, device, max_length, custom_ops, atol, verify, keep_failed,
-         report):
+def main(model, task, format_, output, opset, dtype, device, max_length, custom_ops, atol, with_buckets, verify,
+         keep_failed, report):
     """Export a Reformer model to ONNX or TorchScript and verify it against eager PyTorch.
 
     Example: reformer-export --format onnx   (exports the built-in tiny model)"""
@@ -62,8 +65,8 @@ def main(model, task, format_, output, opset, dtype, device, max_length, custom_
     from reformer import CheckpointError, ConfigError
 
     request = ExportRequest(format=format_, model=model, task=task, output=output, opset=opset, dtype=dtype,
-                            device=device, max_length=max_length, custom_ops=custom_ops, atol=atol, verify=verify,
-                            keep_failed=keep_failed, report=report)
+                            device=device, max_length=max_length, custom_ops=custom_ops, atol=atol,
+                            with_buckets=with_buckets, verify=verify, keep_failed=keep_failed, report=report)
     try:
         with terminate_as_interrupt():
             result = run_export(request, progress=lambda message: click.echo(f"{message} ...", err=True))

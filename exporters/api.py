@@ -45,6 +45,7 @@ class ExportRequest:
     max_length: int | None = None  # longest sequence the export must serve (None: max_position_embeddings)
     custom_ops: str = "auto"  # ONNX only
     atol: float | None = None  # None: the task's tolerance for the dtype (the verifier's default)
+    with_buckets: bool = False  # also output each LSH layer's buckets (for checking bucket agreement)
     verify: bool = True
     keep_failed: bool = False
     report: str | None = None  # path of a JSON report (None: no report)
@@ -212,13 +213,14 @@ def export(request: ExportRequest, resolved, path: str, replay: bool = False) ->
         from .onnx import export_onnx
 
         export_onnx(resolved.model, resolved.spec, path, opset=request.opset, custom_ops=request.custom_ops,
-                    dtype=request.dtype, device=request.device, max_length=request.max_length, replay=replay,
-                    metadata=metadata)
+                    dtype=request.dtype, device=request.device, max_length=request.max_length,
+                    with_buckets=request.with_buckets, replay=replay, metadata=metadata)
     else:
         from .torchscript import export_torchscript
 
         export_torchscript(resolved.model, resolved.spec, path, dtype=request.dtype, device=request.device,
-                           max_length=request.max_length, replay=replay, metadata=metadata)
+                           max_length=request.max_length, with_buckets=request.with_buckets, replay=replay,
+                           metadata=metadata)
 
 
 @contextmanager

@@ -34,7 +34,7 @@ def export_torchscript(
     *,
     dtype: str = "fp32",
     device: str = "cpu",
-    with_buckets: bool = True,
+    with_buckets: bool = False,
     replay: bool = False,
     max_length: int | None = None,
     metadata: dict | None = None,

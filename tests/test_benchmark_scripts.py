@@ -47,7 +47,7 @@ def test_quick_cpu_run_prints_the_table_and_writes_the_results(tmp_path):
     assert benchmarks["onnxruntime"]["providers"] == ["CPUExecutionProvider"]
     # Free-running at the timed shape, as information (the verification rows carry the verdict).
     assert benchmarks["onnxruntime"]["max_abs"] <= 1e-5 and benchmarks["torchscript"]["max_abs"] == 0
-    assert benchmarks["onnxruntime"]["flips"] == benchmarks["torchscript"]["flips"] == "0/128"
+    assert benchmarks["onnxruntime"]["flips"] == benchmarks["torchscript"]["flips"] == "-"  # deployment graphs
     assert "## Benchmarks" in (tmp_path / "results.md").read_text()
 
 

@@ -32,7 +32,7 @@ def test_every_task_has_enough_configs():
 def test_traced_module_matches_eager_at_other_shapes(task, name, values, tmp_path):
     spec, model = TASKS[task], build(task, values)
     path = str(tmp_path / "model.pt")
-    export_torchscript(model, spec, path)
+    export_torchscript(model, spec, path, with_buckets=True)
     loaded = torch.jit.load(path)
     assert non_host_ops(loaded) == []
     config = model.config
@@ -62,7 +62,7 @@ def test_metadata_describes_the_graph(tmp_path):
     task, (_, values) = "question-answering", task_configs("question-answering")[0]
     model = build(task, values)
     path = str(tmp_path / "qa.pt")
-    export_torchscript(model, TASKS[task], path, max_length=24, metadata={"model_name": "tiny-case"})
+    export_torchscript(model, TASKS[task], path, max_length=24, with_buckets=True, metadata={"model_name": "tiny-case"})
     metadata = load_metadata(path)
     lsh_layers = model.config.attn_layers.count("lsh")
     assert metadata["task"] == task
@@ -73,11 +73,11 @@ def test_metadata_describes_the_graph(tmp_path):
     assert metadata["model_name"] == "tiny-case"
 
 
-def test_without_buckets_returns_only_the_task_outputs(tmp_path):
+def test_by_default_returns_only_the_task_outputs(tmp_path):
     _, values = task_configs("causal-lm")[0]
     model = build("causal-lm", values)
     path = str(tmp_path / "lm.pt")
-    export_torchscript(model, TASKS["causal-lm"], path, with_buckets=False)
+    export_torchscript(model, TASKS["causal-lm"], path)
     input_ids, attention_mask = make_inputs(2, 9)
     outputs = torch.jit.load(path)(input_ids, attention_mask)
     assert len(outputs) == 1 and outputs[0].shape == (2, 9, model.config.vocab_size)
