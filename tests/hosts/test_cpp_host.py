@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from exporters.decoder import CONFIG_NAME as DECODER_METADATA
 from exporters.decoder import export_causal_lm_with_past
 from exporters.specs import TASKS
-from exporters.torchscript import export_torchscript
+from exporters.torchscript import METADATA_NAME, export_torchscript
 from reformer import ReformerConfig, ReformerModelWithLMHead, tokenizer
 from reformer.generation import generate
 from tiny_configs import CASES_BY_NAME
@@ -122,7 +123,6 @@ def test_without_generate_prints_only_last_logits(host, tmp_path):
     (["{decoder}", "--ids", ",".join(["1"] * 30), "--generate", "4"], 2),
     (["{missing}", "--ids", "1,2"], 1),
     (["{not_torchscript}", "--ids", "1,2"], 1),
-    (["{model}", "--ids", "1,999"], 1),                  # id outside the vocabulary
 ])
 def test_errors_are_one_line_without_output(host, tmp_path, arguments, status):
     model = tiny_model("lm_mixed")
@@ -136,3 +136,62 @@ def test_errors_are_one_line_without_output(host, tmp_path, arguments, status):
     assert result.returncode == status
     assert result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, status: int, message: str) -> None:
+    assert (result.returncode, result.stdout) == (status, ""), result.stderr
+    assert result.stderr.splitlines() == [message]
+
+
+# lm_mixed has vocab_size 30: the ids 0..29 run, and the first id outside them is named with its position.
+@pytest.mark.parametrize("ids, bad_id, position", [
+    ("1,30", 30, 1),
+    ("29,0,999,-1", 999, 2),
+    ("-3,5", -3, 0),
+])
+@pytest.mark.parametrize("kind", list(EXPORTS))
+def test_ids_outside_the_vocabulary_are_argument_errors(host, tmp_path, kind, ids, bad_id, position):
+    path = EXPORTS[kind](tiny_model("lm_mixed"), tmp_path)
+    assert run_host(host, path, "--ids", "29,0").returncode == 0
+    result = run_host(host, path, "--ids", ids, "--generate", 2)
+    assert_one_line_error(result, 2, f"reformer-host: id {bad_id} at position {position} of --ids (counting from 0) "
+                                     "is outside the vocabulary: ids must be from 0 to 29 (vocab_size 30)")
+
+
+def without_vocab_size(metadata: dict) -> dict:
+    metadata = {key: value for key, value in metadata.items() if key != "vocab_size"}
+    metadata["config"] = {key: value for key, value in metadata["config"].items() if key != "vocab_size"}
+    return metadata
+
+
+# Resaved from an export: without any metadata, or with metadata that lacks the vocabulary size.
+@pytest.mark.parametrize("metadata", ["none", "without_vocab_size"])
+@pytest.mark.parametrize("kind", list(EXPORTS))
+def test_a_file_without_vocabulary_size_is_refused(host, tmp_path, kind, metadata):
+    path = EXPORTS[kind](tiny_model("lm_mixed"), tmp_path)
+    name = METADATA_NAME if kind == "forward" else DECODER_METADATA
+    extra_files = {name: ""}
+    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files)
+    extra_files = {} if metadata == "none" else {name: json.dumps(without_vocab_size(json.loads(extra_files[name])))}
+    resaved = tmp_path / "resaved.pt"
+    torch.jit.save(module, str(resaved), _extra_files=extra_files)
+    result = run_host(host, resaved, "--ids", "1,2")
+    assert_one_line_error(result, 1, f"reformer-host: {resaved} states no vocabulary size in its metadata "
+                                     "(reformer_export.json config.vocab_size or decoder_config.json vocab_size), "
+                                     "so its ids cannot be checked; is it a reformer-export TorchScript file?")
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["-h"], ["{model}", "--ids", "1,999", "-h"]])
+def test_help_prints_the_usage_on_stdout(host, tmp_path, arguments):
+    result = run_host(host, *(argument.format(model=tmp_path / "missing.pt") for argument in arguments))
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert result.stdout.startswith("usage: reformer-host MODEL.pt --ids 5,17,42 [--generate N]\n")
+    for topic in ("MODEL.pt is either", "--format torchscript", "decoder.pt", "--ids I,J,...", "--generate N",
+                  "-h, --help", '"last_logits"', '"generated"', "Exit status: 0"):
+        assert topic in result.stdout
+
+
+def test_usage_errors_point_to_help(host):
+    result = run_host(host, "--beam", "2")
+    assert_one_line_error(result, 2, "reformer-host: unknown option --beam (usage: reformer-host MODEL.pt --ids "
+                                     "5,17,42 [--generate N]; --help for more)")
