@@ -9,7 +9,6 @@ metadata says so."""
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +22,17 @@ from reformer.config import CONFIG_NAME, ConfigError, ReformerConfig
 from .errors import ExportError
 from .specs import MODEL_CLASS_TO_TASK, TASKS, TaskSpec
 
+# pyproject.toml installs models/ as this package: a name no other distribution's folder can take, where any
+# package's top-level `models/` would hide the built-in models.
+MODELS_PACKAGE = "reformer_export_models"
+
+
 def find_models_dir() -> Path:
-    """models/ beside the packages (a source checkout or editable install), else the copy a regular
-    install puts under <prefix>/share/reformer-export/models (pyproject.toml's data-files)."""
-    source_tree = Path(__file__).resolve().parent.parent / "models"
-    installed = Path(sys.prefix) / "share" / "reformer-export" / "models"
-    return source_tree if source_tree.is_dir() or not installed.is_dir() else installed
+    """The built-in models beside these packages: MODELS_PACKAGE in a regular install (wheel, --user or
+    not), else models/ of the source checkout they run from (in place or installed editable)."""
+    beside = Path(__file__).resolve().parent.parent
+    installed = beside / MODELS_PACKAGE
+    return installed if installed.is_dir() else beside / "models"
 
 
 MODELS_DIR = find_models_dir()
