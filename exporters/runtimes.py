@@ -13,12 +13,13 @@ def require_runtime(fmt: str, verify: bool) -> None:
     if fmt != "onnx" or not verify:
         return
     try:
-        import onnxruntime  # noqa: F401
+        # A name from the package, not just the package: the folder that uninstalling one of two builds
+        # installed together leaves behind imports as an empty namespace package.
+        from onnxruntime import InferenceSession  # noqa: F401
     except ImportError as error:
         if isinstance(error, ModuleNotFoundError) and error.name == "onnxruntime":
             raise ExportError("verifying an ONNX export needs ONNX Runtime, which is not installed: pip install "
                               "onnxruntime (CPU) or onnxruntime-gpu (CUDA), not both; or skip it with --no-verify"
                               ) from None
-        # A broken install, for instance one build uninstalled from under the other (they share files).
         raise ExportError(f"ONNX Runtime does not import ({first_line(error)}): reinstall one build, pip uninstall "
                           "onnxruntime onnxruntime-gpu, then pip install onnxruntime or onnxruntime-gpu") from None
