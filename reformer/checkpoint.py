@@ -1,11 +1,14 @@
 """Loading and saving checkpoint directories in the layout `transformers`' `save_pretrained` writes:
-config.json plus model.safetensors (or a sharded index, or pytorch_model.bin)."""
+config.json plus model.safetensors (or a sharded index, or pytorch_model.bin), and fetching them from the
+Hugging Face Hub by model id (namespace/name) through huggingface_hub, an optional dependency: it downloads
+a model into its cache once, and reads the cache from then on (offline too, with HF_HUB_OFFLINE=1)."""
 
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import re
 
 import torch
 
@@ -18,6 +21,12 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PYTORCH_NAME = "pytorch_model.bin"
 # Older checkpoints tie `lm_head.bias` to `lm_head.decoder.bias`; newer ones store both.
 LEGACY_ALIASES = {"lm_head.bias": "lm_head.decoder.bias"}
+# A Hub model id as huggingface_hub spells it: namespace/name, each of letters, digits, '-', '_' and '.'.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# What a checkpoint needs from a Hub repository (read_state_dict picks among the weight files).
+HUB_CHECKPOINT_FILES = [CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME, PYTORCH_NAME]
+# The dtypes a model loads in (transformers' `dtype` takes them as torch dtypes or by name).
+FLOAT_DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64")}
 
 
 class CheckpointError(ValueError):
@@ -62,16 +71,105 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     )
 
 
+def is_hub_id(text: str) -> bool:
+    return HUB_ID.fullmatch(text) is not None
+
+
+def download_checkpoint(hub_id: str) -> str:
+    """The local snapshot (in huggingface_hub's cache) of the config and weights of Hub model `hub_id`.
+    Raises CheckpointError, in one line, when huggingface_hub is missing or cannot provide it."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"no model directory {hub_id}; Hugging Face Hub ids need huggingface_hub: "
+                              "pip install huggingface_hub") from None
+    try:
+        return snapshot_download(hub_id, allow_patterns=HUB_CHECKPOINT_FILES)
+    except Exception as error:  # huggingface_hub's errors (HTTP, cache, offline, proxy) share no narrower base
+        raise CheckpointError(f"no model directory {hub_id}, and Hugging Face Hub model {hub_id} could not be "
+                              f"fetched: {first_line(error)}") from None
+
+
+def checkpoint_directory(path_or_id: str | os.PathLike) -> str:
+    """A local directory as given (an existing one wins), else the snapshot of a Hub model id."""
+    path = os.fspath(path_or_id)
+    return download_checkpoint(path) if not os.path.isdir(path) and is_hub_id(path) else path
+
+
+def requested_dtype(dtype, torch_dtype) -> torch.dtype | str:
+    """What transformers' `dtype`, or `torch_dtype` (its older name), asks for: see parse_dtype; neither:
+    float32."""
+    given = {parse_dtype(value) for value in (dtype, torch_dtype) if value is not None}
+    if len(given) > 1:
+        raise ValueError(f"dtype {dtype!r} and torch_dtype {torch_dtype!r} differ: give one (torch_dtype is "
+                         "dtype's older name)")
+    return given.pop() if given else torch.float32
+
+
+def parse_dtype(value) -> torch.dtype | str:
+    """A FLOAT_DTYPES dtype, given as a torch.dtype or by name, or "auto" (see checkpoint_dtype)."""
+    if value == "auto":
+        return value
+    resolved = FLOAT_DTYPES.get(value) if isinstance(value, str) else value
+    if resolved not in FLOAT_DTYPES.values():
+        raise ValueError(f"dtype {value!r} is not supported: give one of {', '.join(FLOAT_DTYPES)} (a torch.dtype "
+                         "or its name) or 'auto'")
+    return resolved
+
+
+def checkpoint_dtype(config: ReformerConfig, state: dict[str, torch.Tensor]) -> torch.dtype:
+    """transformers' "auto": the dtype config.json names (`dtype`, or `torch_dtype` as older transformers
+    wrote it), else that of the first floating-point weight."""
+    named = config.extra.get("dtype") or config.extra.get("torch_dtype")
+    if named:
+        return parse_dtype(named)
+    return next((tensor.dtype for tensor in state.values() if tensor.is_floating_point()), torch.float32)
+
+
+def requested_device(device_map, device) -> torch.device:
+    """The one device that transformers' `device_map`, or `device`, names: see parse_device; neither: the
+    CPU."""
+    given = {parse_device(value) for value in (device_map, device) if value is not None}
+    if len(given) > 1:
+        raise ValueError(f"device_map {device_map!r} and device {device!r} differ: give one")
+    return given.pop() if given else torch.device("cpu")
+
+
+def parse_device(value) -> torch.device:
+    """One device: "cpu", "cuda", "cuda:N", a torch.device, a GPU index, or "auto" (the GPU when torch sees
+    one, else the CPU). A model is not split across devices."""
+    if isinstance(value, dict):
+        raise ValueError("device_map as a dict (the model split across devices) is not supported: give one "
+                         "device, such as device_map='cuda'")
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(value)
+    except (RuntimeError, TypeError):
+        target = None
+    if target is None or target.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {value!r} is not supported: give 'cpu', 'cuda', 'cuda:N', a GPU index or 'auto'")
+    if target.type == "cuda" and (target.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {value!r} requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return target
+
+
 class CheckpointMixin:
     """from_pretrained / save_pretrained for the Reformer model classes."""
 
     base_model_prefix: str
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, config: ReformerConfig | None = None):
-        """Load a directory written by `transformers` or by this project. Weights saved from a model with a
-        head load into the base model (the head is dropped) and the other way round only for the base part."""
-        directory = os.fspath(directory)
+    def from_pretrained(cls, path_or_id: str | os.PathLike, config: ReformerConfig | None = None, *, dtype=None,
+                        torch_dtype=None, device_map=None, device=None):
+        """Load a directory written by `transformers` or by this project, or a Hugging Face Hub model id
+        (namespace/name, see download_checkpoint; an existing directory of that name wins). Weights saved from
+        a model with a head load into the base model (the head is dropped) and the other way round only for
+        the base part. Keywords as in transformers: `dtype` (or `torch_dtype`), see requested_dtype;
+        `device_map` (or `device`), one device, see requested_device. Returns the model in eval mode."""
+        target_dtype = requested_dtype(dtype, torch_dtype)
+        target_device = requested_device(device_map, device)
+        directory = checkpoint_directory(path_or_id)
         if not os.path.isdir(directory):
             raise CheckpointError(f"model directory {directory} does not exist")
         if config is None:
@@ -80,8 +178,11 @@ class CheckpointMixin:
             except ConfigError as error:
                 raise CheckpointError(str(error)) from None
         model = cls(config)
-        model.load_checkpoint_state(read_state_dict(directory))
-        return model.eval()
+        state = read_state_dict(directory)
+        model.load_checkpoint_state(state)
+        if target_dtype == "auto":
+            target_dtype = checkpoint_dtype(config, state)
+        return model.to(device=target_device, dtype=target_dtype).eval()
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         expected = self.state_dict()

@@ -1,6 +1,9 @@
+import hashlib
 import os
+import shutil
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,3 +21,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """huggingface_hub offline with its cache in tmp_path (tests never reach the Hub); returns
+    `put(hub_id, checkpoint_directory) -> snapshot folder`, which lays a checkpoint out in the cache as a
+    download leaves it: blobs/<hash>, snapshots/<commit>/<file> linking to its blob, refs/main naming the
+    commit."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    # huggingface_hub reads both variables once, when imported: set its copies too.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    def put(hub_id: str, checkpoint_directory: Path) -> Path:
+        repo = cache / ("models--" + hub_id.replace("/", "--"))
+        commit = hashlib.sha1(hub_id.encode()).hexdigest()
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (repo / "blobs").mkdir()
+        for path in Path(checkpoint_directory).iterdir():
+            blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+            shutil.copy(path, blob)
+            (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        return snapshot
+
+    return put

@@ -283,3 +283,22 @@ def test_transformers_checkpoint_exports_through_the_cli_and_matches_the_referen
     keep = attention_mask.bool()
     difference = (expected[keep] - torch.from_numpy(actual)[keep]).abs().max().item()
     assert difference <= 1e-4, f"max abs diff {difference:.3g}"
+
+
+def test_hub_id_exports_under_its_model_name(tmp_path, monkeypatch, hub_cache):
+    hub_cache("someone/my-reformer", save_checkpoint(str(tmp_path / "ckpt")))
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--model", "someone/my-reformer", "--format", "torchscript", "--no-verify"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "my-reformer-causal-lm.pt").is_file()
+    assert "my-reformer (Hugging Face Hub someone/my-reformer@" in result.stdout
+
+
+def test_hub_id_missing_from_the_offline_cache_gives_one_error_line(tmp_path, monkeypatch, hub_cache):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--model", "google/reformer-enwik8", "--format", "onnx"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, result.stderr
+    assert "Hugging Face Hub model google/reformer-enwik8 could not be fetched" in error_lines[0]
+    assert os.listdir(tmp_path) == ["hub-cache"]

@@ -110,6 +110,30 @@ def test_built_in_model_with_weights_loads_them(tmp_path):
     assert resolved.built_in and resolved.random_weights_seed is None and resolved.spec.name == "masked-lm"
 
 
+def test_hub_id_resolves_through_the_huggingface_cache(tmp_path, hub_cache):
+    snapshot = hub_cache("someone/my-reformer", save_checkpoint(tmp_path / "ckpt", "ReformerForMaskedLM"))
+    resolved = resolve_model("someone/my-reformer")
+    assert (resolved.name, resolved.hub_id, resolved.built_in) == ("my-reformer", "someone/my-reformer", False)
+    assert resolved.spec.name == "masked-lm" and resolved.directory == str(snapshot)
+    assert resolved.metadata()["model_source"] == f"Hugging Face Hub someone/my-reformer@{snapshot.name}"
+
+
+def test_existing_directory_wins_over_a_hub_id(tmp_path, monkeypatch, hub_cache):
+    hub_cache("someone/my-reformer", save_checkpoint(tmp_path / "ckpt", "ReformerForMaskedLM"))
+    save_checkpoint(tmp_path / "someone" / "my-reformer", "ReformerModel")
+    monkeypatch.chdir(tmp_path)
+    resolved = resolve_model("someone/my-reformer")
+    assert resolved.hub_id is None and resolved.spec.name == "base"
+    assert resolved.metadata()["model_source"] == "someone/my-reformer"
+
+
+def test_name_neither_built_in_nor_a_hub_id_shows_both_forms():
+    with pytest.raises(reformer.CheckpointError, match="no model directory reformer-enwik8 and no built-in model of "
+                                                       r"that name \(built-in: .*enwik8.*; a Hugging Face Hub id is "
+                                                       r"namespace/name\)"):
+        resolve_model("reformer-enwik8")
+
+
 # ----- run_export -----
 
 class StandInReport:

@@ -3,8 +3,10 @@ weights that do not fit, and pickles that would run code, are refused with a `Ch
 
 Loading copies weights, so outputs of the same weights must agree exactly (tolerance 0)."""
 
+import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -24,9 +26,10 @@ def outputs(model, name="logits"):
 
 
 def assert_same_weights(model, state):
+    """Exactly `state`'s weights, in the model's dtypes."""
     ours = model.state_dict()
     for key, value in ours.items():
-        assert torch.equal(value, state[key]), key
+        assert torch.equal(value, state[key].to(value.dtype)), key
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +146,98 @@ def test_pickle_that_runs_code_is_refused(transformers_directory, tmp_path):
         reformer.ReformerModelWithLMHead.from_pretrained(directory)
     assert not marker.exists()
     assert "\n" not in str(error.value)
+
+
+# ----- transformers' keywords -----
+
+@pytest.mark.parametrize("keywords,expected", [
+    (dict(dtype=torch.float16), torch.float16),
+    (dict(torch_dtype="bfloat16"), torch.bfloat16),
+    (dict(dtype="float64", torch_dtype=torch.float64), torch.float64),
+    (dict(), torch.float32),
+])
+def test_dtype_keywords_set_the_model_dtype(transformers_directory, keywords, expected):
+    directory, reference = transformers_directory
+    model = reformer.ReformerModelWithLMHead.from_pretrained(directory, **keywords)
+    assert {parameter.dtype for parameter in model.parameters()} == {expected}
+    assert_same_weights(model, reference.state_dict())
+
+
+def test_auto_dtype_is_the_configs_else_the_weights(transformers_directory):
+    directory, _ = transformers_directory
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (directory / "config.json").write_text(json.dumps(config))
+    rewrite_weights(directory, lambda state: state.update({key: value.half() for key, value in state.items()}))
+    model = reformer.ReformerModelWithLMHead.from_pretrained(directory, dtype="auto")
+    assert next(model.parameters()).dtype == torch.float16
+    (directory / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    model = reformer.ReformerModelWithLMHead.from_pretrained(directory, torch_dtype="auto")
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("keywords", [dict(device_map="cpu"), dict(device="cpu"), dict(device_map="auto"),
+                                      dict(device_map=torch.device("cpu"), device="cpu")])
+def test_device_keywords_place_the_model(transformers_directory, keywords):
+    directory, _ = transformers_directory
+    model = reformer.ReformerModelWithLMHead.from_pretrained(directory, **keywords)
+    expected = "cuda" if keywords.get("device_map") == "auto" and torch.cuda.is_available() else "cpu"
+    assert {parameter.device.type for parameter in model.parameters()} == {expected}
+
+
+@pytest.mark.parametrize("keywords,message", [
+    (dict(dtype="int8"), "dtype 'int8' is not supported: give one of float32, float16, bfloat16, float64"),
+    (dict(torch_dtype=torch.int64), "dtype torch.int64 is not supported"),
+    (dict(dtype="float16", torch_dtype="float32"), "dtype 'float16' and torch_dtype 'float32' differ"),
+    (dict(device_map={"": 0}), "device_map as a dict (the model split across devices) is not supported"),
+    (dict(device="tpu"), "device 'tpu' is not supported: give 'cpu', 'cuda', 'cuda:N', a GPU index or 'auto'"),
+    (dict(device="cuda:99"), "device 'cuda:99' requested but torch sees"),
+])
+def test_unsupported_keyword_values_are_refused_before_loading(keywords, message):
+    """Checked first: the directory does not exist, and the error is about the keyword."""
+    with pytest.raises(ValueError) as error:
+        reformer.ReformerModelWithLMHead.from_pretrained("no-such-directory", **keywords)
+    assert not isinstance(error.value, reformer.CheckpointError)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_device_map_and_device_must_agree(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # "cuda" is then a device, even here
+    with pytest.raises(ValueError, match="device_map 'cpu' and device 'cuda' differ: give one"):
+        reformer.ReformerModelWithLMHead.from_pretrained("no-such-directory", device_map="cpu", device="cuda")
+
+
+# ----- Hugging Face Hub ids -----
+
+def test_hub_id_loads_from_the_huggingface_cache(transformers_directory, hub_cache):
+    directory, reference = transformers_directory
+    hub_cache("google/tiny-reformer", directory)
+    model = reformer.ReformerModelWithLMHead.from_pretrained("google/tiny-reformer", dtype=torch.float16)
+    assert next(model.parameters()).dtype == torch.float16
+    assert_same_weights(model, reference.state_dict())
+
+
+def test_existing_directory_wins_over_a_hub_id(transformers_directory, hub_cache, tmp_path, monkeypatch):
+    directory, reference = transformers_directory
+    hub_cache("google/tiny-reformer", directory)
+    torch.manual_seed(1)
+    local = reformer.ReformerModelWithLMHead(reformer.ReformerConfig.from_pretrained(directory))
+    local.save_pretrained(tmp_path / "google" / "tiny-reformer")
+    monkeypatch.chdir(tmp_path)
+    assert_same_weights(reformer.ReformerModelWithLMHead.from_pretrained("google/tiny-reformer"), local.state_dict())
+
+
+def test_hub_id_missing_from_the_offline_cache_is_one_line(hub_cache):
+    with pytest.raises(reformer.CheckpointError) as error:
+        reformer.ReformerModelWithLMHead.from_pretrained("google/not-cached")
+    message = str(error.value)
+    assert message.startswith("no model directory google/not-cached, and Hugging Face Hub model google/not-cached "
+                              "could not be fetched: ") and "\n" not in message
+
+
+def test_hub_id_without_huggingface_hub_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(reformer.CheckpointError, match="Hugging Face Hub ids need huggingface_hub: pip install "
+                                                       "huggingface_hub"):
+        reformer.ReformerModelWithLMHead.from_pretrained("google/reformer-enwik8")

@@ -1,0 +1,41 @@
+"""exporters.runtimes.require_runtime: a runtime that verification needs and cannot import is reported in one
+line with the install command, before any model is loaded."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from exporters.errors import ExportError
+from exporters.runtimes import require_runtime
+
+
+def test_installed_onnxruntime_passes():
+    require_runtime("onnx", verify=True)
+
+
+def test_missing_onnxruntime_names_both_builds_and_no_verify(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an environment without it imports
+    with pytest.raises(ExportError) as raised:
+        require_runtime("onnx", verify=True)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)" in message and "--no-verify" in message
+
+
+@pytest.mark.parametrize("fmt,verify", [("onnx", False), ("torchscript", True), ("torchscript", False)])
+def test_no_runtime_needed_without_onnx_verification(fmt, verify, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    require_runtime(fmt, verify)
+
+
+def test_leftover_of_an_uninstalled_build_says_how_to_reinstall(monkeypatch):
+    """Installing both builds, then uninstalling one, leaves an onnxruntime folder that imports as an empty
+    namespace package (seen with onnxruntime 1.32.0 and onnxruntime-gpu 1.31.1)."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.ModuleType("onnxruntime"))
+    with pytest.raises(ExportError, match=r"does not import \(cannot import name 'InferenceSession'.*pip uninstall "
+                                          r"onnxruntime onnxruntime-gpu, then pip install onnxruntime or "
+                                          r"onnxruntime-gpu"):
+        require_runtime("onnx", verify=True)
