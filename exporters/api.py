@@ -18,6 +18,7 @@ from reformer.files import publish, staging_folder, write_json_atomically
 from .errors import ExportError, VerificationError
 from .ops import CUSTOM_OPS_MODES
 from .precision import DEVICES, DTYPES, check_device
+from .runtimes import require_runtime
 from .specs import DEFAULT_OPSET
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -193,6 +194,7 @@ def check_options(request: ExportRequest) -> None:
         if value not in choices:
             raise ExportRequestError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
     check_device(request.device)
+    require_runtime(request.format, request.verify)
     if request.task == GENERATION_TASK and (request.dtype, request.device) != ("fp32", "cpu"):
         raise ExportRequestError(f"task {GENERATION_TASK} exports fp32 graphs on the CPU (they run on CUDA too): "
                                  "drop --dtype and --device")

@@ -251,3 +251,16 @@ def test_enwik8_shape_exports_with_random_weights(tmp_path):
         actual = torch.jit.load(str(output))(input_ids, attention_mask)[0]
     # Same kernels as eager; 12 layers of width 1024 still stay far inside the fp32 tolerance.
     assert (expected - actual).abs().max().item() <= 1e-5
+
+
+def test_missing_runtime_fails_before_loading_the_model(tmp_path, monkeypatch):
+    import sys
+
+    import exporters.models
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an environment without it imports
+    monkeypatch.setattr(exporters.models, "resolve_model", lambda *arguments, **options: pytest.fail("loaded"))
+    with pytest.raises(ExportError, match="needs ONNX Runtime, which is not installed: pip install onnxruntime"):
+        api.run_export(api.ExportRequest("onnx", output=str(tmp_path / "lm.onnx")))
+    assert os.listdir(tmp_path) == []
+    api.check_options(api.ExportRequest("onnx", verify=False))  # --no-verify: no runtime needed
