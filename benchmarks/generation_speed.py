@@ -5,13 +5,13 @@ against eager PyTorch with the cache (`reformer.generation.generate`), greedy, b
 
 Rows: eager PyTorch on the CPU, ONNX Runtime CPU, and where a GPU is present eager PyTorch on CUDA and ONNX
 Runtime CUDA (IO binding, the cache stays on the device). Precision is named per row and compared like with
-like (../shared/GPU.md): strict fp32 everywhere, so eager runs with TF32 off and ONNX Runtime CUDA with
-`use_tf32=0`. Each figure is the median of --repeats timed runs after one warm-up run; tokens/s counts new
-tokens of every row (batch * new tokens / seconds). "same tokens" says whether the runtime produced eager's
-greedy tokens on the same device.
+like (ONNX Runtime CUDA uses TF32 unless told otherwise, eager PyTorch does not): strict fp32 everywhere, so
+eager runs with TF32 off and ONNX Runtime CUDA with `use_tf32=0`. Each figure is the median of --repeats timed
+runs after one warm-up run; tokens/s counts new tokens of every row (batch * new tokens / seconds). "same
+tokens" says whether the runtime produced eager's greedy tokens on the same device.
 
-Model: --model (a checkpoint directory with a causal config), else the DESIGN.md "small" shape with random
-weights: hidden 256, 6 layers alternating local and LSH (chunk 64), 2 heads x 128, feed-forward 512,
+Model: --model (a checkpoint directory with a causal config), else a small model with random weights:
+hidden 256, 6 layers alternating local and LSH (chunk 64), 2 heads x 128, feed-forward 512,
 byte-level vocabulary of 320, up to 4,096 positions.
 """
 
@@ -98,7 +98,8 @@ def main() -> None:
         if cuda:
             generators["cuda"] = OnnxGenerator(export_dir, providers=[(CUDA, {"use_tf32": "0"}), CPU])
             if CUDA not in generators["cuda"].providers_in_use:
-                print("ONNX Runtime could not load CUDA: its row runs on the CPU (see ../shared/GPU.md)")
+                print("ONNX Runtime could not load CUDA: its row runs on the CPU (onnxruntime-gpu 1.31 needs the "
+                      "CUDA 13 runtime, cuBLAS and cuDNN 9)")
         card = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
         rows = []
         for batch in args.batch:

@@ -31,8 +31,9 @@
 Order: verification, generation, then benchmarks (the slowest last), so a run cut short loses the least.
 
 Models (random weights from seed 0, causal LM, byte vocabulary of 258): `tiny` is models/tiny; `small` and
-`large` are ../shared/DESIGN.md's anchor shapes, built with `max_position_embeddings` = the longest length
-benchmarked (so `num_buckets` follows the library's rule for that length) and square axial positions.
+`large` are the shapes at which transformers' Reformer was first timed on an H100 (SHAPES), built with
+`max_position_embeddings` = the longest length benchmarked (so `num_buckets` follows the library's rule for
+that length) and square axial positions.
 
 DIR gets results.json and results.md, rewritten after every step, so a run cut short keeps what it measured;
 exported files go to a temporary folder that is removed at the end. The exit status is 1 when a
@@ -72,7 +73,8 @@ SHAPES = {
 }
 COMMON_VALUES = dict(is_decoder=True, hash_seed=0, vocab_size=258, hidden_dropout_prob=0.0,
                      local_attention_probs_dropout_prob=0.0, lsh_attention_probs_dropout_prob=0.0)
-# Benchmark lengths. GPU: DESIGN.md's anchors. CPU: what finishes in about 2 minutes on 2 cores.
+# Benchmark lengths. GPU: those of the first timings of transformers' Reformer. CPU: what finishes in about
+# 2 minutes on 2 cores.
 GPU_LENGTHS = {"tiny": (256,), "small": (4096, 65536), "large": (16384, 65536)}
 CPU_LENGTHS = {"tiny": (256,), "small": (1024, 4096)}
 # Used when a model is verified but not benchmarked, or --lengths leaves it without a length.

@@ -1,6 +1,8 @@
 """`reformer-export`: parse options, call exporters.api.run_export, print progress and a summary table.
 
-torch and the exporters are imported only when the command runs, so `--help` answers at once."""
+torch and the exporters are imported only when the command runs, so `--help` answers at once. Ctrl-C and
+SIGTERM end an export with one `Error:` line and exit status 128 + the signal's number (130, 143), as a
+shell reports a process the signal ended; the export's staging folder is removed either way."""
 
 from __future__ import annotations
 
@@ -10,19 +12,25 @@ import signal
 import click
 
 # The library's choices, spelled out here so that `--help` needs no torch import; tests/cli/test_cli.py checks
-# that they agree with exporters.specs.TASKS, exporters.api.FORMATS, exporters.precision and exporters.ops.
+# that they agree with exporters.specs, exporters.api, exporters.precision, exporters.ops, exporters.onnx and
+# exporters.models.
 TASKS = ("base", "causal-lm", "masked-lm", "sequence-classification", "question-answering", "causal-lm-with-past")
 FORMATS = ("onnx", "torchscript")
 DTYPES = ("fp32", "fp16")
 DEVICES = ("cpu", "cuda")
 CUSTOM_OPS_MODES = ("auto", "standard", "ort")
+DEFAULT_CUSTOM_OPS = "auto"
+OPSETS = (18, 21)  # lowest and highest supported
+DEFAULT_OPSET = 18
+BUILT_IN_MODELS = ("byte-lm", "tiny", "enwik8")
+DEFAULT_MODEL = "byte-lm"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model", metavar="PATH_OR_NAME", default=None,
               help="Checkpoint directory (config.json + model.safetensors or pytorch_model.bin, as transformers' "
-                   "save_pretrained writes it) or a built-in model from models/ (tiny, enwik8). "
-                   "Default: the built-in tiny model.")
+                   f"save_pretrained writes it) or a built-in model from models/ ({', '.join(BUILT_IN_MODELS)}). "
+                   f"Default: {DEFAULT_MODEL}.")
 @click.option("--task", type=click.Choice(TASKS), default=None,
               help="Head to export. Default: the checkpoint's architectures entry; without one, causal-lm for a "
                    "causal model (is_decoder) and base otherwise. causal-lm-with-past writes a directory with the "
@@ -32,60 +40,77 @@ CUSTOM_OPS_MODES = ("auto", "standard", "ort")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Where to write the graph (a new directory for causal-lm-with-past). Default: <model>-<task>.onnx "
                    "or .pt (a <model>-causal-lm-with-past directory) in the current directory.")
-@click.option("--opset", type=click.IntRange(min=1), default=18, show_default=True, help="ONNX opset (ONNX only).")
+@click.option("--opset", type=click.IntRange(*OPSETS), default=None,
+              help=f"ONNX opset, {OPSETS[0]} to {OPSETS[1]} (--format onnx only). Default: {DEFAULT_OPSET}.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
-              help="Precision of the exported graph; fp16 needs --device cuda.")
+              help="Precision of the exported graph; fp16 needs --device cuda. causal-lm-with-past exports fp32.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
-              help="Device the graph is exported and verified on.")
+              help="Device the graph is exported and verified on. causal-lm-with-past exports on the CPU (its "
+                   "graphs run on CUDA too).")
 @click.option("--max-length", type=click.IntRange(min=1), default=None,
               help="Longest sequence the graph must serve. Default: the model's max_position_embeddings.")
-@click.option("--custom-ops", type=click.Choice(CUSTOM_OPS_MODES), default="auto", show_default=True,
+@click.option("--custom-ops", type=click.Choice(CUSTOM_OPS_MODES), default=None,
               help="ONNX lowering of the custom ops: standard ONNX ops only, ONNX Runtime contrib ops, or auto "
-                   "(ONNX only).")
+                   f"(--format onnx only). Default: {DEFAULT_CUSTOM_OPS}.")
 @click.option("--atol", type=float, default=None,
               help="Absolute tolerance for the replayed outputs (max abs difference from eager with eager's LSH "
-                   "buckets forced). Default: 1e-5 (fp32) or 1e-2 (fp16) of the output scale.")
+                   "buckets forced; --verify only). Default: 1e-5 (fp32) or 1e-2 (fp16) of the output scale.")
 @click.option("--with-buckets", is_flag=True,
               help="Also output each LSH layer's bucket assignments (buckets_0, ...), to compare runtimes' hashing; "
                    "deployment graphs need none (verification uses its own twin of the graph).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Run the exported graph on the runtimes present and compare it with eager PyTorch.")
 @click.option("--keep-failed", is_flag=True,
-              help="Keep the output file even when verification fails (it is removed otherwise).")
+              help="Keep the output even when verification fails (it is removed otherwise; --verify only).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
-              help="Also write the summary and every verification row as JSON to this file.")
-def main(model, task, format_, output, opset, dtype, device, max_length, custom_ops, atol, with_buckets, verify,
-         keep_failed, report):
+              help="Also write the summary, every verification row and the versions of the libraries used as "
+                   "JSON to this file.")
+def main(model, task, format_, output, opset, dtype, device, max_length, custom_ops, atol, with_buckets,
+         verify, keep_failed, report):
     """Export a Reformer model to ONNX or TorchScript and verify it against eager PyTorch.
 
-    Example: reformer-export --format onnx   (exports the built-in tiny model)"""
-    quiet_dependencies()
-    from exporters.api import ExportRequest, run_export
-    from exporters.errors import ExportError
-    from reformer import CheckpointError, ConfigError
-
-    request = ExportRequest(format=format_, model=model, task=task, output=output, opset=opset, dtype=dtype,
-                            device=device, max_length=max_length, custom_ops=custom_ops, atol=atol,
-                            with_buckets=with_buckets, verify=verify, keep_failed=keep_failed, report=report)
+    Example: reformer-export --format onnx   (exports the built-in byte-lm model)"""
     try:
         with terminate_as_interrupt():
-            result = run_export(request, progress=lambda message: click.echo(f"{message} ...", err=True))
-    except (ExportError, CheckpointError, ConfigError, OSError) as error:
-        raise click.ClickException(one_line(error)) from None
+            result = export(model=model, task=task, format=format_, output=output, opset=opset, dtype=dtype,
+                            device=device, max_length=max_length, custom_ops=custom_ops, atol=atol,
+                            with_buckets=with_buckets, verify=verify, keep_failed=keep_failed, report=report)
+    except KeyboardInterrupt as interrupt:
+        signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+        error = click.ClickException(f"interrupted by {signal.Signals(signum).name}")
+        error.exit_code = 128 + signum  # the shell's convention for a process ended by a signal
+        raise error from None
     click.echo(result.summary_table())
     if not result.passed:
         kept = f"kept at {result.output} (--keep-failed)" if result.output else "output file removed"
         raise click.ClickException(f"verification failed: {result.verification.failure_message()} ({kept})")
 
 
+def export(**options):
+    """exporters.api.run_export with progress on stderr; the library's errors become one `Error:` line."""
+    quiet_dependencies()
+    from exporters.api import ExportRequest, run_export
+    from exporters.errors import ExportError
+    from reformer import CheckpointError, ConfigError
+
+    try:
+        return run_export(ExportRequest(**options), progress=lambda message: click.echo(f"{message} ...", err=True))
+    except (ExportError, CheckpointError, ConfigError, OSError) as error:
+        raise click.ClickException(one_line(error)) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the export is, so that it unwinds and cleans up as on Ctrl-C."""
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt while the export runs, so that its staging folder is removed as on
-    Ctrl-C (the default SIGTERM action kills the process before any cleanup)."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"terminated by signal {signum}")
+    """SIGTERM raises Terminated while the export runs, so that its staging folder is removed as on Ctrl-C
+    (the default SIGTERM action kills the process before any cleanup)."""
+    def terminate(signum, frame):
+        raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
     finally:

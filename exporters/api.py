@@ -7,7 +7,9 @@ leaves nothing at the output path."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import platform
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -19,13 +21,16 @@ from .errors import ExportError, VerificationError
 from .ops import CUSTOM_OPS_MODES
 from .precision import DEVICES, DTYPES, check_device
 from .runtimes import require_runtime
-from .specs import DEFAULT_OPSET
+from .specs import DEFAULT_OPSET, resolve_max_length
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 # Not an exporters.specs task: a directory of two graphs for generation with a cache (exporters/decoder.py).
 GENERATION_TASK = "causal-lm-with-past"
 # In the staging folder: the verification twin (exporters.specs.ExportWrapper), which is never shipped.
 TWIN_FOLDER = "verification-twin"
+DEFAULT_CUSTOM_OPS = "auto"
+# What a report records the versions of; ONNX Runtime comes as either package (both provide `onnxruntime`).
+REPORTED_DISTRIBUTIONS = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnxruntime-gpu")
 
 
 class ExportRequestError(ExportError):
@@ -40,15 +45,15 @@ class ExportRequest:
     model: str | None = None  # checkpoint directory or built-in model name (None: exporters.models.DEFAULT_MODEL)
     task: str | None = None  # None: the checkpoint's own task (exporters.models.default_task)
     output: str | None = None  # None: <model name>-<task>.onnx / .pt in the current directory
-    opset: int = DEFAULT_OPSET  # ONNX only
+    opset: int | None = None  # ONNX only (None: DEFAULT_OPSET)
     dtype: str = "fp32"
     device: str = "cpu"
     max_length: int | None = None  # longest sequence the export must serve (None: max_position_embeddings)
-    custom_ops: str = "auto"  # ONNX only
-    atol: float | None = None  # None: the task's tolerance for the dtype (the verifier's default)
+    custom_ops: str | None = None  # ONNX only (None: DEFAULT_CUSTOM_OPS)
+    atol: float | None = None  # with verify only (None: the task's tolerance for the dtype, the verifier's default)
     with_buckets: bool = False  # also output each LSH layer's buckets (for checking bucket agreement)
     verify: bool = True
-    keep_failed: bool = False
+    keep_failed: bool = False  # with verify only
     report: str | None = None  # path of a JSON report (None: no report)
 
 
@@ -59,6 +64,8 @@ class ExportResult:
     task: str
     output: str | None  # where the file is; None when verification failed and it was removed
     size_bytes: int
+    settings: dict  # what the export applied (applied_settings)
+    notes: list[str] = field(default_factory=list)  # what the user should know about the graph (export_notes)
     seconds: dict[str, float] = field(default_factory=dict)  # load, export, verify
     verification: object | None = None  # exporters.verify.VerificationReport, None without verification
 
@@ -74,6 +81,9 @@ class ExportResult:
             "task": self.task,
             "output": self.output,
             "size_bytes": self.size_bytes,
+            "settings": self.settings,
+            "notes": self.notes,
+            "versions": library_versions(),
             "seconds": self.seconds,
             "verified": self.verification is not None,
             "passed": self.passed,
@@ -81,10 +91,13 @@ class ExportResult:
         }
 
     def summary_table(self) -> str:
-        request = self.request
-        options = f"{request.format}, {request.dtype}, {request.device}"
-        if request.format == "onnx":
-            options += f", opset {request.opset}, custom ops {request.custom_ops}"
+        settings = self.settings
+        options = f"{settings['format']}, {settings['dtype']}, {settings['device']}"
+        options += f", max length {settings['max_length']}"
+        if settings["format"] == "onnx":
+            options += f", opset {settings['opset']}, custom ops {settings['custom_ops']}"
+        if settings.get("with_buckets"):
+            options += ", with bucket outputs"
         if self.verification is None:
             verdict = "skipped (--no-verify)"
         else:
@@ -96,7 +109,7 @@ class ExportResult:
             ("output", f"{self.output} ({self.size_bytes / 1e6:.2f} MB)" if self.output else "(none)"),
             ("time", ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self.seconds.items())),
             ("verification", verdict),
-        ]
+        ] + [("note", note) for note in self.notes]
         width = max(len(label) for label, _ in rows)
         lines = [f"{label:<{width}}  {value}" for label, value in rows]
         if self.verification is not None:
@@ -116,13 +129,14 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
     timer = time.perf_counter()
     progress(f"Loading model {request.model or DEFAULT_MODEL}")
     resolved = resolve_model(request.model, request.task)
+    settings = applied_settings(request, resolved.model.config)
     output = request.output or f"{resolved.name}-{resolved.spec.name}{FORMATS[request.format]}"
     seconds = {"load": time.perf_counter() - timer}
     with export_staging(output) as staging:
         staged = os.path.join(staging, os.path.basename(output))
         timer = time.perf_counter()
         progress(f"Exporting {resolved.describe()}, task {resolved.spec.name}, to {request.format}")
-        export(request, resolved, staged)
+        export(settings, resolved, staged)
         seconds["export"] = time.perf_counter() - timer
         size_bytes = sum(os.path.getsize(os.path.join(staging, name)) for name in os.listdir(staging))
         verification = None
@@ -133,22 +147,22 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
                 progress("Exporting the verification twin (eager's LSH buckets as inputs; not shipped)")
                 os.mkdir(os.path.join(staging, TWIN_FOLDER))
                 twin = os.path.join(staging, TWIN_FOLDER, os.path.basename(output))
-                export(request, resolved, twin, replay=True)
+                export(settings, resolved, twin, replay=True)
                 seconds["twin export"] = time.perf_counter() - timer
             timer = time.perf_counter()
             progress("Verifying against eager PyTorch")
             from .verify import default_shapes, verify_export
 
-            shapes = default_shapes(resolved.model.config, request.max_length)
+            shapes = default_shapes(resolved.model.config, settings["max_length"])
             verification = verify_export(resolved.model, resolved.spec, staged, request.format, twin_path=twin,
                                          dtype=request.dtype, device=request.device, atol=request.atol, shapes=shapes)
-            verification.path = output
+            verification.path = output  # where the graph goes, not the staging folder it was verified in
             seconds["verify"] = time.perf_counter() - timer
         keep = verification is None or verification.passed or request.keep_failed
         if keep:
             move_into_place(staging, output)
     result = ExportResult(request, resolved.describe(), resolved.spec.name, output if keep else None, size_bytes,
-                          seconds, verification)
+                          settings, export_notes(resolved.model.config), seconds, verification)
     write_report(request, result)
     return result
 
@@ -162,24 +176,61 @@ def run_generation_export(request: ExportRequest, progress: Callable[[str], None
     timer = time.perf_counter()
     progress(f"Loading model {request.model or DEFAULT_MODEL}")
     resolved = resolve_model(request.model, "causal-lm")
+    settings = applied_settings(request, resolved.model.config)
     output = request.output or f"{resolved.name}-{GENERATION_TASK}"
     seconds = {"load": time.perf_counter() - timer}
     timer = time.perf_counter()
     progress(f"Exporting {resolved.describe()}, task {GENERATION_TASK}, to {request.format} graphs in {output}"
              + (" and verifying them" if request.verify else ""))
+    onnx_settings = {name: settings[name] for name in ("opset", "custom_ops") if name in settings}
     try:
         _, verification = export_causal_lm_with_past(
-            resolved.model, output, request.format, opset=request.opset, custom_ops=request.custom_ops,
+            resolved.model, output, request.format, **onnx_settings, max_length=settings["max_length"],
             verify=request.verify, atol=request.atol, keep_failed=request.keep_failed, metadata=resolved.metadata())
     except VerificationError as error:
         verification = error.report
     seconds["export and verify" if request.verify else "export"] = time.perf_counter() - timer
+    if verification is not None:
+        verification.path = output  # the output as given, as for the task graphs
     kept = os.path.isdir(output) and (verification is None or verification.passed or request.keep_failed)
     size_bytes = sum(os.path.getsize(os.path.join(output, name)) for name in os.listdir(output)) if kept else 0
     result = ExportResult(request, resolved.describe(), GENERATION_TASK, output if kept else None, size_bytes,
-                          seconds, verification)
+                          settings, export_notes(resolved.model.config), seconds, verification)
     write_report(request, result)
     return result
+
+
+def applied_settings(request: ExportRequest, config) -> dict:
+    """What the export applies, with the defaults resolved: format, dtype, device, max_length, and for ONNX
+    opset and custom_ops. The exporters get these values, and the summary and the report show them."""
+    settings = {"format": request.format, "dtype": request.dtype, "device": request.device,
+                "max_length": resolve_max_length(config, request.max_length)}
+    if request.format == "onnx":
+        settings["opset"] = DEFAULT_OPSET if request.opset is None else request.opset
+        settings["custom_ops"] = request.custom_ops or DEFAULT_CUSTOM_OPS
+    if request.task != GENERATION_TASK:
+        settings["with_buckets"] = request.with_buckets
+    return settings
+
+
+def export_notes(config) -> list[str]:
+    """What a user should know about a graph that exported as asked."""
+    if config.hash_seed is None and "lsh" in config.attn_layers:
+        return [f"config.json sets no hash_seed, so the LSH rotations come from seed {config.resolved_hash_seed}; "
+                "transformers draws new rotations on every call for such a config, so no graph can match it: "
+                "set hash_seed in config.json to pin the rotations (the graph records the seed it used)"]
+    return []
+
+
+def library_versions() -> dict[str, str | None]:
+    """Python's version and the installed versions of REPORTED_DISTRIBUTIONS (None: not installed)."""
+    versions = {"python": platform.python_version()}
+    for name in REPORTED_DISTRIBUTIONS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def write_report(request: ExportRequest, result: ExportResult) -> None:
@@ -188,16 +239,38 @@ def write_report(request: ExportRequest, result: ExportResult) -> None:
 
 
 def check_options(request: ExportRequest) -> None:
-    """Checks that need no model, so a bad request fails before any slow step."""
+    """Checks that need no model, so a bad request fails before any slow step. An option that would not
+    apply (an ONNX option for TorchScript, a verification option without verification) is refused, so that
+    nothing asked for is silently dropped."""
     for name, value, choices in (("format", request.format, FORMATS), ("dtype", request.dtype, DTYPES),
-                                 ("device", request.device, DEVICES), ("custom ops", request.custom_ops, CUSTOM_OPS_MODES)):
+                                 ("device", request.device, DEVICES)):
         if value not in choices:
             raise ExportRequestError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
-    check_device(request.device)
-    require_runtime(request.format, request.verify)
+    if request.custom_ops is not None and request.custom_ops not in CUSTOM_OPS_MODES:
+        raise ExportRequestError(f"unknown custom ops {request.custom_ops!r}: "
+                                 f"choose one of {', '.join(CUSTOM_OPS_MODES)}")
+    if request.format != "onnx":
+        for option, value in (("--opset", request.opset), ("--custom-ops", request.custom_ops)):
+            if value is not None:
+                raise ExportRequestError(f"{option} applies to ONNX only: drop it for --format {request.format}")
+    elif request.opset is not None:
+        from .onnx import SUPPORTED_OPSETS
+
+        if request.opset not in SUPPORTED_OPSETS:
+            raise ExportRequestError(f"opset {request.opset} is not supported: choose {SUPPORTED_OPSETS[0]} to "
+                                     f"{SUPPORTED_OPSETS[-1]}")
+    if not request.verify:
+        for option, given in (("--atol", request.atol is not None), ("--keep-failed", request.keep_failed)):
+            if given:
+                raise ExportRequestError(f"{option} applies to verification only: drop it with --no-verify")
+    if request.task == GENERATION_TASK and request.with_buckets:
+        raise ExportRequestError(f"--with-buckets applies to task graphs: task {GENERATION_TASK}'s cache already "
+                                 "holds the buckets")
     if request.task == GENERATION_TASK and (request.dtype, request.device) != ("fp32", "cpu"):
         raise ExportRequestError(f"task {GENERATION_TASK} exports fp32 graphs on the CPU (they run on CUDA too): "
                                  "drop --dtype and --device")
+    check_device(request.device)
+    require_runtime(request.format, request.verify)
     if request.dtype == "fp16" and request.device != "cuda":
         raise ExportRequestError("fp16 export is for the CUDA runtimes: use device cuda (fp32 on the CPU)")
     if request.atol is not None and not request.atol > 0:
@@ -208,21 +281,22 @@ def check_options(request: ExportRequest) -> None:
             raise ExportRequestError(f"cannot write the {what} {path}: {folder} is not a directory")
 
 
-def export(request: ExportRequest, resolved, path: str, replay: bool = False) -> None:
-    """The requested graph, or (`replay`) its verification twin, through the same exporter."""
+def export(settings: dict, resolved, path: str, replay: bool = False) -> None:
+    """The graph `settings` describe (applied_settings), or (`replay`) its verification twin, through the
+    same exporter."""
     metadata = resolved.metadata()
-    if request.format == "onnx":
+    if settings["format"] == "onnx":
         from .onnx import export_onnx
 
-        export_onnx(resolved.model, resolved.spec, path, opset=request.opset, custom_ops=request.custom_ops,
-                    dtype=request.dtype, device=request.device, max_length=request.max_length,
-                    with_buckets=request.with_buckets, replay=replay, metadata=metadata)
+        export_onnx(resolved.model, resolved.spec, path, opset=settings["opset"], custom_ops=settings["custom_ops"],
+                    dtype=settings["dtype"], device=settings["device"], max_length=settings["max_length"],
+                    with_buckets=settings["with_buckets"], replay=replay, metadata=metadata)
     else:
         from .torchscript import export_torchscript
 
-        export_torchscript(resolved.model, resolved.spec, path, dtype=request.dtype, device=request.device,
-                           max_length=request.max_length, with_buckets=request.with_buckets, replay=replay,
-                           metadata=metadata)
+        export_torchscript(resolved.model, resolved.spec, path, dtype=settings["dtype"], device=settings["device"],
+                           max_length=settings["max_length"], with_buckets=settings["with_buckets"],
+                           replay=replay, metadata=metadata)
 
 
 @contextmanager

@@ -1,10 +1,10 @@
 """TorchScript export for C++ hosts: one `torch.jit.trace` of the task's export wrapper that serves every batch
 size and every length up to the model's maximum.
 
-The model has no Python branching on shapes or values in inference `forward` (see ../shared/DESIGN.md), so
-a trace at one representative shape records the general path: padding to the chunk multiple, several chunks,
-and the "fits one chunk" switch as a tensor. The graph holds only ATen ops, which libtorch runs without
-Python."""
+The model has no Python branching on shapes or values in inference `forward` (reformer/ keeps chunk shapes
+static and makes every data-dependent choice a tensor operation), so a trace at one representative shape
+records the general path: padding to the chunk multiple, several chunks, and the "fits one chunk" switch as a
+tensor. The graph holds only ATen ops, which libtorch runs without Python."""
 
 from __future__ import annotations
 

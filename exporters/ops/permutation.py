@@ -1,8 +1,9 @@
 """`invert_permutation`: result[..., permutation[..., i]] = i.
 
 One lowering, a `ScatterElements` of positions: one pass over the data. The alternative, a second sort
-(`TopK` of the permutation), costs as much as the bucket sort itself on ONNX Runtime CUDA (DESIGN.md), so
-there is no ort lowering that would pay."""
+(`TopK` of the permutation), costs as much as the bucket sort itself on ONNX Runtime CUDA (sorting is its
+expensive op: 1.2 to 1.9 ms for 16 rows of 64K to 128K keys on an H100), so there is no ort lowering that
+would pay."""
 
 from __future__ import annotations
 

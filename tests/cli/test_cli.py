@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,9 +22,11 @@ import reformer
 from cli import main as cli_main
 from exporters import api
 from exporters.specs import TASKS
+from reformer.files import STAGING_PREFIX
 from tiny_configs import BASE
 
 OUTPUT = "out.onnx"
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARKER = "pickle-ran"
 
 
@@ -132,6 +140,21 @@ BAD_INPUTS = [
     BadInput("torchscript_max_length_too_long", lambda root: ["--max-length", "2000"], "must be between 1 and",
              format="torchscript"),
     BadInput("fp16_on_cpu", lambda root: ["--dtype", "fp16"], "use device cuda"),
+    BadInput("opset_below_range", lambda root: ["--opset", "17"], "Invalid value for '--opset'", 2),
+    BadInput("opset_above_range", lambda root: ["--opset", "22"], "Invalid value for '--opset'", 2),
+    BadInput("opset_for_torchscript", lambda root: ["--opset", "18"], "--opset applies to ONNX only",
+             format="torchscript"),
+    BadInput("custom_ops_for_torchscript", lambda root: ["--custom-ops", "auto"], "--custom-ops applies to ONNX only",
+             format="torchscript"),
+    BadInput("atol_without_verify", lambda root: ["--no-verify", "--atol", "0.1"], "--atol applies to verification"),
+    BadInput("keep_failed_without_verify", lambda root: ["--no-verify", "--keep-failed"],
+             "--keep-failed applies to verification"),
+    BadInput("generation_on_cuda", lambda root: ["--task", "causal-lm-with-past", "--device", "cuda"],
+             "drop --dtype and --device"),
+    BadInput("generation_max_length_too_long", lambda root: ["--task", "causal-lm-with-past", "--max-length", "5000"],
+             "must be between 1 and"),
+    BadInput("generation_opset_for_torchscript", lambda root: ["--task", "causal-lm-with-past", "--opset", "20"],
+             "--opset applies to ONNX only", format="torchscript"),
     BadInput("torchscript_missing_model", missing_dir, "no model directory", format="torchscript"),
 ]
 if not torch.cuda.is_available():
@@ -162,14 +185,29 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(bad, tmp_path, monkey
 
 
 def test_cli_choices_match_the_library():
-    from exporters import precision
+    from exporters import models, precision, specs
     from exporters.ops import CUSTOM_OPS_MODES
+    from exporters.onnx import SUPPORTED_OPSETS
 
     assert cli_main.TASKS == (*TASKS, api.GENERATION_TASK)
     assert cli_main.FORMATS == tuple(api.FORMATS)
     assert cli_main.DTYPES == tuple(precision.DTYPES)
     assert cli_main.DEVICES == tuple(precision.DEVICES)
     assert cli_main.CUSTOM_OPS_MODES == tuple(CUSTOM_OPS_MODES)
+    assert cli_main.DEFAULT_CUSTOM_OPS == api.DEFAULT_CUSTOM_OPS
+    assert cli_main.OPSETS == (SUPPORTED_OPSETS[0], SUPPORTED_OPSETS[-1])
+    assert cli_main.DEFAULT_OPSET == specs.DEFAULT_OPSET
+    assert sorted(cli_main.BUILT_IN_MODELS) == models.built_in_models()
+    assert cli_main.DEFAULT_MODEL == models.DEFAULT_MODEL
+
+
+def test_help_names_the_built_in_models_defaults_and_opset_range():
+    result = run_cli(["--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # click wraps lines
+    assert "models/ (byte-lm, tiny, enwik8). Default: byte-lm." in text
+    assert "exports the built-in byte-lm model" in text and "tiny model" not in text
+    assert "ONNX opset, 18 to 21 (--format onnx only). Default: 18. [18<=x<=21]" in text
 
 
 def test_every_option_has_help():
@@ -179,13 +217,9 @@ def test_every_option_has_help():
 
 def test_help_does_not_import_torch():
     """--help must answer at once: the command imports torch only when it runs."""
-    import subprocess
-    import sys
-
     code = ("import sys; from click.testing import CliRunner; from cli.main import main; "
             "result = CliRunner().invoke(main, ['--help']); print(result.exit_code, 'torch' in sys.modules)")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    completed = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, check=True)
     assert completed.stdout.split() == ["0", "False"]
 
 
@@ -205,8 +239,29 @@ def test_default_model_exports_verifies_and_reports(format_, suffix, tmp_path, m
     assert sorted(os.listdir(tmp_path)) == sorted([output, "report.json"])
     report = load_report(tmp_path / "report.json")
     assert report["passed"] and report["verified"] and report["output"] == output
+    assert report["verification"]["path"] == output  # not the staging folder it was verified in
+    assert STAGING_PREFIX not in (tmp_path / "report.json").read_text()
     assert report["size_bytes"] == os.path.getsize(tmp_path / output)
+    onnx_settings = {"opset": 18, "custom_ops": "auto"} if format_ == "onnx" else {}
+    assert report["settings"] == {"format": format_, "dtype": "fp32", "device": "cpu", "max_length": 1024,
+                                  **onnx_settings}
+    assert_versions_recorded(report["versions"])
     assert "passed" in result.stdout and output in result.stdout
+    export_line = {"onnx": "onnx, fp32, cpu, max length 1024, opset 18, custom ops auto",
+                   "torchscript": "torchscript, fp32, cpu, max length 1024"}[format_]
+    assert f"export        {export_line}\n" in result.stdout
+
+
+def assert_versions_recorded(versions: dict) -> None:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    assert versions["python"] == platform.python_version()
+    assert versions["torch"] == torch.__version__
+    assert (versions["onnx"], versions["onnxscript"]) == (onnx.__version__, onnxscript.__version__)
+    # ONNX Runtime is one of two packages, both providing the onnxruntime module.
+    assert onnxruntime.__version__ in (versions["onnxruntime"], versions["onnxruntime-gpu"])
 
 
 def test_exported_torchscript_matches_eager_of_the_named_model(tmp_path, monkeypatch):
@@ -302,3 +357,130 @@ def test_hub_id_missing_from_the_offline_cache_gives_one_error_line(tmp_path, mo
     assert len(error_lines) == 1, result.stderr
     assert "Hugging Face Hub model google/reformer-enwik8 could not be fetched" in error_lines[0]
     assert os.listdir(tmp_path) == ["hub-cache"]
+def onnx_opset(proto) -> int:
+    return {opset.domain: opset.version for opset in proto.opset_import}[""]
+
+
+def test_onnx_options_reach_the_graph_and_the_summary(tmp_path, monkeypatch):
+    import onnx
+
+    from exporters.onnx import METADATA_PREFIX
+
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--model", "tiny", "--format", "onnx", "--opset", "20", "--custom-ops", "standard",
+                      "--max-length", "64", "--no-verify", "--output", "lm.onnx"])
+    assert result.exit_code == 0, result.output
+    proto = onnx.load("lm.onnx")
+    assert onnx_opset(proto) == 20
+    assert all(node.domain == "" for node in proto.graph.node) and not proto.functions  # standard ops only
+    metadata = {prop.key[len(METADATA_PREFIX):]: json.loads(prop.value) for prop in proto.metadata_props
+                if prop.key.startswith(METADATA_PREFIX)}
+    assert (metadata["opset"], metadata["custom_ops"], metadata["max_length"]) == (20, "standard", 64)
+    assert "export        onnx, fp32, cpu, max length 64, opset 20, custom ops standard\n" in result.stdout
+
+
+def test_generation_export_applies_opset_custom_ops_and_max_length(tmp_path, monkeypatch):
+    """--task causal-lm-with-past used to write opset 18 with the ort lowerings at the model's full length,
+    whatever was asked, while the summary claimed the options."""
+    import onnx
+
+    import exporters.decoder
+
+    received = {}
+    export_causal_lm_with_past = exporters.decoder.export_causal_lm_with_past
+
+    def recording(*arguments, **options):
+        received.update(options)
+        return export_causal_lm_with_past(*arguments, **options)
+
+    monkeypatch.setattr(exporters.decoder, "export_causal_lm_with_past", recording)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--model", "tiny", "--task", "causal-lm-with-past", "--format", "onnx", "--opset", "20",
+                      "--custom-ops", "standard", "--max-length", "64", "--no-verify", "--output", "generation"])
+    assert result.exit_code == 0, result.output
+    assert received["max_length"] == 64  # what the graphs make of it, exporters.decoder's tests check
+    with open(tmp_path / "generation" / exporters.decoder.CONFIG_NAME, encoding="utf-8") as handle:
+        description = json.load(handle)
+    assert description["opset"] == 20 and set(description["lowerings"].values()) == {"standard"}
+    for name in exporters.decoder.FILES["onnx"].values():
+        proto = onnx.load(tmp_path / "generation" / name)
+        assert onnx_opset(proto) == 20, name
+        assert all(node.domain == "" for node in proto.graph.node) and not proto.functions, name
+    assert "export        onnx, fp32, cpu, max length 64, opset 20, custom ops standard\n" in result.stdout
+
+
+def test_generation_report_names_the_final_directory(tmp_path, monkeypatch):
+    from exporters.verify import VerificationReport, VerificationRow
+
+    def passing(model, folder, fmt, **options):
+        return VerificationReport(fmt, folder, [VerificationRow("torchscript", "cpu", (1, 1), "fp32", passed=True)])
+
+    monkeypatch.setattr("exporters.verify.verify_decoder", passing)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--model", "tiny", "--task", "causal-lm-with-past", "--format", "torchscript",
+                      "--output", "generation", "--report", "report.json"])
+    assert result.exit_code == 0, result.output
+    report = load_report(tmp_path / "report.json")
+    assert report["output"] == report["verification"]["path"] == "generation"
+    assert STAGING_PREFIX not in (tmp_path / "report.json").read_text()
+    assert report["settings"] == {"format": "torchscript", "dtype": "fp32", "device": "cpu", "max_length": 256}
+    assert_versions_recorded(report["versions"])
+    assert sorted(os.listdir(tmp_path)) == ["generation", "report.json"]
+
+
+@pytest.mark.parametrize("hash_seed", [None, 3])
+def test_summary_notes_a_config_without_hash_seed(hash_seed, tmp_path, monkeypatch):
+    """transformers draws new LSH rotations on every call when a config has no hash_seed: the export must
+    say that no graph can match it, and what to do."""
+    from exporters.torchscript import load_metadata
+
+    directory = save_checkpoint(str(tmp_path / "ckpt"), hash_seed=hash_seed)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--model", directory, "--format", "torchscript", "--no-verify", "--output", "lm.pt",
+                      "--report", "report.json"])
+    assert result.exit_code == 0, result.output
+    notes = load_report(tmp_path / "report.json")["notes"]
+    note_lines = [line for line in result.stdout.splitlines() if re.match(r"note\s", line)]
+    assert load_metadata(str(tmp_path / "lm.pt"))["hash_seed_defaulted"] == (hash_seed is None)
+    if hash_seed is None:
+        assert len(notes) == 1 and "no hash_seed" in notes[0] and "set hash_seed in config.json" in notes[0]
+        assert note_lines == [f"note          {notes[0]}"]
+    else:
+        assert notes == [] and note_lines == []
+
+
+def test_sigterm_during_export_exits_143_and_leaves_nothing(tmp_path):
+    """SIGTERM used to end the process before cleanup, leaving the hidden staging folder beside the output."""
+    output_folder = tmp_path / "out"
+    output_folder.mkdir()
+    search_path = os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "PYTHONPATH": search_path}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "--model", "tiny", "--format", "onnx", "--output",
+         str(output_folder / "tiny.onnx")],
+        cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(name.startswith(STAGING_PREFIX) for name in os.listdir(output_folder)):
+            assert process.poll() is None, "the export ended before it could be terminated"
+            assert time.monotonic() < deadline, "no staging folder after 120 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and stderr.splitlines()[-1] == "Error: interrupted by SIGTERM"
+    assert os.listdir(output_folder) == [] and os.listdir(tmp_path) == ["out"]
+
+
+def test_interrupt_exits_130_with_one_error_line(tmp_path, monkeypatch):
+    def interrupted(request, progress):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "run_export", interrupted)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--format", "onnx"])
+    assert result.exit_code == 128 + signal.SIGINT and "Traceback" not in result.output
+    assert result.stderr.splitlines() == ["Error: interrupted by SIGINT"]

@@ -171,6 +171,7 @@ def test_output_appears_only_after_verification(tmp_path, monkeypatch, verifier)
     assert sorted(os.listdir(tmp_path)) == ["report.json", "tiny-causal-lm.pt"]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] and report["task"] == "causal-lm" and report["request"]["max_length"] == 64
+    assert report["settings"]["max_length"] == 64
     metadata = load_metadata(str(tmp_path / "tiny-causal-lm.pt"))
     assert metadata["model_name"] == "tiny" and metadata["random_weights_seed"] == RANDOM_WEIGHTS_SEED
     assert metadata["max_length"] == 64
@@ -221,11 +222,55 @@ def test_existing_output_is_replaced_whole(tmp_path, verifier):
     (dict(format="onnx", custom_ops="tensorrt"), "unknown custom ops 'tensorrt'"),
     (dict(format="onnx", atol=0.0), "atol must be positive"),
     (dict(format="onnx", dtype="fp16"), "use device cuda"),
+    (dict(format="onnx", opset=17), "opset 17 is not supported: choose 18 to 21"),
+    (dict(format="onnx", task=api.GENERATION_TASK, opset=22), "opset 22 is not supported"),
+    (dict(format="torchscript", opset=18), "--opset applies to ONNX only"),
+    (dict(format="torchscript", task=api.GENERATION_TASK, custom_ops="standard"), "--custom-ops applies to ONNX only"),
+    (dict(format="onnx", verify=False, atol=0.1), "--atol applies to verification only"),
+    (dict(format="torchscript", verify=False, keep_failed=True), "--keep-failed applies to verification only"),
+    (dict(format="onnx", task=api.GENERATION_TASK, dtype="fp16", device="cuda"), "drop --dtype and --device"),
 ])
-def test_bad_options_fail_before_any_work(request_values, message, tmp_path):
+def test_bad_options_fail_before_any_work(request_values, message, tmp_path, monkeypatch):
+    import exporters.models
+
+    def no_loading(*arguments, **options):
+        raise AssertionError("the model was loaded for a request that cannot be carried out")
+
+    monkeypatch.setattr(exporters.models, "resolve_model", no_loading)
     with pytest.raises(ExportError, match=message):
         api.run_export(api.ExportRequest(**request_values, output=str(tmp_path / "x")))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("request_values,settings", [
+    (dict(format="onnx"), dict(format="onnx", dtype="fp32", device="cpu", max_length=256, opset=18, custom_ops="auto")),
+    (dict(format="onnx", opset=21, custom_ops="standard", max_length=40),
+     dict(format="onnx", dtype="fp32", device="cpu", max_length=40, opset=21, custom_ops="standard")),
+    (dict(format="torchscript", max_length=40), dict(format="torchscript", dtype="fp32", device="cpu", max_length=40)),
+])
+def test_applied_settings_resolve_defaults_and_hold_onnx_options_only_for_onnx(request_values, settings):
+    config = resolve_model("tiny").model.config
+    assert api.applied_settings(api.ExportRequest(**request_values), config) == settings
+
+
+@pytest.mark.parametrize("overrides,noted", [
+    (dict(hash_seed=None), True),
+    (dict(hash_seed=0), False),
+    (dict(hash_seed=None, attn_layers=["local", "local"]), False),  # no LSH layer: no rotations to draw
+])
+def test_a_defaulted_hash_seed_is_noted_only_where_it_matters(overrides, noted):
+    config = reformer.ReformerConfig(**{**BASE, "attn_layers": ["local", "lsh"], **overrides})
+    notes = api.export_notes(config)
+    assert len(notes) == int(noted)
+    if noted:
+        assert "seed 0" in notes[0] and "set hash_seed in config.json" in notes[0]
+
+
+def test_library_versions_name_the_installed_libraries():
+    versions = api.library_versions()
+    assert set(versions) == {"python", *api.REPORTED_DISTRIBUTIONS}
+    assert versions["torch"] == torch.__version__
+    assert versions["onnxruntime"] or versions["onnxruntime-gpu"]
 
 
 # ----- the full-size built-in model -----
