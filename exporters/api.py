@@ -208,8 +208,8 @@ def applied_settings(request: ExportRequest, config) -> dict:
     if request.format == "onnx":
         settings["opset"] = DEFAULT_OPSET if request.opset is None else request.opset
         settings["custom_ops"] = request.custom_ops or DEFAULT_CUSTOM_OPS
-    if request.task != GENERATION_TASK:
-        settings["with_buckets"] = request.with_buckets
+    if request.with_buckets:  # refused for causal-lm-with-past (check_options)
+        settings["with_buckets"] = True
     return settings
 
 
@@ -290,12 +290,12 @@ def export(settings: dict, resolved, path: str, replay: bool = False) -> None:
 
         export_onnx(resolved.model, resolved.spec, path, opset=settings["opset"], custom_ops=settings["custom_ops"],
                     dtype=settings["dtype"], device=settings["device"], max_length=settings["max_length"],
-                    with_buckets=settings["with_buckets"], replay=replay, metadata=metadata)
+                    with_buckets=settings.get("with_buckets", False), replay=replay, metadata=metadata)
     else:
         from .torchscript import export_torchscript
 
         export_torchscript(resolved.model, resolved.spec, path, dtype=settings["dtype"], device=settings["device"],
-                           max_length=settings["max_length"], with_buckets=settings["with_buckets"],
+                           max_length=settings["max_length"], with_buckets=settings.get("with_buckets", False),
                            replay=replay, metadata=metadata)
 
 
