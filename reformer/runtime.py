@@ -1,7 +1,7 @@
 """Running exported Reformer graphs with ONNX Runtime, for applications: numpy and onnxruntime only.
 
 - `OnnxModel(path)`: one exported task graph (`reformer-export --format onnx`); call it with token ids and an
-  optional mask, get the named outputs as arrays.
+  optional mask, get the task's named outputs as arrays.
 - `OnnxGenerator(directory)`: text generation over the prefill and decoder-step graphs that
   `reformer-export --task causal-lm-with-past` writes (see exporters/decoder.py for the directory layout).
   On CUDA the cache stays on the device between steps (IO binding); only the last logits come to the host.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +25,8 @@ from .sampling import TokenChooser, check_generation_length
 DECODER_CONFIG_NAME = "decoder_config.json"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+# Task graphs may also output each LSH layer's buckets, for verification: `buckets_0`, `buckets_1`, ...
+BUCKET_OUTPUT = re.compile(r"buckets_\d+")
 
 
 def default_providers() -> list[str]:
@@ -82,10 +85,13 @@ def pad_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[np
 class OnnxModel:
     """An exported task graph (inputs `input_ids`, `attention_mask`; outputs by name)."""
 
-    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, pad_token_id: int = 0):
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, pad_token_id: int = 0,
+                 bucket_outputs: bool = False):
+        """bucket_outputs: also return the LSH layers' buckets (`buckets_<i>`), where the graph has them."""
         self.session = open_session(path, providers)
         self.input_names = [graph_input.name for graph_input in self.session.get_inputs()]
-        self.output_names = [output.name for output in self.session.get_outputs()]
+        self.output_names = [output.name for output in self.session.get_outputs()
+                             if bucket_outputs or not BUCKET_OUTPUT.fullmatch(output.name)]
         # Padding is masked out, so its id changes no output at a real position.
         self.pad_token_id = pad_token_id
 
@@ -99,7 +105,7 @@ class OnnxModel:
         at padded positions are not defined."""
         ids, mask = pad_batch(input_ids, attention_mask, self.pad_token_id)
         feeds = {"input_ids": ids, "attention_mask": mask}
-        outputs = self.session.run(None, {name: feeds[name] for name in self.input_names})
+        outputs = self.session.run(self.output_names, {name: feeds[name] for name in self.input_names})
         return dict(zip(self.output_names, outputs))
 
 

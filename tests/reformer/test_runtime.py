@@ -106,3 +106,27 @@ def test_runtime_imports_without_torch():
     code = "import sys; sys.modules['torch'] = None; import reformer.runtime; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr.strip().splitlines()[-1:]
+
+
+def test_onnx_model_returns_task_outputs(tmp_path):
+    """A graph that also outputs each LSH layer's buckets (as exported for verification): OnnxModel returns
+    the task's outputs, and the buckets only when asked."""
+    from exporters.program import export_program
+    from exporters.specs import TASKS
+
+    model = random_model(CAUSAL_CONFIGS["mixed"])
+    spec = TASKS["causal-lm"]
+    example = (prompt(2, 13), torch.ones(2, 13, dtype=torch.long))
+    path = str(tmp_path / "lm.onnx")
+    program = export_program(spec.wrap(model, with_buckets=True), example, model.config.max_position_embeddings)
+    torch.onnx.export(program, example, dynamo=True, opset_version=18, input_names=["input_ids", "attention_mask"],
+                      output_names=spec.all_output_names(1, with_buckets=True)).save(path)
+    input_ids = prompt(3, 21, seed=1)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids)
+    outputs = OnnxModel(path, providers=["CPUExecutionProvider"])(input_ids.numpy())
+    assert list(outputs) == ["logits"]
+    assert abs(outputs["logits"] - expected.logits.numpy()).max() <= ATOL
+    everything = OnnxModel(path, providers=["CPUExecutionProvider"], bucket_outputs=True)(input_ids.numpy())
+    assert list(everything) == ["logits", "buckets_0"]
+    assert (everything["buckets_0"] == expected.buckets[0].numpy()).all()
