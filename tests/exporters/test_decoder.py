@@ -2,7 +2,7 @@
 report and pass/fail protocol as the task graphs (exporters.verify.verify_decoder).
 
 Tolerance: max abs diff <= 1e-5 against eager `IncrementalDecoder` (fp32 CPU; the graphs run the same ops),
-at batch sizes and lengths other than the traced ones."""
+at batch sizes and lengths other than the traced ones, and on caches of prompts of different lengths."""
 
 import json
 import os
@@ -14,7 +14,7 @@ import torch
 from exporters.decoder import CONFIG_NAME, FILES, export_causal_lm_with_past
 from exporters.verify import VerificationReport, VerificationRow
 from exporters.errors import ExportError, VerificationError
-from generation_configs import CAUSAL_CONFIGS, prompt, random_model
+from generation_configs import CAUSAL_CONFIGS, left_padded_prefill, mixed_prompts, prompt, random_model
 from reformer.generation import DecoderCache, IncrementalDecoder, cache_names
 
 ATOL = 1e-5
@@ -41,7 +41,10 @@ def test_onnx_export_layout_and_verification(onnx_export):
     os.umask(umask)
     assert os.stat(directory).st_mode & 0o777 == 0o777 & ~umask
     assert description["cache"] == cache_names(model.config) == [
-        "states_0", "states_1", "buckets_0", "buckets_1", "lsh_full_attention_until"]
+        "states_0", "states_1", "buckets_0", "buckets_1", "lsh_full_attention_until", "left_padding"]
+    padding_values = {name: tensor["padding_value"] for name, tensor in description["cache_tensors"].items()}
+    assert padding_values == {"states_0": 0.0, "states_1": 0.0, "buckets_0": 4, "buckets_1": 4,
+                              "lsh_full_attention_until": None, "left_padding": None}
     assert not [name for name in os.listdir(directory.parent) if name != "decoder"]  # no staging folder left
     for kind in ("prefill", "step"):
         proto = onnx.load(directory / FILES["onnx"][kind])
@@ -71,6 +74,29 @@ def test_onnx_step_matches_eager_step(onnx_export):
             assert (actual == wanted.numpy()).all()
 
 
+def test_onnx_step_on_left_padded_cache_matches_eager(onnx_export):
+    """Prompts of different lengths: steps on their joined, left-padded cache (logits and present cache)."""
+    import onnxruntime
+
+    model, directory, description, _ = onnx_export
+    session = onnxruntime.InferenceSession(str(directory / FILES["onnx"]["step"]), providers=["CPUExecutionProvider"])
+    decoder = IncrementalDecoder(model)
+    _, cache = left_padded_prefill(model, mixed_prompts())
+    past = [tensor.numpy() for tensor in cache.tensors()]
+    differences = []
+    for position in range(12):
+        tokens = prompt(len(past[0]), 1, seed=position)
+        with torch.no_grad():
+            expected, cache = decoder.step(tokens, cache)
+        logits, *past = session.run(None, dict(zip(description["step"]["inputs"], [tokens.numpy(), *past])))
+        differences.append(abs(logits - expected.numpy()).max())
+        for actual, wanted in zip(past, cache.tensors()):
+            if wanted.dtype == torch.int64:
+                assert (actual == wanted.numpy()).all()
+        past = [tensor.numpy() for tensor in cache.tensors()]  # eager's cache: no compounding
+    assert max(differences) <= ATOL, f"max abs diff {max(differences):.3g}"
+
+
 def test_torchscript_decoder_runs_prefill_and_step(tmp_path):
     model = random_model(CAUSAL_CONFIGS["mixed"])
     directory = tmp_path / "decoder"
@@ -91,8 +117,15 @@ def test_torchscript_decoder_runs_prefill_and_step(tmp_path):
             expected, cache = decoder.step(token, cache)
             logits, *past = module.step(token, *past)
             differences.append((logits - expected).abs().max())
+        assert len(past) == len(description["cache"]) and past[0].shape[1] == 5 + 12
+        _, cache = left_padded_prefill(model, mixed_prompts())  # prompts of different lengths
+        past = list(cache.tensors())
+        for position in range(12):
+            tokens = prompt(len(past[0]), 1, seed=position)
+            expected, cache = decoder.step(tokens, cache)
+            logits, *past = module.step(tokens, *past)
+            differences.append((logits - expected).abs().max())
     assert max(differences) <= ATOL
-    assert len(past) == len(description["cache"]) and past[0].shape[1] == 5 + 12
 
 
 def far_off(model, folder, fmt, atol):
