@@ -125,13 +125,16 @@ class OnnxGenerator:
             self.description = json.load(handle)
         if self.description["format"] != "onnx":
             raise ValueError(f"{directory} holds a {self.description['format']} export, not ONNX")
+        if "max_length" not in self.description:
+            raise ValueError(f"{directory} was exported by an older version (no max_length in {DECODER_CONFIG_NAME}): "
+                             f"export it again")
         self.sessions = {kind: open_session(os.path.join(directory, file), providers)
                          for kind, file in self.description["files"].items()}
         self.device = "cuda" if CUDA in self.sessions["step"].get_providers() else "cpu"
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self.vocab_size = self.description["vocab_size"]
-        self.max_length = self.description["max_position_embeddings"]
-        self.max_length_name = "max_position_embeddings"
+        self.max_length = self.description["max_length"]
+        self.max_length_name = "the export's max_length"
         self.cache_tensors = {name: self.description["cache_tensors"][name] for name in self.description["cache"]}
 
     @property
@@ -147,7 +150,7 @@ class OnnxGenerator:
         options, as for eager `reformer.generation.generate` (`reformer.sampling.TokenChooser`): do_sample
         (default greedy), temperature, top_k, top_p, seed, repetition_penalty, eos_token_id (a row that produced
         it continues with pad_token_id, by default the model's; generation stops early when every row has),
-        pad_token_id."""
+        pad_token_id. A prompt plus new tokens may need at most the export's `max_length` positions."""
         prompts, choose = self.start_generation(input_ids, attention_mask, options)
         steps = list(generation_steps(self, prompts, choose, max_new_tokens))
         return np.concatenate([prompts.ids, np.stack(steps, axis=1)], axis=1)

@@ -15,16 +15,18 @@ from exporters.decoder import CONFIG_NAME, FILES, export_causal_lm_with_past
 from exporters.verify import VerificationReport, VerificationRow
 from exporters.errors import ExportError, VerificationError
 from generation_configs import CAUSAL_CONFIGS, left_padded_prefill, mixed_prompts, prompt, random_model
-from reformer.generation import DecoderCache, IncrementalDecoder, cache_names
+from reformer.generation import DecoderCache, IncrementalDecoder, cache_names, generate
+from reformer.runtime import OnnxGenerator
 
 ATOL = 1e-5
+MAX_LENGTH = 48  # of the ONNX export, below the configs' 128 positions
 
 
 @pytest.fixture(scope="module")
 def onnx_export(tmp_path_factory):
     model = random_model(CAUSAL_CONFIGS["lsh"])
     directory = tmp_path_factory.mktemp("onnx") / "decoder"
-    description, report = export_causal_lm_with_past(model, str(directory), "onnx", opset=20)
+    description, report = export_causal_lm_with_past(model, str(directory), "onnx", opset=20, max_length=MAX_LENGTH)
     return model, directory, description, report
 
 
@@ -45,6 +47,7 @@ def test_onnx_export_layout_and_verification(onnx_export):
     padding_values = {name: tensor["padding_value"] for name, tensor in description["cache_tensors"].items()}
     assert padding_values == {"states_0": 0.0, "states_1": 0.0, "buckets_0": 4, "buckets_1": 4,
                               "lsh_full_attention_until": None, "left_padding": None}
+    assert description["max_length"] == MAX_LENGTH and description["max_position_embeddings"] == 128
     assert not [name for name in os.listdir(directory.parent) if name != "decoder"]  # no staging folder left
     for kind in ("prefill", "step"):
         proto = onnx.load(directory / FILES["onnx"][kind])
@@ -97,6 +100,17 @@ def test_onnx_step_on_left_padded_cache_matches_eager(onnx_export):
     assert max(differences) <= ATOL, f"max abs diff {max(differences):.3g}"
 
 
+def test_onnx_generation_serves_max_length_and_refuses_more(onnx_export):
+    model, directory, _, _ = onnx_export
+    generator = OnnxGenerator(directory, providers=["CPUExecutionProvider"])
+    input_ids = prompt(2, 9, seed=8)
+    new_tokens = MAX_LENGTH - 9 + 1  # the last new token is predicted from position MAX_LENGTH - 1
+    expected = generate(model, input_ids, new_tokens).numpy()
+    assert (generator.generate(input_ids.numpy(), new_tokens) == expected).all()
+    with pytest.raises(ValueError, match=f"needs {MAX_LENGTH + 1} positions; the export's max_length is {MAX_LENGTH}"):
+        generator.generate(input_ids.numpy(), new_tokens + 1)
+
+
 def test_torchscript_decoder_runs_prefill_and_step(tmp_path):
     model = random_model(CAUSAL_CONFIGS["mixed"])
     directory = tmp_path / "decoder"
@@ -144,9 +158,10 @@ def test_failed_verification_leaves_nothing_or_keeps_on_request(tmp_path, monkey
     assert not report.passed and os.listdir(tmp_path) == ["kept"]
 
 
-@pytest.mark.parametrize("problem", ["exists", "not causal", "format"])
+@pytest.mark.parametrize("problem", ["exists", "not causal", "format", "max_length 1", "max_length 129"])
 def test_bad_requests_are_refused(problem, tmp_path):
     model, output, fmt = random_model(CAUSAL_CONFIGS["local"]), tmp_path / "out", "onnx"
+    max_length = int(problem.split()[1]) if problem.startswith("max_length") else None
     if problem == "exists":
         output.mkdir()
     elif problem == "not causal":
@@ -154,10 +169,10 @@ def test_bad_requests_are_refused(problem, tmp_path):
 
         values = {**CAUSAL_CONFIGS["local"], "is_decoder": False}
         model = reformer.ReformerForMaskedLM(reformer.ReformerConfig(**values))
-    else:
+    elif problem == "format":
         fmt = "tflite"
-    with pytest.raises(ExportError):
-        export_causal_lm_with_past(model, str(output), fmt)
+    with pytest.raises(ExportError, match="max_length" if max_length else ""):
+        export_causal_lm_with_past(model, str(output), fmt, max_length=max_length)
     assert os.listdir(tmp_path) == (["out"] if problem == "exists" else [])
 
 

@@ -70,7 +70,7 @@ def test_sampling_and_eos_follow_eager(exported):
 
 def test_generation_arguments_are_checked(exported):
     _, generator = exported
-    with pytest.raises(ValueError, match="139 positions; max_position_embeddings is 128"):
+    with pytest.raises(ValueError, match="139 positions; the export's max_length is 128"):
         generator.generate(np.ones((1, 100), dtype=np.int64), 40)
     with pytest.raises(ValueError, match="pad on the left"):
         generator.generate(np.ones((2, 3), dtype=np.int64), 4, attention_mask=[[1, 1, 0], [1, 1, 1]])
