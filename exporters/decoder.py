@@ -5,8 +5,10 @@ prompt and a decoder-step graph for one new token, with the cache as explicit in
 
 Directory layout written by `export_causal_lm_with_past(model, output_dir, fmt)`:
 
-    decoder_config.json    format, file names, input/output names, cache tensors with dtypes and shapes,
-                           token ids (eos, pad), vocab size, max_position_embeddings, hash seed, model config
+    decoder_config.json    format, file names, input/output names, cache tensors with dtypes, shapes and
+                           padding values, token ids (eos, pad), vocab size, max_length (the longest sequence
+                           the graphs serve, prompt plus new tokens), max_position_embeddings, hash seed,
+                           model config
     onnx:        prefill.onnx, decoder_step.onnx   (the requested opset, the op registry's lowerings; ONNX
                                                    Runtime CPU and CUDA)
     torchscript: decoder.pt                        (torch.jit.trace, ATen ops only: libtorch runs it in C++)
@@ -17,12 +19,18 @@ The cache, for a model with layers 0..Y-1 of which the LSH layers are i, j, ... 
     states_{y}   float32 [batch, Lp, hidden_size]       every layer y: layer-normed attention input per position
     buckets_{i}  int64 [batch, heads, num_hashes, Lp]   every LSH layer i: bucket per round, no round offsets
     lsh_full_attention_until  int64 [batch]             only with LSH layers; passed through unchanged
+    left_padding int64 [batch]                          positions in front of each row's first; passed through
 
-Prefill: inputs `input_ids` int64 [batch, P] (1 <= P <= max_position_embeddings; no padding: every row of a
-batch has the same length) -> `logits` float32 [batch, P, vocab_size], then the `present_*` cache in the order
-above (Lp = P). Step: inputs `input_ids` int64 [batch, 1] (the token at position Lp), then the `past_*` cache
--> `logits` float32 [batch, 1, vocab_size], then the `present_*` cache (Lp + 1 positions). Feed each step's
-present tensors back as the next step's past tensors. Positions must stay below max_position_embeddings.
+Prefill: inputs `input_ids` int64 [batch, P] (1 <= P <= max_length; no padding: every row of a call has the
+same length) -> `logits` float32 [batch, P, vocab_size], then the `present_*` cache in the order above
+(Lp = P, left_padding 0). Step: inputs `input_ids` int64 [batch, 1] (the token after the cached positions), then
+the `past_*` cache -> `logits` float32 [batch, 1, vocab_size], then the `present_*` cache (Lp + 1 positions).
+Feed each step's present tensors back as the next step's past tensors. Lp + 1 must not exceed max_length.
+
+Prompts of different lengths (reformer.sampling): prefill each group of equal length on its own, then give every
+cache tensor with an Lp axis `longest - P` positions of its `padding_value` in front (cache_tensors in
+decoder_config.json), set `left_padding` to that number, and concatenate the groups' rows; steps then run the
+whole batch, each row exactly as alone.
 
 TorchScript (`decoder.pt`, for C++ hosts via torch::jit::load): `forward(input_ids)` is the prefill and returns
 a tuple (logits, cache...); `step(input_ids, cache...)` returns a tuple (logits, cache...); call it as
@@ -42,13 +50,14 @@ from torch import nn
 from torch.export import Dim
 
 from reformer.files import publish, staging_folder, write_json
-from reformer.generation import DecoderCache, IncrementalDecoder, cache_names
+from reformer.generation import DecoderCache, IncrementalDecoder, cache_layout
 from reformer.runtime import DECODER_CONFIG_NAME
+from reformer.sampling import PAST_LENGTH
 
 from . import ops
 from .errors import ExportError, VerificationError, first_line
 from .program import batch_dim, export_dynamic
-from .specs import DEFAULT_OPSET, example_length
+from .specs import DEFAULT_OPSET, example_length, resolve_max_length
 
 CONFIG_NAME = DECODER_CONFIG_NAME  # the runtime reads it; one name for both sides
 FILES = {"onnx": {"prefill": "prefill.onnx", "step": "decoder_step.onnx"}, "torchscript": {"module": "decoder.pt"}}
@@ -92,29 +101,22 @@ class DecoderGraphs(nn.Module):
         return step_outputs(self.decoder, input_ids, past)
 
 
-def decoder_description(config, fmt: str) -> dict:
+def decoder_description(config, fmt: str, max_length: int) -> dict:
     """The content of decoder_config.json (see the module docstring)."""
-    names = cache_names(config)
-    heads, hashes = config.num_attention_heads, config.num_hashes
-    shapes = {}
-    for name in names:
-        if name.startswith("states_"):
-            shapes[name] = {"dtype": "float32", "shape": ["batch_size", "past_length", config.hidden_size]}
-        elif name.startswith("buckets_"):
-            shapes[name] = {"dtype": "int64", "shape": ["batch_size", heads, hashes, "past_length"]}
-        else:
-            shapes[name] = {"dtype": "int64", "shape": ["batch_size"]}
+    layout = cache_layout(config)
+    names = list(layout)
     return {
         "format": fmt,
         "files": FILES[fmt],
         "cache": names,
-        "cache_tensors": shapes,
+        "cache_tensors": layout,
         "prefill": {"inputs": ["input_ids"], "outputs": ["logits"] + [f"present_{name}" for name in names]},
         "step": {"inputs": ["input_ids"] + [f"past_{name}" for name in names],
                  "outputs": ["logits"] + [f"present_{name}" for name in names]},
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
         "vocab_size": config.vocab_size,
+        "max_length": max_length,
         "max_position_embeddings": config.max_position_embeddings,
         "hash_seed": config.resolved_hash_seed,
         "torch_version": torch.__version__,
@@ -122,22 +124,25 @@ def decoder_description(config, fmt: str) -> dict:
     }
 
 
-def example_prompt(config, batch: int = 2) -> torch.Tensor:
-    """A prompt longer than one chunk and not a multiple of the chunk lengths (the general prefill path)."""
-    length = example_length(config.padding_multiple, config.max_position_embeddings - 1)
+def example_prompt(config, max_length: int, batch: int = 2) -> torch.Tensor:
+    """A prompt longer than one chunk and not a multiple of the chunk lengths (the general prefill path), short
+    enough for a step after it."""
+    length = example_length(config.padding_multiple, max_length - 1)
     return torch.randint(1, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
 def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, opset: int = DEFAULT_OPSET,
-                               custom_ops: str = "auto", verify: bool = True, atol: float | None = None,
-                               keep_failed: bool = False, metadata: dict | None = None):
+                               custom_ops: str = "auto", max_length: int | None = None, verify: bool = True,
+                               atol: float | None = None, keep_failed: bool = False, metadata: dict | None = None):
     """Write the prefill and decoder-step graphs of a causal `ReformerModelWithLMHead` (fp32, CPU) and
-    decoder_config.json into output_dir, which must not exist yet: everything is written into a staging folder
-    beside it and renamed into place at the end, after verification (exporters.verify.verify_decoder), so a
-    failure leaves nothing (a failed verification leaves the graphs with `keep_failed`). ONNX graphs go through
-    the op registry like the task graphs (`opset`, `custom_ops`). Returns (the description written to
-    decoder_config.json plus `metadata`, the VerificationReport or None). Raises ExportError (VerificationError,
-    carrying the report, when verification failed and the graphs were not kept)."""
+    decoder_config.json into output_dir, which must not exist yet. max_length: the longest sequence, prompt
+    plus generated tokens, the graphs must serve (2 to max_position_embeddings, the default); runtimes refuse
+    longer ones. Everything is written into a staging folder beside output_dir and renamed into place at the
+    end, after verification (exporters.verify.verify_decoder), so a failure leaves nothing (a failed
+    verification leaves the graphs with `keep_failed`). ONNX graphs go through the op registry like the task
+    graphs (`opset`, `custom_ops`). Returns (the description written to decoder_config.json plus `metadata`,
+    the VerificationReport or None). Raises ExportError (VerificationError, carrying the report, when
+    verification failed and the graphs were not kept)."""
     if fmt not in FILES:
         raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(FILES)}")
     if not getattr(model.config, "is_decoder", False) or not hasattr(model, "lm_head"):
@@ -148,9 +153,12 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, ops
     parent = os.path.dirname(output_dir)
     if not os.path.isdir(parent):
         raise ExportError(f"cannot write {output_dir}: {parent} is not a directory")
+    max_length = resolve_max_length(model.config, max_length)
+    if max_length < 2:
+        raise ExportError("causal-lm-with-past needs max_length 2 or more: a prompt token and a new one")
     model = model.float().cpu().eval()
     decoder = IncrementalDecoder(model)
-    description = {**decoder_description(model.config, fmt), **(metadata or {})}
+    description = {**decoder_description(model.config, fmt, max_length), **(metadata or {})}
     report = None
     with staging_folder(output_dir) as staging:
         folder = os.path.join(staging, os.path.basename(output_dir))
@@ -179,15 +187,15 @@ def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: di
     """Both graphs through exporters.onnx.to_onnx_model (the registry's lowerings); the lowering per op."""
     from .onnx import save_atomically, to_onnx_model
 
-    config = decoder.config
-    prompt = example_prompt(config)
+    config, max_length = decoder.config, description["max_length"]
+    prompt = example_prompt(config, max_length)
     _, cache = decoder.prefill(prompt)
     batch = batch_dim()
-    prompt_length = Dim("prompt_length", min=1, max=config.max_position_embeddings)
-    past_length = Dim("past_length", min=1, max=config.max_position_embeddings - 1)
-    past_axes = [{0: batch, 1: past_length} if name.startswith("states_") else
-                 {0: batch, 3: past_length} if name.startswith("buckets_") else {0: batch}
-                 for name in description["cache"]]
+    prompt_length = Dim("prompt_length", min=1, max=max_length)
+    past_length = Dim(PAST_LENGTH, min=1, max=max_length - 1)
+    past_axes = [{axis: batch if size == "batch_size" else past_length
+                  for axis, size in enumerate(tensor["shape"]) if size in ("batch_size", PAST_LENGTH)}
+                 for tensor in map(description["cache_tensors"].get, description["cache"])]
     graphs = (
         ("prefill", DecoderGraphs(decoder), (prompt,), ({0: batch, 1: prompt_length},)),
         ("step", StepGraph(decoder), (prompt[:, -1:].clone(), *cache.tensors()), ({0: batch}, tuple(past_axes))),
@@ -196,7 +204,7 @@ def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: di
         mode = ops.resolve_mode(custom_ops)
     except ValueError as error:
         raise ExportError(str(error)) from None
-    context = ops.LoweringContext.from_config(config, config.max_position_embeddings)
+    context = ops.LoweringContext.from_config(config, max_length)
     lowerings = {}
     for name, module, inputs, axes in graphs:
         try:
@@ -211,7 +219,7 @@ def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: di
 def export_torchscript_module(decoder: IncrementalDecoder, folder: str, description: dict) -> None:
     from .torchscript import non_host_ops
 
-    prompt = example_prompt(decoder.config)
+    prompt = example_prompt(decoder.config, description["max_length"])
     _, cache = decoder.prefill(prompt)
     module = DecoderGraphs(decoder).eval()
     traced = torch.jit.trace_module(

@@ -1,9 +1,11 @@
 """Running exported Reformer graphs with ONNX Runtime, for applications: numpy and onnxruntime only.
 
 - `OnnxModel(path)`: one exported task graph (`reformer-export --format onnx`); call it with token ids and an
-  optional mask, get the named outputs as arrays.
+  optional mask, get the task's named outputs as arrays.
 - `OnnxGenerator(directory)`: text generation over the prefill and decoder-step graphs that
-  `reformer-export --task causal-lm-with-past` writes (see exporters/decoder.py for the directory layout).
+  `reformer-export --task causal-lm-with-past` writes (see exporters/decoder.py for the directory layout), with
+  the options and prompt batches of eager `reformer.generation.generate`, whose loop (`reformer.sampling`) it
+  runs: `generate` returns the sequences, `stream` yields each step's tokens as they come.
   On CUDA the cache stays on the device between steps (IO binding); only the last logits come to the host.
 
 Providers default to CUDA (when this onnxruntime build has it) then CPU. ONNX Runtime silently falls back to
@@ -14,16 +16,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+import re
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnxruntime
 
-from .sampling import TokenChooser, check_generation_length
+from .sampling import Prompts, TokenChooser, generation_steps
 
 DECODER_CONFIG_NAME = "decoder_config.json"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+# Task graphs may also output each LSH layer's buckets, for verification: `buckets_0`, `buckets_1`, ...
+BUCKET_OUTPUT = re.compile(r"buckets_\d+")
 
 
 def default_providers() -> list[str]:
@@ -82,10 +87,13 @@ def pad_batch(input_ids, attention_mask=None, pad_token_id: int = 0) -> tuple[np
 class OnnxModel:
     """An exported task graph (inputs `input_ids`, `attention_mask`; outputs by name)."""
 
-    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, pad_token_id: int = 0):
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, pad_token_id: int = 0,
+                 bucket_outputs: bool = False):
+        """bucket_outputs: also return the LSH layers' buckets (`buckets_<i>`), where the graph has them."""
         self.session = open_session(path, providers)
         self.input_names = [graph_input.name for graph_input in self.session.get_inputs()]
-        self.output_names = [output.name for output in self.session.get_outputs()]
+        self.output_names = [output.name for output in self.session.get_outputs()
+                             if bucket_outputs or not BUCKET_OUTPUT.fullmatch(output.name)]
         # Padding is masked out, so its id changes no output at a real position.
         self.pad_token_id = pad_token_id
 
@@ -99,12 +107,12 @@ class OnnxModel:
         at padded positions are not defined."""
         ids, mask = pad_batch(input_ids, attention_mask, self.pad_token_id)
         feeds = {"input_ids": ids, "attention_mask": mask}
-        outputs = self.session.run(None, {name: feeds[name] for name in self.input_names})
+        outputs = self.session.run(self.output_names, {name: feeds[name] for name in self.input_names})
         return dict(zip(self.output_names, outputs))
 
 
 class OnnxGenerator:
-    """Generation over an exported causal-lm-with-past directory."""
+    """Generation over an exported causal-lm-with-past directory (a `reformer.sampling.CachedDecoding`)."""
 
     def __init__(self, directory: str | os.PathLike, providers: Sequence[str] | None = None,
                  io_binding: bool | None = None):
@@ -117,41 +125,57 @@ class OnnxGenerator:
             self.description = json.load(handle)
         if self.description["format"] != "onnx":
             raise ValueError(f"{directory} holds a {self.description['format']} export, not ONNX")
+        if "max_length" not in self.description:
+            raise ValueError(f"{directory} was exported by an older version (no max_length in {DECODER_CONFIG_NAME}): "
+                             f"export it again")
         self.sessions = {kind: open_session(os.path.join(directory, file), providers)
                          for kind, file in self.description["files"].items()}
         self.device = "cuda" if CUDA in self.sessions["step"].get_providers() else "cpu"
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
+        self.vocab_size = self.description["vocab_size"]
+        self.max_length = self.description["max_length"]
+        self.max_length_name = "the export's max_length"
+        self.cache_tensors = {name: self.description["cache_tensors"][name] for name in self.description["cache"]}
 
     @property
     def providers_in_use(self) -> list[str]:
         return self.sessions["step"].get_providers()
 
-    def generate(
-        self,
-        input_ids: np.ndarray,
-        max_new_tokens: int,
-        do_sample: bool = False,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        eos_token_id: int | None = None,
-    ) -> np.ndarray:
-        """input_ids int B, P (every row a whole prompt; no padding) -> B, P + new tokens (int64): the prompt
-        then up to max_new_tokens tokens, greedy unless do_sample (top-k, top-p, drawn from seed). A row that
-        produced eos_token_id continues with the pad token; generation stops when every row has."""
-        sequence = np.asarray(input_ids, dtype=np.int64)
-        if sequence.ndim != 2:
-            raise ValueError(f"input_ids must be 2-D (batch, prompt length), got shape {sequence.shape}")
-        check_generation_length(self.description["max_position_embeddings"], sequence.shape[1], max_new_tokens)
-        choose = TokenChooser(do_sample, top_k, top_p, seed, eos_token_id, self.description["pad_token_id"])
-        logits, cache = self.run("prefill", sequence, [])
-        for step in range(max_new_tokens):
-            next_tokens = choose(logits[:, -1])
-            sequence = np.concatenate([sequence, next_tokens[:, None]], axis=1)
-            if step == max_new_tokens - 1 or choose.all_finished:
-                break
-            logits, cache = self.run("step", next_tokens[:, None], cache)
-        return sequence
+    def generate(self, input_ids, max_new_tokens: int, attention_mask=None, **options) -> np.ndarray:
+        """The prompts followed by up to `max_new_tokens` new tokens: int64 B, T + new tokens.
+
+        input_ids: an int array B, T, left-padded where `attention_mask` (B, T, 1 for prompt tokens) has zeros,
+        or a list of token-id lists of any lengths (left-padded for you with the pad token). Each row's new
+        tokens are those of generating it alone (up to sampling, which draws for all rows from one generator).
+        options, as for eager `reformer.generation.generate` (`reformer.sampling.TokenChooser`): do_sample
+        (default greedy), temperature, top_k, top_p, seed, repetition_penalty, eos_token_id (a row that produced
+        it continues with pad_token_id, by default the model's; generation stops early when every row has),
+        pad_token_id. A prompt plus new tokens may need at most the export's `max_length` positions."""
+        prompts, choose = self.start_generation(input_ids, attention_mask, options)
+        steps = list(generation_steps(self, prompts, choose, max_new_tokens))
+        return np.concatenate([prompts.ids, np.stack(steps, axis=1)], axis=1)
+
+    def stream(self, input_ids, max_new_tokens: int, attention_mask=None, **options) -> Iterator[np.ndarray]:
+        """The new tokens as they come: one int64 array B per step; arguments as for `generate`, checked at
+        once. Stopping the iteration stops generation."""
+        prompts, choose = self.start_generation(input_ids, attention_mask, options)
+        return generation_steps(self, prompts, choose, max_new_tokens)
+
+    def start_generation(self, input_ids, attention_mask, options: dict) -> tuple[Prompts, TokenChooser]:
+        choose = TokenChooser.from_options(options, self.description["pad_token_id"])
+        return Prompts.from_inputs(input_ids, attention_mask, choose.pad_token_id), choose
+
+    def next_token_logits(self, kind: str, input_ids: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+        logits, present = self.run(kind, input_ids, past)
+        return logits[:, -1], present
+
+    def cache_to_host(self, cache: list) -> list[np.ndarray]:
+        return [value.numpy() for value in cache] if self.io_binding else cache
+
+    def cache_from_host(self, arrays: list[np.ndarray]) -> list:
+        if not self.io_binding:
+            return arrays
+        return [onnxruntime.OrtValue.ortvalue_from_numpy(array, self.device) for array in arrays]
 
     def run(self, kind: str, input_ids: np.ndarray, past: list) -> tuple[np.ndarray, list]:
         """One graph: (logits as a host array, present cache). The cache is numpy arrays without IO binding,

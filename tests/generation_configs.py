@@ -31,3 +31,26 @@ def random_model(values: dict, seed: int = 0):
 
 def prompt(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, BASE["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# Prompt lengths for batches of different lengths: one token (LSH attends to everything), within one chunk,
+# across chunk boundaries, a multiple of the chunk lengths.
+MIXED_LENGTHS = (1, 5, 13, 16, 3)
+
+
+def mixed_prompts(lengths=MIXED_LENGTHS) -> list[list[int]]:
+    return [prompt(1, length, seed=length)[0].tolist() for length in lengths]
+
+
+def left_padded_prefill(model, rows: list[list[int]]):
+    """Eager prefill of prompts of different lengths as generation runs it: (logits at every row's last
+    prompt token, B, V, and the cache of all rows, left-padded to the longest prompt)."""
+    from reformer.generation import DecoderCache, EagerDecoding
+    from reformer.sampling import Prompts, left_pad_caches, prefill_by_length
+
+    decoding = EagerDecoding(model, torch.device("cpu"))
+    prompts = Prompts.from_inputs(rows)
+    with torch.no_grad():
+        logits, group_caches = prefill_by_length(decoding, prompts)
+    cache = left_pad_caches(decoding, prompts, group_caches)
+    return torch.from_numpy(logits), DecoderCache.from_tensors(model.config, tuple(cache))

@@ -12,6 +12,11 @@ attends to a fixed number S of key slots, so one exported graph serves every pas
 - local: the new token attends to the positions from the start of the chunk `before` chunks ahead of the one
   its past length falls in, up to itself (the reference's `_retrieve_relevant_hidden_states`).
 
+A row may start after `left_padding` positions of filler (prompts of different lengths in one batch, see
+`reformer.generation`): positions, chunks, the bucket order's wrap-around and the window are then those of the
+row's own L - left_padding positions, so the row attends exactly as it would alone; padding holds the padding
+bucket, which sorts after every real one, so it is never in a row's window.
+
 Unused slots are masked; they add exact zeros to the softmax. Shape letters as in `chunking.py`, plus
 S key slots; the single new position is written as 1.
 """
@@ -63,28 +68,32 @@ def lsh_attention_step(
     past_states: torch.Tensor,
     past_buckets: torch.Tensor,
     full_attention: torch.Tensor,
+    left_padding: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden_states B, 1, hidden (layer-normed); past_states B, Lp, hidden; past_buckets B, H, N, Lp;
-    full_attention B (bool): attend to every position once instead of to each round's window.
+    full_attention B (bool): attend to every position once instead of to each round's window; left_padding B.
     Returns the attention output B, 1, H*D and the new token's buckets B, H, N, 1."""
     heads, chunk_length = attention.num_heads, attention.chunk_length
     window = lsh_window(attention)
     slots = torch.arange(lsh_key_slots(attention), device=hidden_states.device)  # S
     all_states = torch.cat([past_states, hidden_states], dim=1)  # B, L, hidden
-    length = length_as_tensor(all_states, 1)  # L
-    new_position = length - 1
+    new_position = length_as_tensor(all_states, 1) - 1
+    padding = left_padding[:, None, None, None]  # B, 1, 1, 1
+    row_length = new_position + 1 - padding  # B, 1, 1, 1: the row's own positions
 
     query = split_heads(attention.query_key(hidden_states), heads, attention.head_size)  # B, H, 1, D
     new_buckets = hash_new_vectors(attention, query)  # B, H, N, 1
     sorted_positions = ops.sort_by_bucket(torch.cat([past_buckets, new_buckets], dim=-1))  # B, H, N, L
     new_rank = torch.argmax((sorted_positions == new_position).to(torch.int32), dim=-1)  # B, H, N
     window_start = (torch.div(new_rank, chunk_length, rounding_mode="floor") - attention.chunks_before) * chunk_length
-    window_ranks = torch.remainder(window_start.unsqueeze(-1) + slots, length)  # B, H, N, S
+    # The row's positions come first in bucket order, so its order wraps at its own length.
+    window_ranks = torch.remainder(window_start.unsqueeze(-1) + slots, row_length)  # B, H, N, S
     window_positions = torch.gather(sorted_positions, -1, window_ranks)  # B, H, N, S
 
     full = full_attention[:, None, None, None]  # B, 1, 1, 1
-    key_positions = torch.where(full, torch.minimum(slots, new_position), window_positions)  # B, H, N, S
-    valid = (full & (slots < length)) | (~full & (slots < window))  # B, 1, 1, S
+    every_position = padding + torch.minimum(slots, row_length - 1)  # B, 1, 1, S
+    key_positions = torch.where(full, every_position, window_positions)  # B, H, N, S
+    valid = (full & (slots < row_length)) | (~full & (slots < window))  # B, 1, 1, S
 
     batch, _, rounds, num_slots = key_positions.shape
     index = key_positions.reshape(batch, -1, 1).expand(-1, -1, all_states.shape[-1])  # B, H*N*S, hidden
@@ -102,23 +111,25 @@ def lsh_attention_step(
 
 
 def local_attention_step(
-    attention: LocalSelfAttention, hidden_states: torch.Tensor, past_states: torch.Tensor
+    attention: LocalSelfAttention, hidden_states: torch.Tensor, past_states: torch.Tensor, left_padding: torch.Tensor
 ) -> torch.Tensor:
-    """hidden_states B, 1, hidden (layer-normed); past_states B, Lp, hidden -> attention output B, 1, H*D."""
+    """hidden_states B, 1, hidden (layer-normed); past_states B, Lp, hidden; left_padding B -> attention output
+    B, 1, H*D."""
     heads, head_size, chunk_length = attention.num_heads, attention.head_size, attention.chunk_length
     slots = torch.arange((1 + attention.chunks_before) * chunk_length, device=hidden_states.device)  # S
     all_states = torch.cat([past_states, hidden_states], dim=1)  # B, L, hidden
-    new_position = length_as_tensor(all_states, 1) - 1
+    new_position = (length_as_tensor(all_states, 1) - 1 - left_padding)[:, None]  # B, 1: in the row's own positions
     start = (torch.div(new_position, chunk_length, rounding_mode="floor") - attention.chunks_before) * chunk_length
     # The reference slices `past[:, start:]`: a negative start counts from the end.
     start = torch.where(start >= 0, start, torch.clamp(new_position + start, min=0))
-    positions = start + slots  # S
-    valid = positions <= new_position
-    key_states = all_states.index_select(1, torch.minimum(positions, new_position))  # B, S, hidden
+    positions = start + slots  # B, S
+    valid = positions <= new_position  # B, S
+    index = left_padding[:, None] + torch.minimum(positions, new_position)  # B, S
+    key_states = torch.gather(all_states, 1, index.unsqueeze(-1).expand(-1, -1, all_states.shape[-1]))  # B, S, hidden
 
     query = split_heads(attention.query(hidden_states), heads, head_size)  # B, H, 1, D
     key = split_heads(attention.key(key_states), heads, head_size) / math.sqrt(head_size)  # B, H, S, D
     value = split_heads(attention.value(key_states), heads, head_size)  # B, H, S, D
-    out, _ = masked_softmax_attend(query, key, value, valid[None, None, None, :], None, attention.dropout,
+    out, _ = masked_softmax_attend(query, key, value, valid[:, None, None, :], None, attention.dropout,
                                    attention.training)  # B, H, 1, D
     return merge_heads(out)

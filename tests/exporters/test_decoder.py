@@ -2,7 +2,7 @@
 report and pass/fail protocol as the task graphs (exporters.verify.verify_decoder).
 
 Tolerance: max abs diff <= 1e-5 against eager `IncrementalDecoder` (fp32 CPU; the graphs run the same ops),
-at batch sizes and lengths other than the traced ones."""
+at batch sizes and lengths other than the traced ones, and on caches of prompts of different lengths."""
 
 import json
 import os
@@ -14,17 +14,19 @@ import torch
 from exporters.decoder import CONFIG_NAME, FILES, export_causal_lm_with_past
 from exporters.verify import VerificationReport, VerificationRow
 from exporters.errors import ExportError, VerificationError
-from generation_configs import CAUSAL_CONFIGS, prompt, random_model
-from reformer.generation import DecoderCache, IncrementalDecoder, cache_names
+from generation_configs import CAUSAL_CONFIGS, left_padded_prefill, mixed_prompts, prompt, random_model
+from reformer.generation import DecoderCache, IncrementalDecoder, cache_names, generate
+from reformer.runtime import OnnxGenerator
 
 ATOL = 1e-5
+MAX_LENGTH = 48  # of the ONNX export, below the configs' 128 positions
 
 
 @pytest.fixture(scope="module")
 def onnx_export(tmp_path_factory):
     model = random_model(CAUSAL_CONFIGS["lsh"])
     directory = tmp_path_factory.mktemp("onnx") / "decoder"
-    description, report = export_causal_lm_with_past(model, str(directory), "onnx", opset=20)
+    description, report = export_causal_lm_with_past(model, str(directory), "onnx", opset=20, max_length=MAX_LENGTH)
     return model, directory, description, report
 
 
@@ -41,7 +43,11 @@ def test_onnx_export_layout_and_verification(onnx_export):
     os.umask(umask)
     assert os.stat(directory).st_mode & 0o777 == 0o777 & ~umask
     assert description["cache"] == cache_names(model.config) == [
-        "states_0", "states_1", "buckets_0", "buckets_1", "lsh_full_attention_until"]
+        "states_0", "states_1", "buckets_0", "buckets_1", "lsh_full_attention_until", "left_padding"]
+    padding_values = {name: tensor["padding_value"] for name, tensor in description["cache_tensors"].items()}
+    assert padding_values == {"states_0": 0.0, "states_1": 0.0, "buckets_0": 4, "buckets_1": 4,
+                              "lsh_full_attention_until": None, "left_padding": None}
+    assert description["max_length"] == MAX_LENGTH and description["max_position_embeddings"] == 128
     assert not [name for name in os.listdir(directory.parent) if name != "decoder"]  # no staging folder left
     for kind in ("prefill", "step"):
         proto = onnx.load(directory / FILES["onnx"][kind])
@@ -71,6 +77,40 @@ def test_onnx_step_matches_eager_step(onnx_export):
             assert (actual == wanted.numpy()).all()
 
 
+def test_onnx_step_on_left_padded_cache_matches_eager(onnx_export):
+    """Prompts of different lengths: steps on their joined, left-padded cache (logits and present cache)."""
+    import onnxruntime
+
+    model, directory, description, _ = onnx_export
+    session = onnxruntime.InferenceSession(str(directory / FILES["onnx"]["step"]), providers=["CPUExecutionProvider"])
+    decoder = IncrementalDecoder(model)
+    _, cache = left_padded_prefill(model, mixed_prompts())
+    past = [tensor.numpy() for tensor in cache.tensors()]
+    differences = []
+    for position in range(12):
+        tokens = prompt(len(past[0]), 1, seed=position)
+        with torch.no_grad():
+            expected, cache = decoder.step(tokens, cache)
+        logits, *past = session.run(None, dict(zip(description["step"]["inputs"], [tokens.numpy(), *past])))
+        differences.append(abs(logits - expected.numpy()).max())
+        for actual, wanted in zip(past, cache.tensors()):
+            if wanted.dtype == torch.int64:
+                assert (actual == wanted.numpy()).all()
+        past = [tensor.numpy() for tensor in cache.tensors()]  # eager's cache: no compounding
+    assert max(differences) <= ATOL, f"max abs diff {max(differences):.3g}"
+
+
+def test_onnx_generation_serves_max_length_and_refuses_more(onnx_export):
+    model, directory, _, _ = onnx_export
+    generator = OnnxGenerator(directory, providers=["CPUExecutionProvider"])
+    input_ids = prompt(2, 9, seed=8)
+    new_tokens = MAX_LENGTH - 9 + 1  # the last new token is predicted from position MAX_LENGTH - 1
+    expected = generate(model, input_ids, new_tokens).numpy()
+    assert (generator.generate(input_ids.numpy(), new_tokens) == expected).all()
+    with pytest.raises(ValueError, match=f"needs {MAX_LENGTH + 1} positions; the export's max_length is {MAX_LENGTH}"):
+        generator.generate(input_ids.numpy(), new_tokens + 1)
+
+
 def test_torchscript_decoder_runs_prefill_and_step(tmp_path):
     model = random_model(CAUSAL_CONFIGS["mixed"])
     directory = tmp_path / "decoder"
@@ -91,8 +131,15 @@ def test_torchscript_decoder_runs_prefill_and_step(tmp_path):
             expected, cache = decoder.step(token, cache)
             logits, *past = module.step(token, *past)
             differences.append((logits - expected).abs().max())
+        assert len(past) == len(description["cache"]) and past[0].shape[1] == 5 + 12
+        _, cache = left_padded_prefill(model, mixed_prompts())  # prompts of different lengths
+        past = list(cache.tensors())
+        for position in range(12):
+            tokens = prompt(len(past[0]), 1, seed=position)
+            expected, cache = decoder.step(tokens, cache)
+            logits, *past = module.step(tokens, *past)
+            differences.append((logits - expected).abs().max())
     assert max(differences) <= ATOL
-    assert len(past) == len(description["cache"]) and past[0].shape[1] == 5 + 12
 
 
 def far_off(model, folder, fmt, atol):
@@ -111,9 +158,10 @@ def test_failed_verification_leaves_nothing_or_keeps_on_request(tmp_path, monkey
     assert not report.passed and os.listdir(tmp_path) == ["kept"]
 
 
-@pytest.mark.parametrize("problem", ["exists", "not causal", "format"])
+@pytest.mark.parametrize("problem", ["exists", "not causal", "format", "max_length 1", "max_length 129"])
 def test_bad_requests_are_refused(problem, tmp_path):
     model, output, fmt = random_model(CAUSAL_CONFIGS["local"]), tmp_path / "out", "onnx"
+    max_length = int(problem.split()[1]) if problem.startswith("max_length") else None
     if problem == "exists":
         output.mkdir()
     elif problem == "not causal":
@@ -121,10 +169,10 @@ def test_bad_requests_are_refused(problem, tmp_path):
 
         values = {**CAUSAL_CONFIGS["local"], "is_decoder": False}
         model = reformer.ReformerForMaskedLM(reformer.ReformerConfig(**values))
-    else:
+    elif problem == "format":
         fmt = "tflite"
-    with pytest.raises(ExportError):
-        export_causal_lm_with_past(model, str(output), fmt)
+    with pytest.raises(ExportError, match="max_length" if max_length else ""):
+        export_causal_lm_with_past(model, str(output), fmt, max_length=max_length)
     assert os.listdir(tmp_path) == (["out"] if problem == "exists" else [])
 
 

@@ -18,8 +18,10 @@ Where the reference's own cached decoding is not what we match, and why:
 import pytest
 import torch
 
-from generation_configs import CAUSAL_CONFIGS, NEW_TOKENS, prompt, random_model
-from reformer.generation import DecoderCache, IncrementalDecoder, generate
+from generation_configs import (CAUSAL_CONFIGS, MIXED_LENGTHS, NEW_TOKENS, left_padded_prefill, mixed_prompts, prompt,
+                                random_model)
+from reformer.generation import DecoderCache, IncrementalDecoder, generate, stream
+from reformer.sampling import Prompts, TokenChooser
 
 transformers = pytest.importorskip("transformers")
 ATOL = 1e-5
@@ -157,3 +159,136 @@ def test_too_long_generation_is_refused():
     model = random_model(CAUSAL_CONFIGS["local"])
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(model, prompt(1, 100), 30)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("name", list(CAUSAL_CONFIGS))
+def test_prompts_of_different_lengths_generate_as_alone(name, use_cache):
+    """A ragged batch, and the same prompts left-padded with an attention mask: every row's tokens are those of
+    generating it alone."""
+    model = random_model(CAUSAL_CONFIGS[name])
+    rows = mixed_prompts()
+    batch = generate(model, rows, NEW_TOKENS, use_cache=use_cache)
+    width = max(MIXED_LENGTHS)
+    assert batch.shape == (len(rows), width + NEW_TOKENS)
+    for index, row in enumerate(rows):
+        alone = generate(model, torch.tensor([row]), NEW_TOKENS, use_cache=use_cache)[0]
+        assert torch.equal(batch[index, width - len(row):], alone), f"row {index} (prompt of {len(row)})"
+        assert (batch[index, : width - len(row)] == model.config.pad_token_id).all()
+    padded = torch.full((len(rows), width), 7)  # any filler: the mask says where the prompts are
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for index, row in enumerate(rows):
+        padded[index, width - len(row):], mask[index, width - len(row):] = torch.tensor(row), 1
+    masked = generate(model, padded, NEW_TOKENS, use_cache=use_cache, attention_mask=mask)
+    assert torch.equal(masked[:, width:], batch[:, width:]) and torch.equal(masked[:, :width], padded)
+
+
+@pytest.mark.parametrize("name", list(CAUSAL_CONFIGS))
+def test_left_padded_steps_match_rows_alone(name):
+    """Logits of the left-padded cache's prefill and steps, row by row, against each row decoded alone."""
+    model = random_model(CAUSAL_CONFIGS[name])
+    rows = mixed_prompts()
+    decoder = IncrementalDecoder(model)
+    tokens = prompt(len(rows), 24, seed=9)  # teacher-forced continuations
+    logits, cache = left_padded_prefill(model, rows)
+    assert cache.left_padding.tolist() == [max(MIXED_LENGTHS) - len(row) for row in rows]
+    batch_logits = [logits]
+    with torch.no_grad():
+        for position in range(tokens.shape[1]):
+            step_logits, cache = decoder.step(tokens[:, position : position + 1], cache)
+            batch_logits.append(step_logits[:, -1])
+        for index, row in enumerate(rows):
+            alone, alone_cache = decoder.prefill(torch.tensor([row]))
+            differences = [(alone[0, -1] - batch_logits[0][index]).abs().max()]
+            for position in range(tokens.shape[1]):
+                alone, alone_cache = decoder.step(tokens[index : index + 1, position : position + 1], alone_cache)
+                differences.append((alone[0, -1] - batch_logits[position + 1][index]).abs().max())
+            assert max(differences) <= ATOL, f"row {index}: max abs diff {max(differences):.3g}"
+
+
+def test_attention_mask_must_pad_on_the_left():
+    model = random_model(CAUSAL_CONFIGS["local"])
+    input_ids = prompt(2, 6)
+    right_padded = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="pad on the left"):
+        generate(model, input_ids, 4, attention_mask=right_padded)
+    with pytest.raises(ValueError, match="pad on the left"):
+        generate(model, input_ids, 4, attention_mask=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        generate(model, input_ids, 4, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="leave it out"):
+        generate(model, [[1, 2], [3]], 4, attention_mask=[[1, 1], [0, 1]])
+
+
+def test_token_chooser_follows_transformers_processors():
+    """Repetition penalty, then temperature, top-k and top-p, against transformers' logits processors."""
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    history = torch.randint(0, 40, (3, 12), generator=torch.Generator().manual_seed(1))
+    choose = TokenChooser(do_sample=True, temperature=0.7, top_k=9, top_p=0.8, repetition_penalty=1.3)
+    choose.start(Prompts.from_inputs(history.numpy()), vocab_size=40)
+    penalized = choose.penalize(logits.numpy())
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
+    assert (penalized == expected.numpy()).all() and not (penalized == logits.numpy()).all()
+    probabilities = choose.filtered_probabilities(penalized / choose.temperature)
+    probabilities /= probabilities.sum(axis=-1, keepdims=True)
+    warped = expected
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(9), TopPLogitsWarper(0.8)):
+        warped = warper(history, warped)
+    expected_probabilities = torch.softmax(warped, dim=-1).numpy()
+    assert abs(probabilities - expected_probabilities).max() <= 1e-12
+    assert ((probabilities > 0).sum(axis=-1) < 9).any()  # top-p cut below top-k somewhere
+
+
+@pytest.mark.parametrize("name", ["local", "lsh"])
+def test_repetition_penalty_matches_reference(name, tmp_path):
+    reference, ours = reference_and_ours(CAUSAL_CONFIGS[name], tmp_path)
+    input_ids = prompt(1, 16, seed=4)
+    with torch.no_grad():
+        expected = reference.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=1.5,
+                                      eos_token_id=None, pad_token_id=0)
+    actual = generate(ours, input_ids, NEW_TOKENS, repetition_penalty=1.5)
+    assert first_difference(actual, expected) is None
+    assert first_difference(actual, generate(ours, input_ids, NEW_TOKENS)) is not None
+
+
+def test_sampling_temperature_changes_the_spread():
+    """Low temperature samples the greedy tokens; high temperature samples others, each drawn from the seed."""
+    model = random_model(CAUSAL_CONFIGS["local"])
+    input_ids = prompt(2, 4, seed=6)
+    greedy = generate(model, input_ids, 16)
+    assert torch.equal(generate(model, input_ids, 16, do_sample=True, temperature=1e-3, seed=1), greedy)
+    hot = generate(model, input_ids, 16, do_sample=True, temperature=5.0, seed=1)
+    assert torch.equal(hot, generate(model, input_ids, 16, do_sample=True, temperature=5.0, seed=1))
+    assert (hot != greedy).float().mean() > 0.3
+
+
+def test_stream_yields_the_tokens_of_generate():
+    model = random_model(CAUSAL_CONFIGS["mixed"])
+    rows = mixed_prompts()
+    generated = generate(model, rows, 20, eos_token_id=5)
+    steps = list(stream(model, rows, 20, eos_token_id=5))
+    assert all(step.shape == (len(rows),) and step.dtype == torch.int64 for step in steps)
+    assert torch.equal(torch.stack(steps, dim=1), generated[:, max(MIXED_LENGTHS):])
+    first_three = []
+    for step in stream(model, rows, 20):
+        first_three.append(step)
+        if len(first_three) == 3:
+            break  # the consumer stops generation
+    assert torch.equal(torch.stack(first_three, dim=1), generate(model, rows, 3)[:, max(MIXED_LENGTHS):])
+
+
+def test_generation_options_are_checked():
+    model = random_model(CAUSAL_CONFIGS["local"])
+    input_ids = prompt(1, 4)
+    for options, message in [({"temprature": 0.5}, "unknown generation option 'temprature'"),
+                             ({"do_sample": True, "temperature": 0.0}, "temperature must be positive"),
+                             ({"repetition_penalty": -1.0}, "repetition_penalty must be positive")]:
+        with pytest.raises(ValueError, match=message):
+            stream(model, input_ids, 4, **options)  # checked at the call, before any step
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        stream(model, [[1, 2, model.config.vocab_size]], 4)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        stream(model, [[1] * 100, [2]], 30)

@@ -1,4 +1,6 @@
-"""ONNX Runtime (CPU) against eager PyTorch: generation token for token, and task graphs with ragged batches.
+"""ONNX Runtime (CPU) against eager PyTorch: generation token for token with the same settings (greedy,
+sampling with temperature, top-k, top-p and repetition penalty, prompts of different lengths, streaming), and
+task graphs with ragged batches.
 
 Tolerance for task outputs: max abs diff <= 1e-5 (fp32 CPU, the same ops in the same order)."""
 
@@ -11,8 +13,8 @@ import pytest
 import torch
 
 from exporters.decoder import export_causal_lm_with_past
-from generation_configs import CAUSAL_CONFIGS, NEW_TOKENS, prompt, random_model
-from reformer.generation import generate
+from generation_configs import CAUSAL_CONFIGS, MIXED_LENGTHS, NEW_TOKENS, mixed_prompts, prompt, random_model
+from reformer.generation import generate, stream
 from reformer.runtime import OnnxGenerator, OnnxModel
 
 ATOL = 1e-5
@@ -68,12 +70,55 @@ def test_sampling_and_eos_follow_eager(exported):
 
 def test_generation_arguments_are_checked(exported):
     _, generator = exported
-    with pytest.raises(ValueError, match="max_position_embeddings"):
+    with pytest.raises(ValueError, match="139 positions; the export's max_length is 128"):
         generator.generate(np.ones((1, 100), dtype=np.int64), 40)
+    with pytest.raises(ValueError, match="pad on the left"):
+        generator.generate(np.ones((2, 3), dtype=np.int64), 4, attention_mask=[[1, 1, 0], [1, 1, 1]])
+    with pytest.raises(ValueError, match="unknown generation option 'top_n'"):
+        generator.stream(np.ones((1, 3), dtype=np.int64), 4, top_n=3)
     with pytest.raises(ValueError, match="2-D"):
         generator.generate(np.ones(5, dtype=np.int64), 4)
     with pytest.raises(FileNotFoundError, match="causal-lm-with-past"):
         OnnxGenerator(REPOSITORY)
+
+
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_prompts_of_different_lengths_match_eager_and_rows_alone(exported, io_binding):
+    """Greedy: ONNX Runtime's batch equals eager's, and every row equals that row generated alone. With IO
+    binding the groups' caches are joined through host copies of their OrtValues."""
+    model, generator = exported
+    generator = OnnxGenerator(generator.directory, providers=["CPUExecutionProvider"], io_binding=io_binding)
+    rows = mixed_prompts()
+    actual = generator.generate(rows, NEW_TOKENS)
+    assert (actual == generate(model, rows, NEW_TOKENS).numpy()).all()
+    width = max(MIXED_LENGTHS)
+    for index, row in enumerate(rows):
+        assert (actual[index, width - len(row):] == generator.generate([row], NEW_TOKENS)[0]).all(), f"row {index}"
+    mask = (actual[:, :width] != 0) | (np.arange(width) >= width - np.array(MIXED_LENGTHS)[:, None])
+    assert (generator.generate(actual[:, :width], NEW_TOKENS, attention_mask=mask) == actual).all()
+
+
+def test_sampling_options_follow_eager(exported):
+    """Temperature, top-k, top-p and repetition penalty on prompts of different lengths: the same tokens."""
+    model, generator = exported
+    rows = mixed_prompts()
+    for options in (dict(do_sample=True, temperature=0.7, top_k=8, top_p=0.9, repetition_penalty=1.3, seed=3),
+                    dict(repetition_penalty=1.8), dict(do_sample=True, temperature=3.0, seed=4)):
+        actual = generator.generate(rows, 40, **options)
+        assert (actual == generate(model, rows, 40, **options).numpy()).all(), options
+    assert not (generator.generate(rows, 40, repetition_penalty=1.8) == generator.generate(rows, 40)).all()
+
+
+def test_stream_yields_what_generate_returns(exported):
+    model, generator = exported
+    rows = mixed_prompts()
+    eos = int(generator.generate(rows, 12)[1, max(MIXED_LENGTHS) + 5])
+    steps = list(generator.stream(rows, 30, eos_token_id=eos, do_sample=True, seed=2))
+    assert all(step.shape == (len(rows),) and step.dtype == np.int64 for step in steps)
+    expected = generate(model, rows, 30, eos_token_id=eos, do_sample=True, seed=2)[:, max(MIXED_LENGTHS):]
+    assert (np.stack(steps, axis=1) == expected.numpy()).all()
+    eager_steps = [step.numpy() for step in stream(model, rows, 30, eos_token_id=eos, do_sample=True, seed=2)]
+    assert (np.stack(eager_steps, axis=1) == np.stack(steps, axis=1)).all()
 
 
 def test_onnx_model_pads_ragged_batches(tmp_path):
@@ -106,3 +151,27 @@ def test_runtime_imports_without_torch():
     code = "import sys; sys.modules['torch'] = None; import reformer.runtime; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr.strip().splitlines()[-1:]
+
+
+def test_onnx_model_returns_task_outputs(tmp_path):
+    """A graph that also outputs each LSH layer's buckets (as exported for verification): OnnxModel returns
+    the task's outputs, and the buckets only when asked."""
+    from exporters.program import export_program
+    from exporters.specs import TASKS
+
+    model = random_model(CAUSAL_CONFIGS["mixed"])
+    spec = TASKS["causal-lm"]
+    example = (prompt(2, 13), torch.ones(2, 13, dtype=torch.long))
+    path = str(tmp_path / "lm.onnx")
+    program = export_program(spec.wrap(model, with_buckets=True), example, model.config.max_position_embeddings)
+    torch.onnx.export(program, example, dynamo=True, opset_version=18, input_names=["input_ids", "attention_mask"],
+                      output_names=spec.all_output_names(1, with_buckets=True)).save(path)
+    input_ids = prompt(3, 21, seed=1)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids)
+    outputs = OnnxModel(path, providers=["CPUExecutionProvider"])(input_ids.numpy())
+    assert list(outputs) == ["logits"]
+    assert abs(outputs["logits"] - expected.logits.numpy()).max() <= ATOL
+    everything = OnnxModel(path, providers=["CPUExecutionProvider"], bucket_outputs=True)(input_ids.numpy())
+    assert list(everything) == ["logits", "buckets_0"]
+    assert (everything["buckets_0"] == expected.buckets[0].numpy()).all()
