@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -461,10 +463,14 @@ def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol:
     names = cache_names(config)
     bucket_slots = [index for index, name in enumerate(names) if name.startswith("buckets_")]
     steps = steps or config.lsh_attn_chunk_length + 3
-    traced_length = min(config.padding_multiple + config.padding_multiple // 2 + 1, config.max_position_embeddings - 1)
+    from reformer.runtime import DECODER_CONFIG_NAME
+
+    with open(os.path.join(folder, DECODER_CONFIG_NAME), encoding="utf-8") as handle:
+        max_length = json.load(handle)["max_length"]  # the longest sequence the graphs serve
+    traced_length = min(config.padding_multiple + config.padding_multiple // 2 + 1, max_length - 1)
     runtime = "onnxruntime" if fmt == "onnx" else "torchscript"
     report = VerificationReport(fmt, folder)
-    for batch, length in [(3, 1), (1, min(traced_length + 2, config.max_position_embeddings - 1))]:
+    for batch, length in [(3, 1), (1, min(traced_length + 2, max_length - 1))]:
         row = VerificationRow(runtime, "cpu", (batch, length), "fp32", replayed=True)
         report.rows.append(row)
         tokens = torch.randint(1, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(length))
@@ -489,7 +495,7 @@ def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol:
             count_bucket_flips(row, eager_buckets, runtime_buckets, keep)
             record_certificates(row, certify(layers[0], 0, hash_inputs[0], eager_buckets[0], runtime_buckets[0], keep,
                                              PRECISIONS["fp32"]))
-        for _ in range(min(steps, config.max_position_embeddings - length)):
+        for _ in range(min(steps, max_length - length)):
             next_tokens = expected[:, -1:].argmax(-1)
             with torch.no_grad():
                 expected, cache_after = decoder.step(next_tokens, cache)

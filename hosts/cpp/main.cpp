@@ -64,7 +64,7 @@ const char* const kForwardMetadata = "reformer_export.json";
 const std::vector<std::string> kForwardMaxLengthPath{"max_length"};
 const std::vector<std::string> kForwardVocabSizePath{"config", "vocab_size"};
 const char* const kDecoderMetadata = "decoder_config.json";
-const std::vector<std::string> kDecoderMaxLengthPath{"max_position_embeddings"};
+const std::vector<std::string> kDecoderMaxLengthPath{"max_length"};
 const std::vector<std::string> kDecoderVocabSizePath{"vocab_size"};
 
 struct UsageError : std::runtime_error {
