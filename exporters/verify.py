@@ -143,7 +143,7 @@ class VerificationReport:
 
 def twin_difference_text(extra: dict[str, int], missing: dict[str, int]) -> str:
     listed = lambda counts: ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items()))  # noqa: E731
-    parts = ([f"adds {listed(extra)} (taking the forced buckets)"] if extra else []) + (
+    parts = ([f"adds {listed(extra)} (taking the forced buckets, returning its own)"] if extra else []) + (
         [f"lacks {listed(missing)} of the shipped graph"] if missing else [])
     return "; ".join(parts)
 
