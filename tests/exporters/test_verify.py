@@ -46,12 +46,13 @@ FLIPPING_CONFIG = dict(
 )
 
 
-def export_with_twin(model, folder, fmt="onnx", **options):
-    """The graph and its verification twin, as exporters.api writes them."""
+def export_with_twin(model, folder, fmt="onnx", with_buckets=True, **options):
+    """The graph and its verification twin, as exporters.api writes them; the graph with bucket outputs (to
+    count its free-running flips) unless asked for a deployment graph."""
     suffix = ".onnx" if fmt == "onnx" else ".pt"
     path, twin = folder / f"model{suffix}", folder / f"twin{suffix}"
     export = export_onnx if fmt == "onnx" else export_torchscript
-    export(model, SPEC, path, **options)
+    export(model, SPEC, path, with_buckets=with_buckets, **options)
     export(model, SPEC, twin, replay=True, **options)
     return path, twin
 
@@ -128,6 +129,17 @@ def test_the_twin_differs_from_the_shipped_graph_only_where_the_buckets_come_fro
     assert not missing and extra["aten::index_select"] == 2
     report = VerificationReport("onnx", "model.onnx", twin_missing_nodes={"TopK": 1})
     assert not report.passed and "lacks 1 TopK" in report.failure_message()
+
+
+def test_a_deployment_graph_without_bucket_outputs_is_certified_through_its_twin(flipping, flipping_files, tmp_path):
+    """Without bucket outputs the shipped graph's flips cannot be counted, but its first LSH layer is the
+    twin's (same nodes, same input): the verdict is the same, and the report says what it could see."""
+    export_onnx(flipping, SPEC, tmp_path / "deployed.onnx", dtype="fp16")
+    report = verify_flipping(flipping, (tmp_path / "deployed.onnx", flipping_files[1]))
+    (row,) = report.rows
+    assert report.passed, report.summary_table()
+    assert row.total_buckets == 0 and row.flips == "-" and row.max_abs > row.tolerance
+    assert 0 < row.disagreements == row.certified and "certified near-tie" in row.note
 
 
 def test_torchscript_report(model, tmp_path):
