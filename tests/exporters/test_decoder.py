@@ -158,8 +158,14 @@ def test_failed_verification_leaves_nothing_or_keeps_on_request(tmp_path, monkey
     assert not report.passed and os.listdir(tmp_path) == ["kept"]
 
 
-@pytest.mark.parametrize("problem", ["exists", "not causal", "format", "max_length 1", "max_length 129"])
-def test_bad_requests_are_refused(problem, tmp_path):
+@pytest.mark.parametrize("problem, message", [
+    ("exists", "already exists"),
+    ("not causal", "needs a causal LM"),
+    ("format", "unknown format 'tflite'"),
+    ("max_length 1", "max_length"),
+    ("max_length 129", "max_length"),
+])
+def test_bad_requests_are_refused(problem, message, tmp_path):
     model, output, fmt = random_model(CAUSAL_CONFIGS["local"]), tmp_path / "out", "onnx"
     max_length = int(problem.split()[1]) if problem.startswith("max_length") else None
     if problem == "exists":
@@ -171,7 +177,7 @@ def test_bad_requests_are_refused(problem, tmp_path):
         model = reformer.ReformerForMaskedLM(reformer.ReformerConfig(**values))
     elif problem == "format":
         fmt = "tflite"
-    with pytest.raises(ExportError, match="max_length" if max_length else ""):
+    with pytest.raises(ExportError, match=message):
         export_causal_lm_with_past(model, str(output), fmt, max_length=max_length)
     assert os.listdir(tmp_path) == (["out"] if problem == "exists" else [])
 
