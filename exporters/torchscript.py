@@ -83,16 +83,20 @@ def load_metadata(path: str) -> dict:
     return json.loads(extra_files[METADATA_NAME])
 
 
-def non_host_ops(module: torch.jit.ScriptModule) -> list[str]:
-    """Kinds of the nodes (nested blocks included) that a libtorch host cannot run without Python."""
-    found = []
+def node_kinds(module: torch.jit.ScriptModule) -> list[str]:
+    """The kind of every node of the module's inlined graph, nested blocks included."""
+    kinds = []
 
     def visit(block) -> None:
         for node in block.nodes():
-            if not node.kind().startswith(HOST_OP_NAMESPACES) or node.kind() == PYTHON_OP:
-                found.append(node.kind())
+            kinds.append(node.kind())
             for inner in node.blocks():
                 visit(inner)
 
     visit(module.inlined_graph)
-    return found
+    return kinds
+
+
+def non_host_ops(module: torch.jit.ScriptModule) -> list[str]:
+    """Kinds of the nodes (nested blocks included) that a libtorch host cannot run without Python."""
+    return [kind for kind in node_kinds(module) if not kind.startswith(HOST_OP_NAMESPACES) or kind == PYTHON_OP]

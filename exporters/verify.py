@@ -40,7 +40,7 @@ import torch
 from .errors import ExportError, first_line
 from .near_ties import PRECISIONS, Disagreement, certify, lsh_layers, recorded_hash_inputs
 from .precision import check_device, model_as
-from .specs import INPUT_NAMES, TaskSpec
+from .specs import INPUT_NAMES, TaskSpec, example_length
 
 FORMATS = ("onnx", "torchscript")
 RUNTIMES = {"onnx": ("onnxruntime-cpu", "onnxruntime-cuda"), "torchscript": ("torchscript-cpu", "torchscript-cuda")}
@@ -374,11 +374,16 @@ def run_checked(runner: Runner, inputs: list[torch.Tensor], names: list[str], ex
     if len(outputs) != len(names):
         row.note = f"the graph returns {len(outputs)} outputs, the spec names {len(names)}"
         return None
-    for name, want, got in zip(names, expected, outputs):
+    row.note = shape_mismatch(names, expected, outputs)
+    return None if row.note else outputs
+
+
+def shape_mismatch(names, expected, actual) -> str:
+    """'' when every tensor has eager's shape, else the first that does not."""
+    for name, want, got in zip(names, expected, actual):
         if got.shape != want.shape:
-            row.note = f"{name} has shape {tuple(got.shape)}, eager {tuple(want.shape)}"
-            return None
-    return outputs
+            return f"{name} has shape {tuple(got.shape)}, eager {tuple(want.shape)}"
+    return ""
 
 
 def output_error(spec: TaskSpec, expected, actual, keep) -> tuple[float, float]:
@@ -467,7 +472,7 @@ def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol:
 
     with open(os.path.join(folder, DECODER_CONFIG_NAME), encoding="utf-8") as handle:
         max_length = json.load(handle)["max_length"]  # the longest sequence the graphs serve
-    traced_length = min(config.padding_multiple + config.padding_multiple // 2 + 1, max_length - 1)
+    traced_length = example_length(config.padding_multiple, max_length - 1)  # exporters.decoder.example_prompt's
     runtime = "onnxruntime" if fmt == "onnx" else "torchscript"
     report = VerificationReport(fmt, folder)
     for batch, length in [(3, 1), (1, min(traced_length + 2, max_length - 1))]:
@@ -517,10 +522,7 @@ def decoder_mismatch(logits, present, expected, expected_cache, names) -> str:
     """'' when the graph's logits and cache have eager's count and shapes, else what differs."""
     if len(present) != len(expected_cache):
         return f"the graph returns {len(present)} cache tensors, eager {len(expected_cache)}"
-    for name, want, got in zip(["logits", *names], [expected, *expected_cache], [logits, *present]):
-        if got.shape != want.shape:
-            return f"{name} has shape {tuple(got.shape)}, eager {tuple(want.shape)}"
-    return ""
+    return shape_mismatch(["logits", *names], [expected, *expected_cache], [logits, *present])
 
 
 def twin_node_difference(path: str, twin_path: str, fmt: str) -> tuple[collections.Counter, collections.Counter]:
@@ -535,14 +537,6 @@ def node_kinds(path: str, fmt: str) -> collections.Counter:
 
         model = onnx.load(path, load_external_data=False)
         return collections.Counter(node.op_type for node in model.graph.node)
-    module = torch.jit.load(path, map_location="cpu")
-    kinds: collections.Counter = collections.Counter()
+    from .torchscript import node_kinds as torchscript_node_kinds
 
-    def visit(block) -> None:
-        for node in block.nodes():
-            kinds[node.kind()] += 1
-            for inner in node.blocks():
-                visit(inner)
-
-    visit(module.inlined_graph)
-    return kinds
+    return collections.Counter(torchscript_node_kinds(torch.jit.load(path, map_location="cpu")))
