@@ -40,7 +40,7 @@ import torch
 from .errors import ExportError, first_line
 from .near_ties import PRECISIONS, Disagreement, certify, lsh_layers, recorded_hash_inputs
 from .precision import check_device, model_as
-from .specs import INPUT_NAMES, TaskSpec, example_length
+from .specs import TaskSpec, example_length
 
 FORMATS = ("onnx", "torchscript")
 RUNTIMES = {"onnx": ("onnxruntime-cpu", "onnxruntime-cuda"), "torchscript": ("torchscript-cpu", "torchscript-cuda")}

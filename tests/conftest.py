@@ -2,7 +2,6 @@ import hashlib
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
