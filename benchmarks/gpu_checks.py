@@ -31,7 +31,7 @@
 Order: verification, generation, then benchmarks (the slowest last), so a run cut short loses the least.
 
 Models (random weights from seed 0, causal LM, byte vocabulary of 258): `tiny` is models/tiny; `small` and
-`large` are the shapes at which transformers' Reformer was first timed on an H100 (SHAPES), built with
+`large` are the shapes at which transformers' Reformer was first timed on an H100 (benchmarks/models.py), built with
 `max_position_embeddings` = the longest length benchmarked (so `num_buckets` follows the library's rule for
 that length) and square axial positions.
 
@@ -57,22 +57,14 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MODEL_NAMES = ("tiny", "small", "large")
+from benchmarks.models import MODEL_NAMES, build_model
+from benchmarks.tables import markdown_table, text_table
+
 VERIFIED_MODELS = ("tiny", "small", "large")  # large on CUDA only (its exports take minutes on the CPU)
 GENERATION_MODELS = ("tiny", "small")  # large: the decoder export alone would take minutes
 CHECKS = ("verify", "benchmark", "generation")
 CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
 
-SHAPES = {
-    "small": dict(hidden_size=256, attn_layers=["local", "lsh"] * 3, num_attention_heads=2, attention_head_size=128,
-                  feed_forward_size=512, local_attn_chunk_length=64, lsh_attn_chunk_length=64, num_hashes=1,
-                  axial_pos_embds_dim=[64, 192]),
-    "large": dict(hidden_size=1024, attn_layers=["local", "lsh"] * 6, num_attention_heads=8, attention_head_size=128,
-                  feed_forward_size=4096, local_attn_chunk_length=128, lsh_attn_chunk_length=256, num_hashes=2,
-                  axial_pos_embds_dim=[256, 768]),
-}
-COMMON_VALUES = dict(is_decoder=True, hash_seed=0, vocab_size=258, hidden_dropout_prob=0.0,
-                     local_attention_probs_dropout_prob=0.0, lsh_attention_probs_dropout_prob=0.0)
 # Benchmark lengths. GPU: those of the first timings of transformers' Reformer. CPU: what finishes in about
 # 2 minutes on 2 cores.
 GPU_LENGTHS = {"tiny": (256,), "small": (4096, 65536), "large": (16384, 65536)}
@@ -166,31 +158,6 @@ def card_name(device: str, env: dict) -> str:
 
 
 # ----- models and exports -----
-
-def axial_shape(length: int) -> list[int]:
-    """Two factors whose product covers `length`, as square as powers of two allow (64 x 64 for 4,096)."""
-    first = 2 ** math.ceil(math.log2(length) / 2)
-    return [first, math.ceil(length / first)]
-
-
-def build_model(name: str, max_length: int):
-    """(model in eval mode on the CPU, fp32; its causal-lm spec)."""
-    import torch
-
-    from exporters.models import RANDOM_WEIGHTS_SEED, resolve_model
-    from exporters.specs import TASKS
-    from reformer import ReformerConfig, ReformerModelWithLMHead
-
-    if name == "tiny":
-        resolved = resolve_model("tiny", "causal-lm")
-        return resolved.model, resolved.spec
-    config = ReformerConfig(**SHAPES[name], **COMMON_VALUES, max_position_embeddings=max_length,
-                            axial_pos_shape=axial_shape(max_length))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        model = ReformerModelWithLMHead(config).eval()
-    return model, TASKS["causal-lm"]
-
 
 def export_device(fmt: str, dtype: str, device: str) -> str:
     """Where a graph is exported: fp32 ONNX on the CPU (the file serves both execution providers), fp16 on
@@ -757,18 +724,6 @@ def summary_rows(results: Results) -> list[tuple]:
 
 
 SUMMARY_HEADER = ("check", "model", "shape", "precision", "eager", "onnxruntime", "torchscript", "card")
-
-
-def text_table(header, rows) -> str:
-    lines = [tuple(header)] + [tuple(str(cell) for cell in row) for row in rows]
-    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
-
-
-def markdown_table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def number(value, digits: int = 3) -> str:

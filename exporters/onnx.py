@@ -41,6 +41,7 @@ def export_onnx(
     replay: bool = False,
     metadata: dict[str, str] | None = None,
     external_data: bool | None = None,
+    trace_metadata: bool = False,
 ) -> None:
     """Write `model` (eval mode) as an ONNX graph to `path`: inputs `input_ids`, `attention_mask` (int64,
     [batch, sequence], both dynamic and named `batch_size` and `sequence_length`, sequence up to `max_length`,
@@ -50,7 +51,8 @@ def export_onnx(
     inputs `forced_buckets_<i>`, bucket outputs always), through the same path. `external_data` None: weights go to `<path>.data` only when the file would pass
     2 GiB. dtype "fp16" writes a half-precision graph, meant for CUDA runtimes; ONNX Runtime CPU runs it too
     (thanks to the registry's logsumexp lowering). custom_ops: see exporters/ops/registry.py ("auto" picks
-    "ort"). Raises ExportError with a one-line message; leaves nothing at `path` on failure."""
+    "ort"). trace_metadata: keep what the exporter records per node (module names, stack traces; see
+    strip_trace_metadata), for profiling by layer. Raises ExportError with a one-line message; leaves nothing at `path` on failure."""
     config = model.config
     max_length = resolve_max_length(config, max_length)
     if opset not in SUPPORTED_OPSETS:
@@ -71,7 +73,7 @@ def export_onnx(
     try:
         onnx_model, lowerings = to_onnx_model(
             lambda: export_program(wrapper, example, max_length), mode, context, opset, output_names,
-            spec.input_names(lsh_layers, replay),
+            spec.input_names(lsh_layers, replay), trace_metadata,
         )
     except Exception as error:  # the exporters raise many kinds; the caller needs one, with the reason
         raise ExportError(f"ONNX export failed: {type(error).__name__}: {first_line(error)}") from error
@@ -92,10 +94,11 @@ def to_onnx_model(
     opset: int,
     output_names: list[str],
     input_names: Sequence[str] = INPUT_NAMES,
+    trace_metadata: bool = False,
 ) -> tuple[ir.Model, dict[str, str]]:
     """Run `trace` (a torch.export call) with the registry's placeholders in place, translate the program
     to ONNX and lower the placeholders for `mode` ("standard" or "ort"). Returns the model and the lowering
-    chosen per op."""
+    chosen per op. trace_metadata: keep the per-node records strip_trace_metadata drops."""
     with ops.onnx_placeholders():
         program = trace()
     onnx_program = torch.onnx.export(
@@ -103,7 +106,8 @@ def to_onnx_model(
         custom_translation_table=ops.translation_table(mode), verbose=False,
     )
     lowerings = ops.apply_lowerings(onnx_program.model, mode, context)
-    strip_trace_metadata(onnx_program.model)
+    if not trace_metadata:
+        strip_trace_metadata(onnx_program.model)
     return onnx_program.model, lowerings
 
 

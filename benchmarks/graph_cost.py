@@ -1,0 +1,280 @@
+"""What one forward of an exported graph costs on ONNX Runtime CPU: nodes, bytes written, time, peak memory.
+
+    python -m benchmarks.graph_cost --model small --length 16384 [--dtype fp32] [--threads 2] [--out FILE.md]
+                                    [--onnx PATH] [--custom-ops auto]
+
+(from the repository root). Exports the model (benchmarks/models.py; `--onnx` reuses a file exported with
+`trace_metadata=True`), then, each in a fresh process so that nothing else is in its memory:
+
+1. ONNX Runtime's profile of one forward (batch 1, random ids, nothing masked) after one warm-up: per node
+   the bytes of its outputs and its time, summed by op type and by model part (embeddings, each layer, the
+   head; the part comes from the module names the exporter records per node; nodes ONNX Runtime made by
+   fusing others keep their first node's name where it does, and count as "fused" otherwise).
+2. Peak resident memory of one forward: ONNX Runtime CPU, and our eager PyTorch at the same shape and
+   threads, each as the process's peak while loading and running minus its size after its imports.
+
+Bytes written is the memory traffic a GPU pays for too (the CPU-side proxy of the attention's memory-bound
+time), so it is the figure to watch when changing the model's hot paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import json
+import multiprocessing
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.models import MODEL_NAMES, build_model
+from benchmarks.tables import markdown_table, text_table
+
+GIB = 2**30
+LAYER_SCOPE = re.compile(r"\.layers\.(\d+)$")
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+@dataclass
+class Cost:
+    """Bytes written and microseconds, summed over some nodes."""
+
+    nodes: int = 0
+    bytes_written: int = 0
+    microseconds: int = 0
+
+    def add(self, bytes_written: int, microseconds: int) -> None:
+        self.nodes += 1
+        self.bytes_written += bytes_written
+        self.microseconds += microseconds
+
+
+@dataclass
+class GraphCost:
+    graph_nodes: int
+    executed_nodes: int
+    by_op: dict[str, Cost] = field(default_factory=dict)
+    by_part: dict[str, Cost] = field(default_factory=dict)
+    onnxruntime_peak_bytes: int = 0
+    eager_peak_bytes: int = 0
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(cost.bytes_written for cost in self.by_op.values())
+
+    @property
+    def microseconds(self) -> int:
+        return sum(cost.microseconds for cost in self.by_op.values())
+
+
+def node_parts(path: Path, attn_layers: list[str]) -> dict[str, str]:
+    """Node name -> model part ("embeddings", "layer 3 (lsh)", "head", ...), from the module names the
+    exporter records per node (present when exported with trace_metadata=True)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    parts = {}
+    for node in model.graph.node:
+        scopes = next((ast.literal_eval(entry.value) for entry in node.metadata_props
+                       if entry.key == NAME_SCOPES_KEY), [])
+        parts[node.name] = model_part(scopes, attn_layers)
+    return parts
+
+
+def model_part(scopes: list[str], attn_layers: list[str]) -> str:
+    for scope in reversed(scopes):
+        match = LAYER_SCOPE.search(scope)
+        if match:
+            index = int(match.group(1))
+            return f"layer {index} ({attn_layers[index]})"
+    joined = " ".join(scopes)
+    for name in ("embeddings", "encoder", "lm_head"):
+        if name in joined:
+            return "head" if name == "lm_head" else name
+    return "model"
+
+
+def random_ids(length: int, vocab_size: int):
+    import numpy as np
+
+    return np.random.default_rng(length).integers(1, vocab_size, (1, length), dtype=np.int64)
+
+
+def resident_bytes(field_name: str) -> int:
+    """VmRSS or VmHWM (the peak since the last reset) of this process, in bytes."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field_name} in /proc/self/status")
+
+
+def reset_peak() -> None:
+    """Make VmHWM start again from the current size (Linux: writing 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+        clear_refs.write("5")
+
+
+def profile_in_process(path: str, length: int, vocab_size: int, threads: int, folder: str) -> list[dict]:
+    """In a fresh process: ONNX Runtime's profile events of the second of two forwards."""
+    import onnxruntime
+
+    from reformer.runtime import CPU
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(folder) / "profile")
+    session = onnxruntime.InferenceSession(path, options, providers=[CPU])
+    ids = random_ids(length, vocab_size)
+    feeds = {"input_ids": ids, "attention_mask": ids * 0 + 1}
+    for _ in range(2):
+        session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    last_run = [event for event in events if event.get("name") == "model_run"][-1]
+    start, end = last_run["ts"], last_run["ts"] + last_run["dur"]
+    return [event for event in events
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and start <= event["ts"] <= end]
+
+
+def onnxruntime_peak_in_process(path: str, length: int, vocab_size: int, threads: int) -> int:
+    """In a fresh process: peak resident bytes while making a session and running one forward, above the
+    process's size after its imports."""
+    import onnxruntime
+
+    from reformer.runtime import CPU
+
+    baseline = resident_bytes("VmRSS")
+    reset_peak()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(path, options, providers=[CPU])
+    ids = random_ids(length, vocab_size)
+    session.run(None, {"input_ids": ids, "attention_mask": ids * 0 + 1})
+    return resident_bytes("VmHWM") - baseline
+
+
+def eager_peak_in_process(model_name: str, length: int, threads: int) -> int:
+    """In a fresh process: the same for our eager model, built and run under torch.inference_mode."""
+    import torch
+
+    torch.set_num_threads(threads)
+    baseline = resident_bytes("VmRSS")
+    reset_peak()
+    model, _ = build_model(model_name, length)
+    ids = torch.from_numpy(random_ids(length, model.config.vocab_size))
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return resident_bytes("VmHWM") - baseline
+
+
+def in_fresh_process(function, *arguments):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, arguments)
+
+
+def measure(model_name: str, length: int, dtype: str, threads: int, custom_ops: str, onnx_path: Path | None
+            ) -> GraphCost:
+    import onnx
+
+    from exporters.onnx import export_onnx
+
+    model, spec = build_model(model_name, length)
+    config = model.config
+    with tempfile.TemporaryDirectory() as folder:
+        path = onnx_path or Path(folder) / "model.onnx"
+        if onnx_path is None:
+            print(f"exporting {model_name} ({dtype}, max length {length}) ...", file=sys.stderr)
+            export_onnx(model, spec, path, dtype=dtype, max_length=length, custom_ops=custom_ops,
+                        trace_metadata=True)
+        del model
+        parts = node_parts(path, config.attn_layers)
+        graph_nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
+        print("profiling one forward on ONNX Runtime CPU ...", file=sys.stderr)
+        events = in_fresh_process(profile_in_process, str(path), length, config.vocab_size, threads, folder)
+        cost = GraphCost(graph_nodes=graph_nodes, executed_nodes=len(events))
+        by_op = collections.defaultdict(Cost)
+        by_part = collections.defaultdict(Cost)
+        for event in events:
+            node_name = event["name"].removesuffix("_kernel_time")
+            written, microseconds = int(event["args"].get("output_size", 0)), int(event["dur"])
+            by_op[event["args"]["op_name"]].add(written, microseconds)
+            by_part[parts.get(node_name, "fused")].add(written, microseconds)
+        cost.by_op, cost.by_part = dict(by_op), dict(by_part)
+        print("peak memory: ONNX Runtime CPU, then eager ...", file=sys.stderr)
+        cost.onnxruntime_peak_bytes = in_fresh_process(
+            onnxruntime_peak_in_process, str(path), length, config.vocab_size, threads)
+    cost.eager_peak_bytes = in_fresh_process(eager_peak_in_process, model_name, length, threads)
+    return cost
+
+
+def cost_rows(costs: dict[str, Cost], total: GraphCost, limit: int | None = None) -> list[tuple]:
+    ordered = sorted(costs.items(), key=lambda item: -item[1].bytes_written)
+    rows = [(name, cost.nodes, f"{cost.bytes_written / GIB:.3f}", f"{100 * cost.microseconds / total.microseconds:.1f}")
+            for name, cost in ordered[:limit]]
+    if limit is not None and len(ordered) > limit:
+        rest = ordered[limit:]
+        rows.append((f"{len(rest)} more", sum(cost.nodes for _, cost in rest),
+                     f"{sum(cost.bytes_written for _, cost in rest) / GIB:.3f}",
+                     f"{100 * sum(cost.microseconds for _, cost in rest) / total.microseconds:.1f}"))
+    return rows
+
+
+def report(cost: GraphCost, title: str, table) -> str:
+    summary = [
+        ("nodes in the file", cost.graph_nodes),
+        ("nodes ONNX Runtime ran (after its fusions)", cost.executed_nodes),
+        ("bytes written per forward", f"{cost.bytes_written / GIB:.3f} GiB"),
+        ("node time per forward (profiled)", f"{cost.microseconds / 1000:.1f} ms"),
+        ("peak resident memory, ONNX Runtime CPU", f"{cost.onnxruntime_peak_bytes / GIB:.3f} GiB"),
+        ("peak resident memory, our eager PyTorch", f"{cost.eager_peak_bytes / GIB:.3f} GiB"),
+    ]
+    sections = [title, table(("figure", "value"), summary),
+                "By op type (largest writers first):",
+                table(("op", "nodes", "GiB written", "% time"), cost_rows(cost.by_op, cost, limit=15)),
+                "By model part:",
+                table(("part", "nodes", "GiB written", "% time"), cost_rows(cost.by_part, cost))]
+    return "\n\n".join(sections) + "\n"
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_arguments(argv=None):
+    parser = OneLineErrors(prog="python -m benchmarks.graph_cost", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODEL_NAMES, default="small", help="benchmarks/models.py (default small)")
+    parser.add_argument("--length", type=int, default=16384, help="tokens, batch 1; also the export's max length")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision (default fp32)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of both runtimes (default 2)")
+    parser.add_argument("--custom-ops", default="auto", help="lowerings, as reformer-export --custom-ops")
+    parser.add_argument("--onnx", type=Path, help="profile this file (exported with trace_metadata=True for the "
+                        "per-part table) instead of exporting")
+    parser.add_argument("--out", type=Path, help="also write the tables as markdown to this file")
+    arguments = parser.parse_args(argv)
+    if arguments.length < 1 or arguments.threads < 1:
+        parser.error("--length and --threads must be positive")
+    if arguments.onnx is not None and not arguments.onnx.is_file():
+        parser.error(f"--onnx {arguments.onnx}: no such file")
+    return arguments
+
+
+def main(argv=None) -> int:
+    arguments = parse_arguments(argv)
+    cost = measure(arguments.model, arguments.length, arguments.dtype, arguments.threads, arguments.custom_ops,
+                   arguments.onnx)
+    title = (f"{arguments.model} @ {arguments.length:,} tokens, batch 1, {arguments.dtype}, ONNX Runtime CPU, "
+             f"{arguments.threads} threads")
+    print(report(cost, title, text_table))
+    if arguments.out:
+        command = "python -m benchmarks.graph_cost " + " ".join(argv if argv is not None else sys.argv[1:])
+        arguments.out.write_text(report(cost, f"# Graph cost: {title}\n\n`{command}`", markdown_table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
