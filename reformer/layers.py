@@ -103,7 +103,10 @@ class ChunkedFeedForward(nn.Module):
         return apply_in_chunks(self.forward_chunk, hidden_states, self.chunk_size)
 
     def forward_chunk(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.output(self.dense(self.layer_norm(hidden_states)))
+        # Positions as the rows of one matrix: linear layers on 2-D inputs export as Gemm, which ONNX Runtime
+        # fuses with the bias and a ReLU (a 3-D MatMul, bias Add and activation each write the result).
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        return self.output(self.dense(self.layer_norm(rows))).view(hidden_states.shape)
 
 
 class ReformerLayer(nn.Module):

@@ -98,15 +98,18 @@ def lsh_attention_step(
     batch, _, rounds, num_slots = key_positions.shape
     index = key_positions.reshape(batch, -1, 1).expand(-1, -1, all_states.shape[-1])  # B, H*N*S, hidden
     key_states = torch.gather(all_states, 1, index).view(batch, heads, rounds, num_slots, -1)  # B, H, N, S, hidden
-    key = length_normalize(project_per_head(key_states, attention.query_key)) / math.sqrt(attention.head_size)
+    key = length_normalize(project_per_head(key_states, attention.query_key), 1 / math.sqrt(attention.head_size))
     value = project_per_head(key_states, attention.value)  # B, H, N, S, D
 
     allowed = valid.unsqueeze(-2)  # B, 1, 1, 1, S
     not_self = ((key_positions != new_position) | ~valid).unsqueeze(-2)  # B, H, N, 1, S
     out, log_normalizer = masked_softmax_attend(
-        query.unsqueeze(2), key, value, allowed, not_self, attention.dropout, attention.training
+        query.unsqueeze(2), key, value, allowed, not_self, attention.dropout, attention.training,
+        with_log_normalizer=attention.num_hashes > 1,
     )  # B, H, N, 1, D and B, H, N, 1
-    out = combine_rounds(out, log_normalizer, full)  # B, H, 1, D
+    if log_normalizer is not None:
+        log_normalizer = log_normalizer.transpose(2, 3)  # B, H, 1, N
+    out = combine_rounds(out.transpose(2, 3), log_normalizer, full)  # B, H, 1, D
     return merge_heads(out), new_buckets
 
 

@@ -47,22 +47,22 @@ def length_as_tensor(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def look_adjacent(x: torch.Tensor, chunks_before: int, chunks_after: int) -> torch.Tensor:
     """B, H, K, C, ... -> B, H, K, W, ...: each chunk followed by its neighbours, wrapping around the K axis
-    (the reference's order, which matters for float rounding only). Indexing modulo K rather than slicing
-    keeps the graph valid for every K, including K smaller than the number of neighbours."""
+    (the reference's order, which matters for float rounding only). One gather of the K axis by a
+    K x (1 + before + after) index writes the result once, where concatenating shifted copies wrote it twice;
+    indexing modulo K keeps the graph valid for every K, including K smaller than the number of neighbours."""
     if chunks_before == 0 and chunks_after == 0:
         return x
     chunk_index = torch.arange(x.shape[2], device=x.device)
-    num_chunks = length_as_tensor(x, 2)  # K
-    neighbours = [
-        x.index_select(2, torch.remainder(chunk_index + offset, num_chunks))
-        for offset in range(-chunks_before, chunks_after + 1)
-    ]
-    return torch.cat(neighbours, dim=3)
+    offsets = torch.arange(-chunks_before, chunks_after + 1, device=x.device)
+    neighbours = torch.remainder(chunk_index[:, None] + offsets, length_as_tensor(x, 2))  # K, 1+before+after
+    adjacent = x.index_select(2, neighbours.flatten())  # B, H, K*(1+before+after), C, ...
+    return adjacent.view(x.shape[0], x.shape[1], x.shape[2], -1, *x.shape[4:])
 
 
-def length_normalize(x: torch.Tensor, epsilon: float = 1e-6) -> torch.Tensor:
-    """Scale each vector to unit root-mean-square (shared query-key attention normalises its keys)."""
-    return x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + epsilon)
+def length_normalize(x: torch.Tensor, scale: float = 1.0, epsilon: float = 1e-6) -> torch.Tensor:
+    """Scale each vector to unit root-mean-square, times `scale` (shared query-key attention normalises its
+    keys, then divides them by sqrt(D)); the scale goes on the per-vector factor, not on every element."""
+    return x * (torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + epsilon) * scale)
 
 
 def masked_softmax_attend(
@@ -73,16 +73,38 @@ def masked_softmax_attend(
     not_self: torch.Tensor | None,
     dropout: float,
     training: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention inside chunks. query B, H, K, C, D; key and value B, H, K, W, D; allowed (and not_self,
-    for shared query-key attention) broadcast to B, H, K, C, W. Returns out B, H, K, C, D and the
-    log-sum-exp of the scores B, H, K, C (LSH combines hashing rounds with it)."""
+    with_log_normalizer: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention inside chunks, masks applied as the reference applies them (the masked scores take the mask
+    values exactly). query B, H, K, C, D; key and value B, H, K, W, D; allowed (and not_self, for shared
+    query-key attention) broadcast to B, H, K, C, W. Returns what softmax_attend returns."""
     scores = torch.matmul(query, key.transpose(-1, -2))
-    scores = scores.masked_fill(~allowed, MASK_VALUE[scores.dtype])
+    scores = torch.where(allowed, scores, MASK_VALUE[scores.dtype])
     if not_self is not None:
         # A token may attend to itself only when nothing else is allowed (Reformer paper, section 2).
-        scores = scores.masked_fill(~not_self, SELF_MASK_VALUE[scores.dtype])
-    log_normalizer = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.exp(scores - log_normalizer)
-    probs = torch.nn.functional.dropout(probs, p=dropout, training=training)
-    return torch.matmul(probs, value), log_normalizer.squeeze(-1)
+        scores = torch.where(not_self, scores, SELF_MASK_VALUE[scores.dtype])
+    return softmax_attend(scores, value, dropout, training, with_log_normalizer)
+
+
+def mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where allowed, the mask value elsewhere: a mask to add to scores. Adding gives the reference's
+    softmax exactly in every row with an allowed key (exp(mask value + score - row maximum) is 0 either way),
+    and is one broadcast add where masking is a select."""
+    return torch.where(allowed, 0.0, MASK_VALUE[dtype]).to(dtype)
+
+
+def softmax_attend(
+    scores: torch.Tensor, value: torch.Tensor, dropout: float, training: bool, with_log_normalizer: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """scores ..., C, W (masked); value ..., W, D -> out ..., C, D and, when asked (LSH combines hashing
+    rounds with it), the log-sum-exp of the scores ..., C.
+
+    The score tensor is the largest the model writes, so it is written as few times as possible: scores,
+    masked scores, probabilities (one softmax, an op runtimes have fast kernels for). The log-sum-exp comes
+    from what is already there, max(scores) - log(max(probabilities)), since the largest probability is
+    exp(max - log-sum-exp); it is at least 1/W, so its logarithm loses nothing."""
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(torch.nn.functional.dropout(probs, p=dropout, training=training), value)
+    if not with_log_normalizer:
+        return out, None
+    return out, torch.amax(scores, dim=-1) - torch.log(torch.amax(probs, dim=-1))

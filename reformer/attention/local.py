@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ReformerConfig
-from .chunking import look_adjacent, masked_softmax_attend, merge_heads, split_chunks, split_heads_into_chunks
+from .chunking import look_adjacent, mask_bias, merge_heads, softmax_attend, split_chunks, split_heads_into_chunks
 
 
 class LocalSelfAttention(nn.Module):
@@ -43,5 +43,7 @@ class LocalSelfAttention(nn.Module):
         allowed = key_allowed.unsqueeze(-2)  # B, 1, K, 1, W
         if self.is_decoder:
             allowed = allowed & (query_positions.unsqueeze(-1) >= key_positions.unsqueeze(-2))
-        out, _ = masked_softmax_attend(query, key, value, allowed, None, self.dropout, self.training)
+        # Every query of a real position has an allowed key (itself), so an added mask is exact here.
+        scores = torch.matmul(query, key.transpose(-1, -2)) + mask_bias(allowed, query.dtype)  # B, H, K, C, W
+        out, _ = softmax_attend(scores, value, self.dropout, self.training, with_log_normalizer=False)
         return merge_heads(out.flatten(2, 3))  # B, L, H*D

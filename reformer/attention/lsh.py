@@ -9,7 +9,9 @@ from torch import nn
 
 from .. import ops
 from ..config import ReformerConfig
-from .chunking import length_normalize, look_adjacent, masked_softmax_attend, merge_heads, split_chunks, split_heads
+from .chunking import (
+    length_as_tensor, length_normalize, look_adjacent, masked_softmax_attend, split_chunks, split_heads,
+)
 
 
 def draw_rotations(config: ReformerConfig) -> torch.Tensor:
@@ -52,17 +54,19 @@ class LSHSelfAttention(nn.Module):
         reversible backward recomputes with the forward's buckets, and verification replays eager's buckets
         in an exported graph. Returns the attention output B, L, H*D and the buckets this call's hashing
         chose, B, H, N, L (whichever buckets were used)."""
-        query_key = split_heads(self.query_key(hidden_states), self.num_heads, self.head_size)  # B, H, L, D
-        value = split_heads(self.value(hidden_states), self.num_heads, self.head_size)  # B, H, L, D
-        buckets = self.hash_vectors(query_key.detach(), attention_mask)
+        batch, length, _ = hidden_states.shape
+        query_key = self.query_key(hidden_states)  # B, L, H*D
+        value = self.value(hidden_states)  # B, L, H*D
+        buckets = self.hash_vectors(split_heads(query_key.detach(), self.num_heads, self.head_size), attention_mask)
         used_buckets = buckets if forced_buckets is None else forced_buckets
         sorted_positions = ops.sort_by_bucket(used_buckets)  # B, H, N, L
-        undo_positions = ops.invert_permutation(sorted_positions)  # B, H, N, L
         out, log_normalizer = self.attend_sorted(query_key, value, sorted_positions, attention_mask, fits_one_chunk)
-        out = gather_along_length(out, undo_positions)  # B, H, N, L, D
-        log_normalizer = torch.gather(log_normalizer, -1, undo_positions)  # B, H, N, L
-        out = combine_rounds(out, log_normalizer, fits_one_chunk)  # B, H, L, D
-        return merge_heads(out), buckets
+        undo_positions = ops.invert_permutation(sorted_positions)  # B, H, N, L
+        out = unsort_by_position(out, undo_positions)  # B, L, H, N, D
+        if log_normalizer is not None:
+            log_normalizer = torch.gather(log_normalizer, -1, undo_positions).permute(0, 3, 1, 2)  # B, L, H, N
+        out = combine_rounds(out, log_normalizer, fits_one_chunk)  # B, L, H, D
+        return out.reshape(batch, length, -1), buckets
 
     def hash_vectors(self, vectors: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """B, H, L, D -> buckets B, H, N, L. Padding gets its own bucket, after all others.
@@ -74,7 +78,11 @@ class LSHSelfAttention(nn.Module):
         buckets = None
         for start, half, stride in bucket_factor_slices(self.bucket_factors):
             part = rotated[..., start : start + half]
-            factor_buckets = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
+            # argmax over [part, -part] without writing that concatenation: the first maximum lies in `part`
+            # when its maximum is at least -min(part), and is then part's first maximum; else it is -part's
+            # first maximum, part's first minimum.
+            positive_wins = torch.amax(part, dim=-1) >= -torch.amin(part, dim=-1)
+            factor_buckets = torch.where(positive_wins, torch.argmax(part, dim=-1), torch.argmin(part, dim=-1) + half)
             buckets = factor_buckets if buckets is None else buckets + stride * factor_buckets
         return buckets.masked_fill(~attention_mask[:, None, None, :], self.padding_bucket)
 
@@ -86,20 +94,24 @@ class LSHSelfAttention(nn.Module):
         attention_mask: torch.Tensor,
         fits_one_chunk: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunked attention in bucket order. Returns out B, H, N, L, D and log-normalisers B, H, N, L."""
+        """Chunked attention in bucket order. query_key and value B, L, H*D as projected. Returns out
+        B, H, N, L, D and, with more than one hashing round, log-normalisers B, H, N, L (None with one: its
+        round weight is exactly 1)."""
         batch, heads, rounds, length = sorted_positions.shape
-        sorted_query = split_chunks(gather_along_length(query_key, sorted_positions).flatten(2, 3), self.chunk_length)
-        sorted_value = split_chunks(gather_along_length(value, sorted_positions).flatten(2, 3), self.chunk_length)
+        sorted_query = split_chunks(gather_by_position(query_key, sorted_positions).flatten(2, 3), self.chunk_length)
+        sorted_value = split_chunks(gather_by_position(value, sorted_positions).flatten(2, 3), self.chunk_length)
         # Keys are the length-normalised queries (shared query-key attention), scaled by 1/sqrt(D).
-        sorted_key = length_normalize(sorted_query) / math.sqrt(self.head_size)  # B, H, N*K, C, D
+        sorted_key = length_normalize(sorted_query, 1 / math.sqrt(self.head_size))  # B, H, N*K, C, D
         sorted_key = look_adjacent(sorted_key, self.chunks_before, self.chunks_after)  # B, H, N*K, W, D
         sorted_value = look_adjacent(sorted_value, self.chunks_before, self.chunks_after)  # B, H, N*K, W, D
 
         query_positions = split_chunks(sorted_positions.flatten(2, 3), self.chunk_length)  # B, H, N*K, C
         key_positions = look_adjacent(query_positions, self.chunks_before, self.chunks_after)  # B, H, N*K, W
-        key_allowed = torch.gather(
-            attention_mask[:, None, :].expand(batch, heads, length), 2, key_positions.flatten(2, 3)
-        ).view(key_positions.shape)  # B, H, N*K, W
+        # The mask in bucket order, then its neighbours: a gather of N*L values rather than N*L*W/C.
+        sorted_allowed = torch.gather(attention_mask[:, None, :].expand(batch, heads, length), 2,
+                                      sorted_positions.flatten(2, 3))  # B, H, N*L
+        key_allowed = look_adjacent(split_chunks(sorted_allowed, self.chunk_length),
+                                    self.chunks_before, self.chunks_after)  # B, H, N*K, W
         # An input that fits one chunk gets full attention, each key once, as in the reference: the
         # neighbouring chunks then hold only copies or padding, and copies of a self-masked key would
         # shift its -1e5 log-normaliser by log(copies), below fp32 resolution at that magnitude.
@@ -113,10 +125,11 @@ class LSHSelfAttention(nn.Module):
         # Copies of the query outside the window must stay masked, not fall back to the self-mask value.
         not_self = (query_positions.unsqueeze(-1) != key_positions.unsqueeze(-2)) | ~in_window  # B, H, N*K, C, W
         out, log_normalizer = masked_softmax_attend(
-            sorted_query, sorted_key, sorted_value, allowed, not_self, self.dropout, self.training
+            sorted_query, sorted_key, sorted_value, allowed, not_self, self.dropout, self.training,
+            with_log_normalizer=self.num_hashes > 1,
         )
-        out = out.reshape(batch, heads, rounds, length, self.head_size)
-        return out, log_normalizer.reshape(batch, heads, rounds, length)
+        out = out.view(batch, heads, rounds, length, self.head_size)
+        return out, None if log_normalizer is None else log_normalizer.view(batch, heads, rounds, length)
 
 
 def bucket_factor_slices(factors: list[int]) -> list[tuple[int, int, int]]:
@@ -131,24 +144,42 @@ def bucket_factor_slices(factors: list[int]) -> list[tuple[int, int, int]]:
     return slices
 
 
-def gather_along_length(vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Pick vectors by position for every hashing round.
-    vectors B, H, L, D (shared by all rounds) or B, H, N, L, D; positions B, H, N, L -> B, H, N, L, D."""
-    if vectors.dim() == 4:
-        vectors = vectors.unsqueeze(2).expand(-1, -1, positions.shape[2], -1, -1)
-    index = positions.unsqueeze(-1).expand(-1, -1, -1, -1, vectors.shape[-1])
-    return torch.gather(vectors, 3, index)
+def gather_by_position(vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Pick each head's vectors by position for every hashing round: vectors B, L, H*D as projected;
+    positions B, H, N, L -> B, H, N, L, D. One gather of rows by a flat index of B*H*N*L entries (row
+    (b * L + position) * H + h of the B*L*H, D rows): an element-wise gather would need an index as large as its
+    output, and a B, H, L, D layout a transposed copy first."""
+    batch, heads, rounds, length = positions.shape
+    rows = vectors.reshape(-1, vectors.shape[-1] // heads)  # B*L*H, D
+    batch_start = torch.arange(batch, device=positions.device).view(batch, 1, 1, 1) * length_as_tensor(vectors, 1)
+    head = torch.arange(heads, device=positions.device).view(1, heads, 1, 1)
+    index = (batch_start + positions) * heads + head  # B, H, N, L
+    return rows.index_select(0, index.flatten()).view(batch, heads, rounds, length, -1)
 
 
-def combine_rounds(out: torch.Tensor, log_normalizer: torch.Tensor, attended_once: torch.Tensor) -> torch.Tensor:
+def unsort_by_position(sorted_out: torch.Tensor, undo_positions: torch.Tensor) -> torch.Tensor:
+    """sorted_out B, H, N, L, D in bucket order; undo_positions B, H, N, L (where each position went) ->
+    B, L, H, N, D in position order. One gather of rows by a flat index laid out B, L, H, N, so that the heads
+    come out merged, with no transposed copy of the result."""
+    batch, heads, rounds, length, head_size = sorted_out.shape
+    rows = sorted_out.reshape(-1, head_size)  # B*H*N*L, D
+    row_start = torch.arange(batch * heads * rounds, device=sorted_out.device).view(batch, heads, rounds, 1)
+    index = (row_start * length_as_tensor(sorted_out, 3) + undo_positions).permute(0, 3, 1, 2)  # B, L, H, N
+    return rows.index_select(0, index.flatten()).view(batch, length, heads, rounds, head_size)
+
+
+def combine_rounds(out: torch.Tensor, log_normalizer: torch.Tensor | None, attended_once: torch.Tensor) -> torch.Tensor:
     """Weight each round's output by its share of the total attention mass.
-    out B, H, N, L, D; log_normalizer B, H, N, L -> B, H, L, D. With one round the weight is exactly 1.
-    attended_once (bool, broadcast to B, H, L, D): every round saw the same keys, where the reference attends
+    out ..., N, D; log_normalizer ..., N -> ..., D. With one round the weight is exactly 1: the output is
+    taken as it is, and the caller passes no log_normalizer (None).
+    attended_once (bool, broadcast to ..., D): every round saw the same keys, where the reference attends
     once and combines nothing; round 0 is taken as it is there (weighting equal rounds would shift a
     self-masked row's -1e5 log-normaliser by log(N), below fp32 resolution at that magnitude).
     The weights are computed in fp32 for every dtype: a row that sees only itself in every round has the
     self-mask value (-1e3 in fp16) as its log-normaliser, where fp16's resolution is 0.5, so fp16 weights
     exp(-1e3 - (-1e3 + log 2)) came out as exp(-0.5) instead of 1/2 (21% off)."""
+    if log_normalizer is None:
+        return out[..., 0, :]
     log_normalizer = log_normalizer.float()
-    weights = torch.exp(log_normalizer - torch.logsumexp(log_normalizer, dim=2, keepdim=True)).to(out.dtype)
-    return torch.where(attended_once, out[:, :, 0], torch.sum(out * weights.unsqueeze(-1), dim=2))
+    weights = torch.exp(log_normalizer - torch.logsumexp(log_normalizer, dim=-1, keepdim=True)).to(out.dtype)
+    return torch.where(attended_once, out[..., 0, :], torch.sum(out * weights.unsqueeze(-1), dim=-2))
