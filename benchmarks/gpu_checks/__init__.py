@@ -886,6 +886,3 @@ def main(argv=None) -> int:
     print(f"wrote {arguments.out / 'results.json'} and {arguments.out / 'results.md'}")
     return 1 if results.failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

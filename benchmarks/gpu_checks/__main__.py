@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.gpu_checks import main
+
+sys.exit(main())
