@@ -20,7 +20,6 @@ time), so it is the figure to watch when changing the model's hot paths.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import collections
 import json
@@ -31,6 +30,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.cli import OneLineErrors
 from benchmarks.models import MODEL_NAMES, build_model
 from benchmarks.tables import markdown_table, text_table
 
@@ -250,11 +250,6 @@ def report(cost: GraphCost, title: str, table) -> str:
                 "By model part (bytes written):",
                 table(("part", "nodes", "GiB written", "% time"), cost_rows(cost.by_part, cost))]
     return "\n\n".join(sections) + "\n"
-
-
-class OneLineErrors(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_arguments(argv=None):

@@ -1,5 +1,6 @@
-"""benchmarks/gpu_checks.py: its smallest configuration runs on the CPU, prints the summary table and writes
-results.json and results.md; the summary names the card on every row, and bad options fail in one line."""
+"""benchmarks/gpu_checks: its smallest configuration runs on the CPU, prints the summary table and writes
+results.json and results.md, with transformers' reference rows and graph_cost's figures; the summary names the
+card on every row, a missing transformers skips its rows with a note, and bad options fail in one line."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ import pytest
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPOSITORY_ROOT)  # `benchmarks` is a folder of scripts, not an installed package
 
-from benchmarks import gpu_checks  # noqa: E402
+from benchmarks.gpu_checks.benchmark import benchmark_mode  # noqa: E402
+from benchmarks.gpu_checks.plan import Plan  # noqa: E402
+from benchmarks.gpu_checks.report import Results, summary_rows  # noqa: E402
+from benchmarks.gpu_checks.timing import MIN_RUNS  # noqa: E402
+from benchmarks.graph_cost import Cost, GraphCost  # noqa: E402
+from benchmarks.models import build_model  # noqa: E402
 
 
 def run_script(*arguments: str) -> subprocess.CompletedProcess:
@@ -25,12 +31,13 @@ def run_script(*arguments: str) -> subprocess.CompletedProcess:
 
 def test_quick_cpu_run_prints_the_table_and_writes_the_results(tmp_path):
     result = run_script("--out", str(tmp_path), "--quick", "--models", "tiny", "--lengths", "32",
-                        "--checks", "verify,benchmark", "--threads", "1")
+                        "--checks", "verify,benchmark,cost", "--threads", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     header = next(index for index, line in enumerate(lines) if line.split()[:2] == ["check", "model"])
-    table = lines[header + 1:header + 3]
-    assert [line.split()[:3] for line in table] == [["verify", "tiny", "1x1..1x256"], ["benchmark", "tiny", "1x32"]]
+    table = lines[header + 1:header + 4]
+    assert [line.split()[:3] for line in table] == [["verify", "tiny", "1x1..1x256"], ["benchmark", "tiny", "1x32"],
+                                                    ["cost", "tiny", "1x32"]]
     assert all("CPU" in line for line in table)  # the processor is named on every figure
 
     results = json.loads((tmp_path / "results.json").read_text())
@@ -41,34 +48,65 @@ def test_quick_cpu_run_prints_the_table_and_writes_the_results(tmp_path):
     assert all(row["passed"] and row["replayed"] and row["replay_max_abs"] <= row["tolerance"]
                for row in results["verification"])
     benchmarks = {row["runtime"]: row for row in results["benchmarks"]}
-    assert set(benchmarks) == {"eager", "onnxruntime", "torchscript"}
-    assert all(row["length"] == 32 and row["runs"] >= gpu_checks.MIN_RUNS and row["median_ms"] > 0
+    assert set(benchmarks) == {"eager", "onnxruntime", "torchscript", "transformers"}
+    assert all(row["length"] == 32 and row["runs"] >= MIN_RUNS and row["median_ms"] > 0
                for row in benchmarks.values())
     assert benchmarks["onnxruntime"]["providers"] == ["CPUExecutionProvider"]
     # Free-running at the timed shape, as information (the verification rows carry the verdict).
     assert benchmarks["onnxruntime"]["max_abs"] <= 1e-5 and benchmarks["torchscript"]["max_abs"] == 0
     assert benchmarks["onnxruntime"]["flips"] == benchmarks["torchscript"]["flips"] == "-"  # deployment graphs
-    assert "## Benchmarks" in (tmp_path / "results.md").read_text()
+    # transformers' Reformer with our weights and config: the same function, to float rounding at most.
+    assert benchmarks["transformers"]["max_abs"] <= 1e-5 and benchmarks["transformers"]["flips"] == "-"
+    (cost,) = results["cost"]  # graph_cost's figures at the benchmarked shape
+    assert (cost["model"], cost["length"], cost["threads"]) == ("tiny", 32, 1)
+    assert cost["graph_nodes"] >= cost["executed_nodes"] > 0 and cost["bytes_written"] > 0
+    assert cost["onnxruntime_peak_bytes"] > 0 and cost["eager_peak_bytes"] > 0
+    report = (tmp_path / "results.md").read_text()
+    assert "## Benchmarks" in report and "| tiny | 32 | fp32 | transformers |" in report and "## Graph cost" in report
 
 
 def test_summary_names_the_card_on_every_row(tmp_path):
     card = "NVIDIA H100 80GB HBM3"
-    results = gpu_checks.Results(tmp_path, "command", {"cuda_device": card}, {})
+    results = Results(tmp_path, "command", {"cuda_device": card}, {})
     check = {"max_abs": 1e-6, "flips": "0/1024"}
-    for runtime in ("eager", "onnxruntime", "torchscript"):
+    for runtime in ("eager", "transformers", "onnxruntime", "torchscript"):
         row = {"runtime": runtime, "median_ms": 4.0, "min_ms": 3.9, "runs": 20, **({} if runtime == "eager" else check)}
         results.add_benchmark("small", 4096, "fp16", "cuda", row)
     speed = {"seconds": 1.0, "tokens_per_second": 128.0}
     results.add_generation("tiny", 1, "cuda", ["CUDAExecutionProvider"], {"eager": speed, "onnxruntime": speed,
                                                                             "same_tokens": True})
-    rows = gpu_checks.summary_rows(results)
-    assert rows == [("benchmark", "small", "1x4096", "fp16 cuda", "4 ms", "4 ms", "4 ms", card),
-                    ("generate", "tiny", "batch 1", "fp32 cuda", "128 tok/s", "128 tok/s, same tokens", "-", card)]
+    cost = GraphCost(graph_nodes=551, executed_nodes=546, by_op={"MatMul": Cost(546, 2**30, 9)},
+                     onnxruntime_peak_bytes=2**29, eager_peak_bytes=2**28)
+    results.add_cost("small", 4096, 2, cost)
+    rows = summary_rows(results)
+    cpu = rows[-1][-1]
+    assert cpu.startswith("CPU ")
+    assert rows == [("benchmark", "small", "1x4096", "fp16 cuda", "4 ms", "4 ms", "4 ms", "4 ms", card),
+                    ("generate", "tiny", "batch 1", "fp32 cuda", "128 tok/s", "128 tok/s, same tokens", "-", "-", card),
+                    ("cost", "small", "1x4096", "fp32 cpu", "peak 0.25 GiB", "1 GiB written, 546 nodes, peak 0.5 GiB",
+                     "-", "-", cpu)]
+
+
+def test_without_transformers_its_rows_are_skipped_with_a_note(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+
+    class NoExports:  # the exported runtimes are not what this test is about: they fail, and are recorded so
+        def get(self, *arguments, **keywords):
+            raise RuntimeError("no exports in this test")
+
+    model, spec = build_model("tiny", 256)
+    plan = Plan(device="cpu", models=["tiny"], checks=["benchmark"], lengths={"tiny": (32,)}, modes=("fp32",),
+                warmup=1, max_runs=MIN_RUNS, generation_repeats=1, threads=1)
+    results = Results(tmp_path, "command", {"cuda_device": None}, {})
+    benchmark_mode("tiny", model, spec, "fp32", plan, NoExports(), results)
+    assert [row["runtime"] for row in results.benchmarks] == ["eager"]
+    assert any(note.startswith("benchmark tiny fp32 transformers: skipped, not importable") for note in results.notes)
+    assert not any("transformers" in error for error in results.errors)
 
 
 @pytest.mark.parametrize("arguments, message", [
     (["--models", "huge"], "choose from tiny, small, large"),
-    (["--checks", "speed"], "choose from verify, benchmark, generation"),
+    (["--checks", "speed"], "choose from verify, benchmark, generation, cost"),
     (["--lengths", "0"], "--lengths must be positive"),
 ])
 def test_bad_options_fail_in_one_line(tmp_path, arguments, message):

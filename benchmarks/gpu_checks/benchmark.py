@@ -1,0 +1,138 @@
+"""The benchmark step: forward only, batch 1, random token ids, nothing masked; our eager PyTorch, ONNX Runtime,
+TorchScript and transformers' Reformer (the reference, same weights and config) on the same device and
+precision, each first compared with eager at the timed shape, then timed the same way."""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING
+
+from benchmarks.gpu_checks.exports import Exports
+from benchmarks.gpu_checks.plan import Plan
+from benchmarks.gpu_checks.runners import (
+    OrtRunner,
+    TorchRunner,
+    TransformersRunner,
+    tf32_matmuls,
+)
+from benchmarks.gpu_checks.steps import log, run_step
+from benchmarks.gpu_checks.timing import (
+    free_device_bytes,
+    peak_allocation_since,
+    start_peak_allocation,
+    time_runs,
+)
+from benchmarks.models import reference_model
+
+if TYPE_CHECKING:
+    from benchmarks.gpu_checks.report import Results
+
+
+def benchmark_inputs(length: int, vocab_size: int, seed: int = 0):
+    """Batch 1, random ids in 1 .. vocab - 1 (id 0 is padding), nothing masked."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + length)
+    input_ids = torch.randint(1, vocab_size, (1, length), generator=generator)
+    return input_ids, torch.ones_like(input_ids)
+
+
+def benchmark_model(name: str, model, spec, plan: Plan, exports: Exports, results: Results) -> None:
+    if not plan.lengths.get(name):
+        results.notes.append(f"{name}: no benchmark lengths in this plan")
+        return
+    for mode in plan.modes:
+        run_step(results, f"benchmark {name} {mode}", lambda mode=mode: benchmark_mode(
+            name, model, spec, mode, plan, exports, results))
+
+
+def benchmark_mode(name, model, spec, mode: str, plan: Plan, exports: Exports, results: Results) -> None:
+    """Every runtime at every length of the plan, in one precision mode."""
+    import gc
+
+    import torch
+
+    from exporters.precision import model_as
+
+    device, dtype = plan.device, "fp16" if mode == "fp16" else "fp32"
+    eager_model = model_as(model, dtype, device)
+    runners = {"eager": TorchRunner(spec.wrap(eager_model, with_buckets=True), device)}
+
+    def open_transformers():
+        return TransformersRunner(reference_model(eager_model), device)  # on eager's device, in its dtype
+
+    def open_torchscript():
+        path = exports.get(name, model, spec, "torchscript", dtype, device)
+        return TorchRunner(torch.jit.load(str(path), map_location=device), device)
+
+    def open_onnxruntime():
+        path = exports.get(name, model, spec, "onnx", dtype, device)
+        return OrtRunner(path, device, tf32=mode == "tf32", threads=plan.threads)
+
+    torch_free = None
+    for runtime, open_runner in (("transformers", open_transformers), ("torchscript", open_torchscript),
+                                 ("onnxruntime", open_onnxruntime)):
+        if runtime == "onnxruntime" and device == "cuda":
+            warm_up_torch(runners, model.config.vocab_size, mode)
+            torch_free = free_device_bytes()  # what ORT takes from here on is its own
+        try:
+            runners[runtime] = open_runner()
+        except ImportError as error:  # transformers missing: its reference rows are information, not a failure
+            results.notes.append(f"benchmark {name} {mode} {runtime}: skipped, not importable ({error})")
+        except Exception as error:  # one runtime that cannot run must not cost the others
+            results.fail(f"benchmark {name} {mode} {runtime}", error)
+    for length in plan.lengths[name]:
+        input_ids, attention_mask = (tensor.to(device) for tensor in benchmark_inputs(length, model.config.vocab_size))
+        with torch.no_grad(), tf32_matmuls(mode == "tf32"):
+            expected = [tensor.cpu() for tensor in runners["eager"].outputs(input_ids, attention_mask)]
+            for runtime, runner in runners.items():
+                row = benchmark_row(runtime, runner, expected, spec, input_ids, attention_mask, plan, mode)
+                if runtime == "onnxruntime" and torch_free is not None:
+                    row["ort_device_gib"] = (torch_free - free_device_bytes()) / 2**30
+                results.add_benchmark(name, length, mode, device, row)
+                results.save()
+    runners.clear()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def warm_up_torch(runners: dict, vocab_size: int, mode: str) -> None:
+    """One short forward of each torch runner, so that the libraries they initialise lazily (cuBLAS
+    workspaces, fused kernels) are not counted as ONNX Runtime's memory."""
+    import torch
+
+    input_ids, attention_mask = (tensor.cuda() for tensor in benchmark_inputs(8, vocab_size))
+    with torch.no_grad(), tf32_matmuls(mode == "tf32"):
+        for runner in runners.values():
+            runner.outputs(input_ids, attention_mask)
+
+
+def benchmark_row(runtime, runner, expected, spec, input_ids, attention_mask, plan: Plan, mode) -> dict:
+    device = plan.device
+    row = {"runtime": runtime, "providers": runner.providers}
+    if runtime != "eager":  # free-running against eager at the timed shape, as information
+        row.update(free_running_difference(runner, expected, spec, input_ids, attention_mask))
+    if device == "cuda":
+        allocated_before = start_peak_allocation()
+    log(f"timing {runtime} {mode} at {input_ids.shape[1]} tokens ...")
+    times = time_runs(runner.timed_call(input_ids, attention_mask), device, plan.warmup, plan.max_runs)
+    row.update(median_ms=statistics.median(times), min_ms=min(times), runs=len(times))
+    if device == "cuda" and runtime != "onnxruntime":  # ORT's arena is measured from the device's free memory
+        # Its own weights plus the most its runs held on top of everything resident before them.
+        row["peak_gib"] = (peak_allocation_since(allocated_before) + runner.weight_bytes) / 2**30
+    return row
+
+
+def free_running_difference(runner, expected, spec, input_ids, attention_mask) -> dict:
+    """Max abs difference from eager's outputs (CPU tensors) and bucket flips, everything on the CPU."""
+    from exporters.verify import VerificationRow, count_bucket_flips, output_error
+
+    keep = attention_mask.bool().cpu()
+    actual = [tensor.cpu() for tensor in runner.outputs(input_ids, attention_mask)]
+    outputs = len(spec.output_names)
+    max_abs, _ = output_error(spec, expected[:outputs], actual[:outputs], keep)
+    flips = VerificationRow("", "", tuple(input_ids.shape), "")
+    if len(actual) > outputs:  # a graph exported with bucket outputs
+        count_bucket_flips(flips, expected[outputs:], actual[outputs:], keep)
+    return {"max_abs": max_abs, "flips": flips.flips}

@@ -1,0 +1,37 @@
+"""How the run goes on: progress on stderr, and steps whose failure is recorded instead of ending the run."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from benchmarks.gpu_checks.report import Results
+
+STARTED = time.perf_counter()
+
+
+class RuntimeUnavailable(Exception):
+    """A runtime that cannot run here (no CUDA provider, a session that fell back to the CPU, a library
+    missing): the step is skipped with a note, not counted as a failure."""
+
+
+def log(message: str) -> None:
+    """Progress on stderr, with the seconds since the start (to plan runs under a time limit)."""
+    print(f"[{seconds_since_start():6.0f} s] {message}", file=sys.stderr, flush=True)
+
+
+def seconds_since_start() -> float:
+    return time.perf_counter() - STARTED
+
+
+def run_step(results: Results, step: str, action) -> None:
+    """Run one step; a failure is recorded (traceback on stderr) and the run goes on. Results are saved after."""
+    try:
+        action()
+    except RuntimeUnavailable as error:
+        results.notes.append(f"{step}: skipped, {error}")
+    except Exception as error:  # one failing export or runtime must not cost the other measurements
+        results.fail(step, error)
+    results.save()
