@@ -294,12 +294,10 @@ class RuntimeUnavailable(Exception):
     """A runtime that cannot run here (no CUDA provider, a session that fell back to the CPU)."""
 
 
-def ort_providers(device: str, tf32: bool) -> list:
-    if device == "cpu":
-        return [CPU_PROVIDER]
-    # kSameAsRequested keeps the arena close to what the runs need, so its size means something.
-    options = {"use_tf32": "1" if tf32 else "0", "arena_extend_strategy": "kSameAsRequested"}
-    return [(CUDA_PROVIDER, options), CPU_PROVIDER]
+def ort_providers(device: str) -> list[str]:
+    """The providers for `device`; reformer.runtime.open_session gives CUDA its options (an arena grown by
+    what runs ask for, so that its size means something; TF32 only when asked)."""
+    return [CPU_PROVIDER] if device == "cpu" else [CUDA_PROVIDER, CPU_PROVIDER]
 
 
 class OrtRunner:
@@ -310,7 +308,7 @@ class OrtRunner:
         from reformer.runtime import open_session
 
         self.device = device
-        self.session = open_session(path, ort_providers(device, tf32), quiet=True, threads=threads)
+        self.session = open_session(path, ort_providers(device), quiet=True, threads=threads, tf32=tf32)
         self.providers = self.session.get_providers()
         log(f"onnxruntime session {path.name} ({'tf32' if tf32 else 'strict fp32'} on {device}): {self.providers}")
         if device == "cuda" and self.providers[0] != CUDA_PROVIDER:
@@ -600,12 +598,9 @@ def generation_model(name: str, model, plan: Plan, folder: Path, results: "Resul
     results.exports.append({"model": name, "format": "onnx causal-lm-with-past", "dtype": "fp32", "device": "cpu",
                             "seconds": round(time.perf_counter() - start, 1),
                             "megabytes": round(sum(path.stat().st_size for path in directory.iterdir()) / 1e6, 1)})
-    generator = OnnxGenerator(directory, providers=ort_providers(plan.device, tf32=False))
+    generator = OnnxGenerator(directory, providers=ort_providers(plan.device), threads=plan.threads)
     providers = generator.providers_in_use
     log(f"onnxruntime generator {name}: {providers}")
-    if plan.threads:
-        results.notes.append(f"generation {name}: OnnxGenerator's sessions use ONNX Runtime's default intra-op "
-                             f"threads (its constructor takes no session options); torch uses {plan.threads}")
     if plan.device == "cuda" and providers[0] != CUDA_PROVIDER:
         raise RuntimeUnavailable(f"onnxruntime generator fell back to {providers}")
     eager = model_as(model, "fp32", plan.device)  # a copy on CUDA: eager_runner moves the model it is given
