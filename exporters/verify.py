@@ -253,19 +253,15 @@ def open_runtime(name: str, fmt: str, path: str, tf32: bool = False) -> tuple[Ru
 
 
 def open_onnxruntime(path: str, device: str, tf32: bool = False) -> tuple[Runner | None, str]:
-    from reformer.runtime import CPU, CUDA, open_session
+    from reformer.runtime import CPU, CUDA, open_session, shrink_arena_run_options
 
     provider = {"cpu": CPU, "cuda": CUDA}[device]
     if provider not in onnxruntime_providers():
         return None, f"onnxruntime lists no {provider}"
-    # ONNX Runtime enables TF32 on CUDA by default; eager PyTorch computes strict fp32 unless told otherwise.
-    # Verification keeps a graph's and its twin's sessions open together: their arenas grow only as far as a
-    # run needs and shrink after it (a long input's arena is tens of GiB).
-    cuda_options = {"use_tf32": "1" if tf32 else "0", "arena_extend_strategy": "kSameAsRequested"}
-    providers = [(provider, cuda_options)] if device == "cuda" else [provider]
     try:
-        # Quiet: a CUDA provider that cannot load is reported in `skipped`, not logged.
-        session = open_session(path, providers, quiet=True)
+        # Quiet: a CUDA provider that cannot load is reported in `skipped`, not logged. TF32 as eager's run
+        # (open_session's CUDA options: strict fp32 unless tf32).
+        session = open_session(path, [provider], quiet=True, tf32=tf32)
     except Exception as error:
         if device == "cuda":  # the provider is listed but cannot start (no GPU, missing CUDA libraries)
             return None, f"{provider} failed to start: {first_line(error)}"
@@ -273,22 +269,15 @@ def open_onnxruntime(path: str, device: str, tf32: bool = False) -> tuple[Runner
     if provider not in session.get_providers():
         return None, f"{provider} is listed but the session fell back to {session.get_providers()}"
     input_names = [graph_input.name for graph_input in session.get_inputs()]
-    run_options = onnxruntime_run_options(device)
+    # Verification keeps a graph's and its twin's sessions open together: their arenas shrink after each run
+    # (a long input's CUDA arena is tens of GiB).
+    run_options = shrink_arena_run_options(session)
 
     def run(inputs):
         feeds = {name: tensor.cpu().numpy() for name, tensor in zip(input_names, inputs)}
         return [torch.from_numpy(output) for output in session.run(None, feeds, run_options)]
 
     return Runner(run, device, [output.name for output in session.get_outputs()]), ""
-
-
-def onnxruntime_run_options(device: str):
-    import onnxruntime
-
-    options = onnxruntime.RunOptions()
-    if device == "cuda":
-        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
-    return options
 
 
 @contextlib.contextmanager

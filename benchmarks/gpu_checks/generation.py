@@ -42,12 +42,9 @@ def generation_model(name: str, model, plan: Plan, folder: Path, results: Result
     results.exports.append({"model": name, "format": "onnx causal-lm-with-past", "dtype": "fp32", "device": "cpu",
                             "seconds": round(time.perf_counter() - start, 1),
                             "megabytes": round(sum(path.stat().st_size for path in directory.iterdir()) / 1e6, 1)})
-    generator = OnnxGenerator(directory, providers=ort_providers(plan.device, tf32=False))
+    generator = OnnxGenerator(directory, providers=ort_providers(plan.device), threads=plan.threads)
     providers = generator.providers_in_use
     log(f"onnxruntime generator {name}: {providers}")
-    if plan.threads:
-        results.notes.append(f"generation {name}: OnnxGenerator's sessions use ONNX Runtime's default intra-op "
-                             f"threads (its constructor takes no session options); torch uses {plan.threads}")
     if plan.device == "cuda" and providers[0] != CUDA_PROVIDER:
         raise RuntimeUnavailable(f"onnxruntime generator fell back to {providers}")
     eager = model_as(model, "fp32", plan.device)  # a copy on CUDA: eager_runner moves the model it is given

@@ -11,12 +11,10 @@ from benchmarks.gpu_checks.steps import RuntimeUnavailable, log
 CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
-def ort_providers(device: str, tf32: bool) -> list:
-    if device == "cpu":
-        return [CPU_PROVIDER]
-    # kSameAsRequested keeps the arena close to what the runs need, so its size means something.
-    options = {"use_tf32": "1" if tf32 else "0", "arena_extend_strategy": "kSameAsRequested"}
-    return [(CUDA_PROVIDER, options), CPU_PROVIDER]
+def ort_providers(device: str) -> list[str]:
+    """The providers for `device`; reformer.runtime.open_session gives CUDA its options (an arena grown by
+    what runs ask for, so that its size means something; TF32 only when asked)."""
+    return [CPU_PROVIDER] if device == "cpu" else [CUDA_PROVIDER, CPU_PROVIDER]
 
 
 class OrtRunner:
@@ -27,7 +25,7 @@ class OrtRunner:
         from reformer.runtime import open_session
 
         self.device = device
-        self.session = open_session(path, ort_providers(device, tf32), quiet=True, threads=threads)
+        self.session = open_session(path, ort_providers(device), quiet=True, threads=threads, tf32=tf32)
         self.providers = self.session.get_providers()
         log(f"onnxruntime session {path.name} ({'tf32' if tf32 else 'strict fp32'} on {device}): {self.providers}")
         if device == "cuda" and self.providers[0] != CUDA_PROVIDER:

@@ -105,7 +105,7 @@ def test_existing_directory_wins_over_a_built_in_name(tmp_path, monkeypatch):
 
 
 def test_built_in_model_with_weights_loads_them(tmp_path):
-    directory = save_checkpoint(tmp_path / "shipped", "ReformerForMaskedLM")
+    save_checkpoint(tmp_path / "shipped", "ReformerForMaskedLM")
     resolved = resolve_model("shipped", models_dir=tmp_path)
     assert resolved.built_in and resolved.random_weights_seed is None and resolved.spec.name == "masked-lm"
 

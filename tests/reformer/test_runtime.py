@@ -48,6 +48,17 @@ def test_io_binding_path_matches_eager(exported):
     assert (bound.generate(input_ids.numpy(), 20) == generate(model, input_ids, 20).numpy()).all()
 
 
+def test_generator_with_arena_shrinkage_matches_eager(exported):
+    """Shrinking the arena after each prefill (a CPU session: its CPU arena) changes no token."""
+    model, generator = exported
+    shrinking = OnnxGenerator(generator.directory, providers=["CPUExecutionProvider"], threads=1, shrink_arena=True)
+    assert shrinking.run_options["step"] is None
+    assert shrinking.run_options["prefill"].get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    assert all(session.get_session_options().intra_op_num_threads == 1 for session in shrinking.sessions.values())
+    rows = mixed_prompts()
+    assert (shrinking.generate(rows, 20) == generate(model, rows, 20).numpy()).all()
+
+
 def test_one_token_prompt_matches_eager(exported):
     """A prompt shorter than a chunk: the LSH layer attends to everything until the reference would hash."""
     model, generator = exported
@@ -155,7 +166,7 @@ def test_runtime_imports_without_torch():
 
 def test_onnx_model_returns_task_outputs(tmp_path):
     """A graph that also outputs each LSH layer's buckets (as exported for verification): OnnxModel returns
-    the task's outputs, and the buckets only when asked."""
+    the task's outputs, and the buckets only when asked; shrinking the arena after each call changes none."""
     from exporters.program import export_program
     from exporters.specs import TASKS
 
@@ -175,3 +186,9 @@ def test_onnx_model_returns_task_outputs(tmp_path):
     everything = OnnxModel(path, providers=["CPUExecutionProvider"], bucket_outputs=True)(input_ids.numpy())
     assert list(everything) == ["logits", "buckets_0"]
     assert (everything["buckets_0"] == expected.buckets[0].numpy()).all()
+    shrinking = OnnxModel(path, providers=["CPUExecutionProvider"], shrink_arena=True)
+    assert shrinking.run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    for rows in (input_ids, input_ids[:1, :5]):
+        with torch.no_grad():
+            logits = model(input_ids=rows).logits.numpy()
+        assert abs(shrinking(rows.numpy())["logits"] - logits).max() <= ATOL
