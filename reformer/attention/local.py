@@ -30,9 +30,11 @@ class LocalSelfAttention(nn.Module):
         """hidden_states B, L, hidden with L a multiple of C; attention_mask B, L (bool) -> B, L, H*D."""
         shape = (self.num_heads, self.head_size, self.chunk_length)
         query = split_heads_into_chunks(self.query(hidden_states), *shape)  # B, H, K, C, D
-        key = split_heads_into_chunks(self.key(hidden_states), *shape) / math.sqrt(self.head_size)
+        key = split_heads_into_chunks(self.key(hidden_states), *shape)
         value = split_heads_into_chunks(self.value(hidden_states), *shape)
-        key = look_adjacent(key, self.chunks_before, self.chunks_after)  # B, H, K, W, D
+        # Scaled by 1/sqrt(D) next to the product (the same numbers as before the gather), where ONNX Runtime
+        # folds the scale into its fused MatMul.
+        key = look_adjacent(key, self.chunks_before, self.chunks_after) / math.sqrt(self.head_size)  # B, H, K, W, D
         value = look_adjacent(value, self.chunks_before, self.chunks_after)  # B, H, K, W, D
 
         positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)
