@@ -18,7 +18,7 @@ The cache, for a model with layers 0..Y-1 of which the LSH layers are i, j, ... 
 
     states_{y}   float32 [batch, Lp, hidden_size]       every layer y: layer-normed attention input per position
     buckets_{i}  int64 [batch, heads, num_hashes, Lp]   every LSH layer i: bucket per round, no round offsets
-    lsh_full_attention_until  int64 [batch]             only with LSH layers; passed through unchanged
+    lsh_unchunked_until int64 [batch]                   only with LSH layers; passed through unchanged
     left_padding int64 [batch]                          positions in front of each row's first; passed through
 
 Prefill: inputs `input_ids` int64 [batch, P] (1 <= P <= max_length; no padding: every row of a call has the

@@ -36,7 +36,7 @@ from .sampling import LEFT_PADDING, PAST_LENGTH, Prompts, TokenChooser, generati
 class DecoderCache:
     """states: per layer B, Lp, hidden (the layer-normed attention input of every past position).
     buckets: per LSH layer (in layer order) B, H, N, Lp int64, every position's bucket in every round.
-    lsh_full_attention_until: B int64, None without LSH layers: steps whose past length (in the row's own
+    lsh_unchunked_until: B int64, None without LSH layers: steps whose past length (in the row's own
     positions) is at most this attend to every position, as the reference does until it has hashed anything
     (a prompt of at most `config.lsh_unchunked_length` tokens is not hashed; the reference then hashes at the
     first step that reaches `lsh_attn_chunk_length` positions).
@@ -44,7 +44,7 @@ class DecoderCache:
 
     states: list[torch.Tensor]
     buckets: list[torch.Tensor]
-    lsh_full_attention_until: torch.Tensor | None
+    lsh_unchunked_until: torch.Tensor | None
     left_padding: torch.Tensor
 
     @property
@@ -53,7 +53,7 @@ class DecoderCache:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The cache as flat tensors in the order of `cache_names`."""
-        until = () if self.lsh_full_attention_until is None else (self.lsh_full_attention_until,)
+        until = () if self.lsh_unchunked_until is None else (self.lsh_unchunked_until,)
         return (*self.states, *self.buckets, *until, self.left_padding)
 
     @classmethod
@@ -66,7 +66,7 @@ class DecoderCache:
     def reorder(self, beam_idx: torch.Tensor) -> "DecoderCache":
         """The cache of the rows `beam_idx` (beam search keeps, after each step, the best continuations)."""
         select = lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device))  # noqa: E731
-        until = self.lsh_full_attention_until
+        until = self.lsh_unchunked_until
         return DecoderCache([select(t) for t in self.states], [select(t) for t in self.buckets],
                             None if until is None else select(until), select(self.left_padding))
 
@@ -89,7 +89,7 @@ def cache_layout(config: ReformerConfig) -> dict[str, dict]:
                 "batch_size", config.num_attention_heads, config.num_hashes, PAST_LENGTH]}
     per_row = {"dtype": "int64", "shape": ["batch_size"], "padding_value": None}
     if "lsh" in config.attn_layers:
-        layout["lsh_full_attention_until"] = per_row
+        layout["lsh_unchunked_until"] = per_row
     layout[LEFT_PADDING] = per_row
     return layout
 
@@ -124,9 +124,9 @@ class IncrementalDecoder(nn.Module):
         # The new token's position in its own row: the cached positions less the row's padding.
         position = length_as_tensor(cache.states[0], 1) - cache.left_padding  # B
         hidden = reformer.embeddings(reformer.embeddings.word_embeddings(input_ids), position[:, None])  # B, 1, hidden
-        full_attention = None
-        if cache.lsh_full_attention_until is not None:
-            full_attention = cache.lsh_full_attention_until >= position  # B
+        lsh_unchunked = None
+        if cache.lsh_unchunked_until is not None:
+            lsh_unchunked = cache.lsh_unchunked_until >= position  # B
         y1, y2, states, buckets = hidden, hidden, [], []
         lsh_buckets = iter(cache.buckets)
         for layer, past_states in zip(reformer.encoder.layers, cache.states):
@@ -134,17 +134,15 @@ class IncrementalDecoder(nn.Module):
             attention = layer.attention.self_attention
             if layer.attention.is_lsh:
                 past_buckets = next(lsh_buckets)
-                attended, new_buckets = lsh_attention_step(attention, normed, past_states, past_buckets, full_attention,
+                attended, new_buckets = lsh_attention_step(attention, normed, past_states, past_buckets, lsh_unchunked,
                                                            cache.left_padding)
                 buckets.append(torch.cat([past_buckets, new_buckets], dim=-1))
             else:
                 attended = local_attention_step(attention, normed, past_states, cache.left_padding)
             states.append(torch.cat([past_states, normed], dim=1))
-            # The reversible residual of `ReformerLayer`: Y1 = X1 + Attention(X2), Y2 = X2 + FeedForward(Y1).
-            y1 = y1 + layer.attention.output(attended)
-            y2 = y2 + layer.feed_forward(y1)
+            y1, y2 = layer.add_residuals(y1, y2, layer.attention.output(attended))
         hidden = reformer.encoder.layer_norm(torch.cat([y1, y2], dim=-1))  # B, 1, 2*hidden
-        cache = DecoderCache(states, buckets, cache.lsh_full_attention_until, cache.left_padding)
+        cache = DecoderCache(states, buckets, cache.lsh_unchunked_until, cache.left_padding)
         return self.model.lm_head(hidden), cache
 
 

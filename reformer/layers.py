@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -53,7 +55,7 @@ class ReformerAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor,
-        fits_one_chunk: torch.Tensor,
+        lsh_unchunked: torch.Tensor,
         forced_buckets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the block output B, L, hidden and, for LSH layers, the buckets B, H, N, L its hashing chose
@@ -61,7 +63,7 @@ class ReformerAttention(nn.Module):
         normed = self.layer_norm(hidden_states)
         buckets = None
         if self.is_lsh:
-            attended, buckets = self.self_attention(normed, attention_mask, fits_one_chunk, forced_buckets)
+            attended, buckets = self.self_attention(normed, attention_mask, lsh_unchunked, forced_buckets)
         else:
             attended = self.self_attention(normed, attention_mask)
         return self.output(attended), buckets
@@ -122,10 +124,23 @@ class ReformerLayer(nn.Module):
         x1: torch.Tensor,
         x2: torch.Tensor,
         attention_mask: torch.Tensor,
-        fits_one_chunk: torch.Tensor,
+        lsh_unchunked: torch.Tensor,
         forced_buckets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        attended, buckets = self.attention(x2, attention_mask, fits_one_chunk, forced_buckets)
+        attended, buckets = self.attention(x2, attention_mask, lsh_unchunked, forced_buckets)
+        return *self.add_residuals(x1, x2, attended), buckets
+
+    def add_residuals(
+        self,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        attended: torch.Tensor,
+        before_feed_forward: Callable[[torch.Tensor], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one place the reversible residual is written: Y1 = X1 + attended (the attention block's output
+        for X2), Y2 = X2 + FeedForward(Y1). before_feed_forward(Y1) runs first (the reversible backward records
+        the random state there, to replay the feed-forward's dropout)."""
         y1 = x1 + attended
-        y2 = x2 + self.feed_forward(y1)
-        return y1, y2, buckets
+        if before_feed_forward is not None:
+            before_feed_forward(y1)
+        return y1, x2 + self.feed_forward(y1)

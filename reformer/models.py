@@ -84,7 +84,7 @@ class ReformerEncoder(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor,
-        fits_one_chunk: torch.Tensor,
+        lsh_unchunked: torch.Tensor,
         output_hidden_states: bool = False,
         forced_buckets: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
@@ -96,7 +96,7 @@ class ReformerEncoder(nn.Module):
             if forced_buckets is not None:
                 raise ValueError("forced_buckets is for inference: call model.eval() first")
             y1, y2, *buckets = ReversibleStack.apply(
-                hidden_states, hidden_states, attention_mask, fits_one_chunk, self.layers, all_hidden_states
+                hidden_states, hidden_states, attention_mask, lsh_unchunked, self.layers, all_hidden_states
             )
         else:
             y1, y2, buckets = hidden_states, hidden_states, []
@@ -105,7 +105,7 @@ class ReformerEncoder(nn.Module):
                 if all_hidden_states is not None:
                     all_hidden_states.append(y2)
                 layer_forced = next(forced) if forced_buckets is not None and layer.attention.is_lsh else None
-                y1, y2, layer_buckets = layer(y1, y2, attention_mask, fits_one_chunk, layer_forced)
+                y1, y2, layer_buckets = layer(y1, y2, attention_mask, lsh_unchunked, layer_forced)
                 if layer_buckets is not None:
                     buckets.append(layer_buckets)
             if all_hidden_states is not None:
@@ -138,14 +138,14 @@ class ReformerModel(ReformerPreTrainedModel):
         the same inputs), used instead of hashing; the output's `buckets` are still those the hashing chose.
         Verification runs an exported graph with eager's buckets this way, to tell hashing near-ties apart
         from arithmetic differences."""
-        inputs_embeds, attention_mask, position_ids, length, fits_one_chunk = self.pad_inputs(
+        inputs_embeds, attention_mask, position_ids, length, lsh_unchunked = self.pad_inputs(
             input_ids, attention_mask, position_ids, inputs_embeds
         )
         if forced_buckets is not None:
             forced_buckets = self.pad_forced_buckets(forced_buckets, attention_mask)
         hidden_states = self.embeddings(inputs_embeds, position_ids)
         hidden_states, buckets, all_hidden_states = self.encoder(
-            hidden_states, attention_mask, fits_one_chunk, output_hidden_states, forced_buckets
+            hidden_states, attention_mask, lsh_unchunked, output_hidden_states, forced_buckets
         )
         # Drop the internal padding again. index_select rather than a slice: a slice's contiguity depends on
         # whether any padding was added, which torch.export would otherwise specialise on.
@@ -192,7 +192,7 @@ class ReformerModel(ReformerPreTrainedModel):
             )
         # A tensor, not a Python bool, so that one traced graph serves short and long inputs alike.
         real_length = torch.ones_like((input_ids if input_ids is not None else inputs_embeds[..., 0])[0]).sum()
-        fits_one_chunk = real_length <= config.lsh_unchunked_length
+        lsh_unchunked = real_length <= config.lsh_unchunked_length
         multiple = config.padding_multiple
         # Written as chunks * multiple, so that torch.export can prove the padded length divisible.
         padding = (length + multiple - 1) // multiple * multiple - length
@@ -211,7 +211,7 @@ class ReformerModel(ReformerPreTrainedModel):
             position_ids = F.pad(position_ids, (0, padding), value=0)
         # Pad positions past the table would index out of range; their value is never seen.
         position_ids = position_ids.clamp(max=config.max_position_embeddings - 1)
-        return inputs_embeds, attention_mask, position_ids, length, fits_one_chunk
+        return inputs_embeds, attention_mask, position_ids, length, lsh_unchunked
 
 
 class ReformerOnlyLMHead(nn.Module):

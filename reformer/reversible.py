@@ -48,22 +48,21 @@ class ReversibleStack(torch.autograd.Function):
     Returns Y1, Y2 and the buckets of every LSH layer (not differentiable)."""
 
     @staticmethod
-    def forward(ctx, x1, x2, attention_mask, fits_one_chunk, layers: nn.ModuleList, all_hidden_states: list | None):
+    def forward(ctx, x1, x2, attention_mask, lsh_unchunked, layers: nn.ModuleList, all_hidden_states: list | None):
         records = []
         for layer in layers:
             if all_hidden_states is not None:
                 all_hidden_states.append(x2)
             attention_state = RandomState.capture(x2.device)
-            attended, buckets = layer.attention(x2, attention_mask, fits_one_chunk)
-            y1 = x1 + attended
-            feed_forward_state = RandomState.capture(y1.device)
-            x2 = x2 + layer.feed_forward(y1)
-            x1 = y1
-            records.append(LayerRecord(attention_state, feed_forward_state, buckets))
+            attended, buckets = layer.attention(x2, attention_mask, lsh_unchunked)
+            feed_forward_states = []
+            x1, x2 = layer.add_residuals(
+                x1, x2, attended, lambda y1: feed_forward_states.append(RandomState.capture(y1.device)))
+            records.append(LayerRecord(attention_state, feed_forward_states[0], buckets))
         if all_hidden_states is not None:
             all_hidden_states.append(x2)
         ctx.layers, ctx.records = layers, records
-        ctx.masks = (attention_mask, fits_one_chunk)
+        ctx.masks = (attention_mask, lsh_unchunked)
         ctx.save_for_backward(x1, x2)
         buckets = tuple(record.buckets for record in records if record.buckets is not None)
         ctx.mark_non_differentiable(*buckets)

@@ -8,7 +8,7 @@ attends to a fixed number S of key slots, so one exported graph serves every pas
   `ops.sort_by_bucket`); it attends to the W = (1 + before + after) * C positions of bucket order starting at
   the chunk before its own, wrapping modulo L = Lp + 1 (the reference's `_expand_to_indices_in_relevant_chunk`).
   Where that window is found with `argmax`, not `nonzero`. Until the reference first hashes (a prompt short
-  enough for its unchunked path, see `lsh_full_attention_until`), it instead attends once to every position.
+  enough for its unchunked path, see `lsh_unchunked_until`), it instead attends once to every position.
 - local: the new token attends to the positions from the start of the chunk `before` chunks ahead of the one
   its past length falls in, up to itself (the reference's `_retrieve_relevant_hidden_states`).
 
@@ -67,11 +67,11 @@ def lsh_attention_step(
     hidden_states: torch.Tensor,
     past_states: torch.Tensor,
     past_buckets: torch.Tensor,
-    full_attention: torch.Tensor,
+    lsh_unchunked: torch.Tensor,
     left_padding: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden_states B, 1, hidden (layer-normed); past_states B, Lp, hidden; past_buckets B, H, N, Lp;
-    full_attention B (bool): attend to every position once instead of to each round's window; left_padding B.
+    lsh_unchunked B (bool): attend to every position once instead of to each round's window; left_padding B.
     Returns the attention output B, 1, H*D and the new token's buckets B, H, N, 1."""
     heads, chunk_length = attention.num_heads, attention.chunk_length
     window = lsh_window(attention)
@@ -90,7 +90,7 @@ def lsh_attention_step(
     window_ranks = torch.remainder(window_start.unsqueeze(-1) + slots, row_length)  # B, H, N, S
     window_positions = torch.gather(sorted_positions, -1, window_ranks)  # B, H, N, S
 
-    full = full_attention[:, None, None, None]  # B, 1, 1, 1
+    full = lsh_unchunked[:, None, None, None]  # B, 1, 1, 1
     every_position = padding + torch.minimum(slots, row_length - 1)  # B, 1, 1, S
     key_positions = torch.where(full, every_position, window_positions)  # B, H, N, S
     valid = (full & (slots < row_length)) | (~full & (slots < window))  # B, 1, 1, S

@@ -45,10 +45,10 @@ class LSHSelfAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor,
-        fits_one_chunk: torch.Tensor,
+        lsh_unchunked: torch.Tensor,
         forced_buckets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden_states B, L, hidden with L a multiple of C; attention_mask B, L (bool). fits_one_chunk (bool,
+        """hidden_states B, L, hidden with L a multiple of C; attention_mask B, L (bool). lsh_unchunked (bool,
         0-d): the unpadded input is at most `lsh_unchunked_length` long, so all of it sits in the first chunk
         of every round. `forced_buckets` B, H, N, L are used instead of this call's own hashing: the
         reversible backward recomputes with the forward's buckets, and verification replays eager's buckets
@@ -60,12 +60,12 @@ class LSHSelfAttention(nn.Module):
         buckets = self.hash_vectors(split_heads(query_key.detach(), self.num_heads, self.head_size), attention_mask)
         used_buckets = buckets if forced_buckets is None else forced_buckets
         sorted_positions = ops.sort_by_bucket(used_buckets)  # B, H, N, L
-        out, log_normalizer = self.attend_sorted(query_key, value, sorted_positions, attention_mask, fits_one_chunk)
+        out, log_normalizer = self.attend_sorted(query_key, value, sorted_positions, attention_mask, lsh_unchunked)
         undo_positions = ops.invert_permutation(sorted_positions)  # B, H, N, L
         out = unsort_by_position(out, undo_positions)  # B, L, H, N, D
         if log_normalizer is not None:
             log_normalizer = torch.gather(log_normalizer, -1, undo_positions).permute(0, 3, 1, 2)  # B, L, H, N
-        out = combine_rounds(out, log_normalizer, fits_one_chunk)  # B, L, H, D
+        out = combine_rounds(out, log_normalizer, lsh_unchunked)  # B, L, H, D
         return out.reshape(batch, length, -1), buckets
 
     def hash_vectors(self, vectors: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ class LSHSelfAttention(nn.Module):
         value: torch.Tensor,
         sorted_positions: torch.Tensor,
         attention_mask: torch.Tensor,
-        fits_one_chunk: torch.Tensor,
+        lsh_unchunked: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Chunked attention in bucket order. query_key and value B, L, H*D as projected. Returns out
         B, H, N, L, D and, with more than one hashing round, log-normalisers B, H, N, L (None with one: its
@@ -118,7 +118,7 @@ class LSHSelfAttention(nn.Module):
         window_slots = torch.arange(key_positions.shape[-1], device=key_positions.device)  # W
         own_start = self.chunks_before * self.chunk_length
         own_chunk = (window_slots >= own_start) & (window_slots < own_start + self.chunk_length)
-        in_window = own_chunk | ~fits_one_chunk  # W
+        in_window = own_chunk | ~lsh_unchunked  # W
         allowed = (key_allowed & in_window).unsqueeze(-2)  # B, H, N*K, 1, W
         if self.is_decoder:
             allowed = allowed & (query_positions.unsqueeze(-1) >= key_positions.unsqueeze(-2))
@@ -168,11 +168,11 @@ def unsort_by_position(sorted_out: torch.Tensor, undo_positions: torch.Tensor) -
     return rows.index_select(0, index.flatten()).view(batch, length, heads, rounds, head_size)
 
 
-def combine_rounds(out: torch.Tensor, log_normalizer: torch.Tensor | None, attended_once: torch.Tensor) -> torch.Tensor:
+def combine_rounds(out: torch.Tensor, log_normalizer: torch.Tensor | None, lsh_unchunked: torch.Tensor) -> torch.Tensor:
     """Weight each round's output by its share of the total attention mass.
     out ..., N, D; log_normalizer ..., N -> ..., D. With one round the weight is exactly 1: the output is
     taken as it is, and the caller passes no log_normalizer (None).
-    attended_once (bool, broadcast to ..., D): every round saw the same keys, where the reference attends
+    lsh_unchunked (bool, broadcast to ..., D): every round saw the same keys, where the reference attends
     once and combines nothing; round 0 is taken as it is there (weighting equal rounds would shift a
     self-masked row's -1e5 log-normaliser by log(N), below fp32 resolution at that magnitude).
     The weights are computed in fp32 for every dtype: a row that sees only itself in every round has the
@@ -182,4 +182,4 @@ def combine_rounds(out: torch.Tensor, log_normalizer: torch.Tensor | None, atten
         return out[..., 0, :]
     log_normalizer = log_normalizer.float()
     weights = torch.exp(log_normalizer - torch.logsumexp(log_normalizer, dim=-1, keepdim=True)).to(out.dtype)
-    return torch.where(attended_once, out[..., 0, :], torch.sum(out * weights.unsqueeze(-1), dim=-2))
+    return torch.where(lsh_unchunked, out[..., 0, :], torch.sum(out * weights.unsqueeze(-1), dim=-2))

@@ -43,10 +43,10 @@ def test_onnx_export_layout_and_verification(onnx_export):
     os.umask(umask)
     assert os.stat(directory).st_mode & 0o777 == 0o777 & ~umask
     assert description["cache"] == cache_names(model.config) == [
-        "states_0", "states_1", "buckets_0", "buckets_1", "lsh_full_attention_until", "left_padding"]
+        "states_0", "states_1", "buckets_0", "buckets_1", "lsh_unchunked_until", "left_padding"]
     padding_values = {name: tensor["padding_value"] for name, tensor in description["cache_tensors"].items()}
     assert padding_values == {"states_0": 0.0, "states_1": 0.0, "buckets_0": 4, "buckets_1": 4,
-                              "lsh_full_attention_until": None, "left_padding": None}
+                              "lsh_unchunked_until": None, "left_padding": None}
     assert description["max_length"] == MAX_LENGTH and description["max_position_embeddings"] == 128
     assert not [name for name in os.listdir(directory.parent) if name != "decoder"]  # no staging folder left
     for kind in ("prefill", "step"):
