@@ -50,8 +50,9 @@ DEFAULT_MODEL = "byte-lm"
 @click.option("--max-length", type=click.IntRange(min=1), default=None,
               help="Longest sequence the graph must serve. Default: the model's max_position_embeddings.")
 @click.option("--custom-ops", type=click.Choice(CUSTOM_OPS_MODES), default=None,
-              help="ONNX lowering of the custom ops: standard ONNX ops only, ONNX Runtime contrib ops, or auto "
-                   f"(--format onnx only). Default: {DEFAULT_CUSTOM_OPS}.")
+              help="ONNX lowering of the custom ops: standard ONNX ops only, ONNX Runtime-specialised ones "
+                   "(contrib MultiHeadAttention, float sort keys), or auto: each op's choice measured on ONNX "
+                   f"Runtime (--format onnx only). Default: {DEFAULT_CUSTOM_OPS}.")
 @click.option("--atol", type=float, default=None,
               help="Absolute tolerance for the replayed outputs (max abs difference from eager with eager's LSH "
                    "buckets forced; --verify only). Default: 1e-5 (fp32) or 1e-2 (fp16) of the output scale.")

@@ -201,14 +201,14 @@ def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: di
         ("step", StepGraph(decoder), (prompt[:, -1:].clone(), *cache.tensors()), ({0: batch}, tuple(past_axes))),
     )
     try:
-        mode = ops.resolve_mode(custom_ops)
+        ops.check_mode(custom_ops)
     except ValueError as error:
         raise ExportError(str(error)) from None
     context = ops.LoweringContext.from_config(config, max_length)
     lowerings = {}
     for name, module, inputs, axes in graphs:
         try:
-            model, lowerings = to_onnx_model(lambda: export_dynamic(module, inputs, axes), mode, context, opset,
+            model, lowerings = to_onnx_model(lambda: export_dynamic(module, inputs, axes), custom_ops, context, opset,
                                              description[name]["outputs"], description[name]["inputs"])
         except Exception as error:  # the exporters raise many kinds; the caller needs one, with the reason
             raise ExportError(f"ONNX export of the {name} graph failed: {first_line(error)}") from error

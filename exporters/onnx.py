@@ -50,15 +50,15 @@ def export_onnx(
     graphs go without: verification has the twin). `replay` writes the verification twin instead (exporters.specs.ExportWrapper: extra
     inputs `forced_buckets_<i>`, bucket outputs always), through the same path. `external_data` None: weights go to `<path>.data` only when the file would pass
     2 GiB. dtype "fp16" writes a half-precision graph, meant for CUDA runtimes; ONNX Runtime CPU runs it too
-    (thanks to the registry's logsumexp lowering). custom_ops: see exporters/ops/registry.py ("auto" picks
-    "ort"). trace_metadata: keep what the exporter records per node (module names, stack traces; see
+    (thanks to the registry's logsumexp lowering). custom_ops: one of ops.CUSTOM_OPS_MODES (see exporters/ops/registry.py;
+    "auto": each op's measured choice). trace_metadata: keep what the exporter records per node (module names, stack traces; see
     strip_trace_metadata), for profiling by layer. Raises ExportError with a one-line message; leaves nothing at `path` on failure."""
     config = model.config
     max_length = resolve_max_length(config, max_length)
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported: choose {SUPPORTED_OPSETS[0]} to {SUPPORTED_OPSETS[-1]}")
     try:
-        mode = ops.resolve_mode(custom_ops)
+        ops.check_mode(custom_ops)
     except ValueError as error:
         raise ExportError(str(error)) from None
     path = Path(path)
@@ -72,7 +72,7 @@ def export_onnx(
     context = ops.LoweringContext.from_config(config, max_length)
     try:
         onnx_model, lowerings = to_onnx_model(
-            lambda: export_program(wrapper, example, max_length), mode, context, opset, output_names,
+            lambda: export_program(wrapper, example, max_length), custom_ops, context, opset, output_names,
             spec.input_names(lsh_layers, replay), trace_metadata,
         )
     except Exception as error:  # the exporters raise many kinds; the caller needs one, with the reason
@@ -97,7 +97,7 @@ def to_onnx_model(
     trace_metadata: bool = False,
 ) -> tuple[ir.Model, dict[str, str]]:
     """Run `trace` (a torch.export call) with the registry's placeholders in place, translate the program
-    to ONNX and lower the placeholders for `mode` ("standard" or "ort"). Returns the model and the lowering
+    to ONNX and lower the placeholders for `mode` (one of ops.CUSTOM_OPS_MODES). Returns the model and the lowering
     chosen per op. trace_metadata: keep the per-node records strip_trace_metadata drops."""
     with ops.onnx_placeholders():
         program = trace()

@@ -22,3 +22,15 @@ def invert_permutation(permutation: torch.Tensor) -> torch.Tensor:
     """Inverse of permutations along the last axis: result[..., permutation[..., i]] = i."""
     positions = torch.arange(permutation.shape[-1], device=permutation.device).expand_as(permutation)
     return torch.empty_like(permutation).scatter(-1, permutation, positions)
+
+
+def attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """softmax(scale * query key^T + bias) value, within chunks: query B, H, K, S, D; key and value
+    B, H, K, T, D; bias broadcast to B, H, K, S, T -> B, H, K, S, D. Dropout (training only) acts on the
+    probabilities; exported graphs are for inference and have none."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale + bias
+    probs = torch.nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=dropout > 0)
+    return torch.matmul(probs, value)

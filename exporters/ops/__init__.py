@@ -1,15 +1,14 @@
 """Custom-op registry with fallbacks: see `registry` for the mechanism, one module per op for its lowerings.
 
-Registered: `sort_by_bucket` (float sort keys pay on ONNX Runtime CUDA), `invert_permutation` (scatter, one
-lowering), and `aten::logsumexp` (torchlib's lowering is NaN in fp16 on ONNX Runtime CPU).
-Decided against registering more ops: the chunked attention's gathers (`look_adjacent`) already lower to
-plain `Gather`, which ONNX Runtime CUDA runs at memory bandwidth (measured on an H100: `GatherElements` over
-[1, 8, 131072, 128] fp32 at about 2.1 TB/s, as fast as `torch.gather`), and a fused chunked-attention
-op has no ONNX Runtime kernel to map to (the `com.microsoft` attention ops return no log-sum-exp, which LSH
-needs to combine hashing rounds, and know no self-mask value), so its lowering would equal the graph the
-exporter already writes."""
+Registered: `attend` (chunked attention; ort: ONNX Runtime's fused MultiHeadAttention, used by local attention
+and by LSH attention with one hashing round, which needs no log-sum-exp; the attention ops of `com.microsoft`
+return none, so several rounds keep the plain graph), `sort_by_bucket` (float sort keys pay on ONNX Runtime
+CUDA), `invert_permutation` (scatter, one lowering), and `aten::logsumexp` (torchlib's lowering is NaN in fp16
+on ONNX Runtime CPU). Not registered: the chunks' neighbour gather (`look_adjacent`), which lowers to one plain
+`Gather` that ONNX Runtime CUDA runs at memory bandwidth (measured on an H100: `GatherElements` over
+[1, 8, 131072, 128] fp32 at about 2.1 TB/s, as fast as `torch.gather`)."""
 
-from . import bucket_sort, logsumexp, permutation  # noqa: F401  (registers the ops)
+from . import attention, bucket_sort, logsumexp, permutation  # noqa: F401  (registers the ops)
 from .registry import (
     CUSTOM_OPS_MODES,
     DOMAIN,
@@ -20,11 +19,11 @@ from .registry import (
     LoweringContext,
     apply_lowerings,
     onnx_placeholders,
-    resolve_mode,
+    check_mode,
     translation_table,
 )
 
 __all__ = [
     "CUSTOM_OPS_MODES", "DOMAIN", "LOWERINGS", "REGISTRY", "AtenOverride", "CustomOp", "LoweringContext",
-    "apply_lowerings", "onnx_placeholders", "resolve_mode", "translation_table",
+    "apply_lowerings", "onnx_placeholders", "check_mode", "translation_table",
 ]

@@ -16,8 +16,8 @@ eager functions as plain ATen ops.
 Lowerings: "standard" (every op has one, made of standard ONNX ops; a CustomOp's is inlined) and "ort" (only
 where it pays on ONNX Runtime; a CustomOp's stays a custom-domain node). Modes (`--custom-ops`): "standard"
 uses only standard lowerings; "ort" uses an op's "ort" lowering where it has one and its standard lowering
-otherwise; "auto" picks "ort", because every runtime this project targets is ONNX Runtime, which runs
-model-local functions.
+otherwise; "auto" uses each op's `auto_lowering`: "ort" where that was measured to pay on ONNX Runtime (every
+runtime this project targets is ONNX Runtime, which runs model-local functions), "standard" where it did not.
 """
 
 from __future__ import annotations
@@ -62,32 +62,39 @@ class RegisteredOp:
 
     name: str
     lowerings: dict[str, Callable]
+    auto_lowering: str = "ort"
 
     def lowering_for(self, mode: str) -> str:
-        """The lowering this op gets under a resolved mode ("standard" or "ort")."""
+        """The lowering this op gets under a mode of CUSTOM_OPS_MODES."""
+        if mode == "auto":
+            mode = self.auto_lowering
         return mode if mode in self.lowerings else "standard"
 
 
 @dataclass(frozen=True)
 class CustomOp(RegisteredOp):
     """name: the function's name in `reformer.ops`; onnx_name: the op's name in the custom domain;
-    lowerings: functions of the LoweringContext giving the op's ONNX function body. Every registered op maps
-    one int64 tensor to one int64 tensor of the same shape."""
+    lowerings: functions of the LoweringContext giving the op's ONNX function body. Every registered op returns
+    one tensor of its first input's dtype and shape; the model passes its non-tensor arguments by keyword,
+    and they become the node's attributes."""
 
     onnx_name: str = ""
 
     @property
-    def eager(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def eager(self) -> Callable[..., torch.Tensor]:
         """The eager implementation, looked up at call time like the model's own calls: under
         `onnx_placeholders` a call emits the placeholder."""
         return getattr(reformer.ops, self.name)
 
-    def placeholder(self, x: torch.Tensor) -> torch.Tensor:
+    def placeholder(self, *inputs: torch.Tensor, **attributes) -> torch.Tensor:
+        """The custom-domain node, with the function's keyword arguments as its attributes."""
+        first = inputs[0]
         # torch.onnx.ops.symbolic's fake result is made on the CPU whatever its input's device; a CUDA export
         # then fails on the first op that mixes it with a CUDA tensor. Moving it adds no node on the CPU.
         return torch.onnx.ops.symbolic(
-            f"{DOMAIN}::{self.onnx_name}", (x,), dtype=x.dtype, shape=x.shape, version=DOMAIN_VERSION
-        ).to(x.device)
+            f"{DOMAIN}::{self.onnx_name}", inputs, attributes, dtype=first.dtype, shape=first.shape,
+            version=DOMAIN_VERSION,
+        ).to(first.device)
 
 
 @dataclass(frozen=True)
@@ -115,11 +122,10 @@ def custom_ops_of(ops: dict[str, RegisteredOp] | None) -> dict[str, CustomOp]:
     return {name: op for name, op in (REGISTRY if ops is None else ops).items() if isinstance(op, CustomOp)}
 
 
-def resolve_mode(custom_ops: str) -> str:
-    """"standard" or "ort" for a `--custom-ops` value."""
+def check_mode(custom_ops: str) -> None:
+    """Raise ValueError unless custom_ops is one of CUSTOM_OPS_MODES."""
     if custom_ops not in CUSTOM_OPS_MODES:
         raise ValueError(f"custom_ops must be one of {', '.join(CUSTOM_OPS_MODES)}, not {custom_ops!r}")
-    return "ort" if custom_ops == "auto" else custom_ops
 
 
 @contextlib.contextmanager
@@ -137,7 +143,7 @@ def onnx_placeholders(ops: dict[str, RegisteredOp] | None = None) -> Iterator[No
 
 
 def translation_table(mode: str, ops: dict[str, RegisteredOp] | None = None) -> dict:
-    """torch.onnx's `custom_translation_table` for the ATen overrides under a resolved mode."""
+    """torch.onnx's `custom_translation_table` for the ATen overrides under a mode."""
     ops = REGISTRY if ops is None else ops
     return {op.target: op.lowerings[op.lowering_for(mode)] for op in ops.values() if isinstance(op, AtenOverride)}
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..config import ReformerConfig
-from .chunking import look_adjacent, mask_bias, merge_heads, softmax_attend, split_chunks, split_heads_into_chunks
+from .. import ops
+from .chunking import look_adjacent, mask_bias, merge_heads, split_chunks, split_heads_into_chunks
 
 
 class LocalSelfAttention(nn.Module):
@@ -32,9 +33,7 @@ class LocalSelfAttention(nn.Module):
         query = split_heads_into_chunks(self.query(hidden_states), *shape)  # B, H, K, C, D
         key = split_heads_into_chunks(self.key(hidden_states), *shape)
         value = split_heads_into_chunks(self.value(hidden_states), *shape)
-        # Scaled by 1/sqrt(D) next to the product (the same numbers as before the gather), where ONNX Runtime
-        # folds the scale into its fused MatMul.
-        key = look_adjacent(key, self.chunks_before, self.chunks_after) / math.sqrt(self.head_size)  # B, H, K, W, D
+        key = look_adjacent(key, self.chunks_before, self.chunks_after)  # B, H, K, W, D
         value = look_adjacent(value, self.chunks_before, self.chunks_after)  # B, H, K, W, D
 
         positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)
@@ -46,6 +45,6 @@ class LocalSelfAttention(nn.Module):
         if self.is_decoder:
             allowed = allowed & (query_positions.unsqueeze(-1) >= key_positions.unsqueeze(-2))
         # Every query of a real position has an allowed key (itself), so an added mask is exact here.
-        scores = torch.matmul(query, key.transpose(-1, -2)) + mask_bias(allowed, query.dtype)  # B, H, K, C, W
-        out, _ = softmax_attend(scores, value, self.dropout, self.training, with_log_normalizer=False)
+        out = ops.attend(query, key, value, mask_bias(allowed, query.dtype), scale=1 / math.sqrt(self.head_size),
+                         dropout=self.dropout if self.training else 0.0)  # B, H, K, C, D
         return merge_heads(out.flatten(2, 3))  # B, L, H*D

@@ -10,7 +10,8 @@ from torch import nn
 from .. import ops
 from ..config import ReformerConfig
 from .chunking import (
-    length_as_tensor, length_normalize, look_adjacent, masked_softmax_attend, split_chunks, split_heads,
+    SELF_MASK_VALUE, length_as_tensor, length_normalize, look_adjacent, mask_bias, masked_softmax_attend, split_chunks,
+    split_heads,
 )
 
 
@@ -124,12 +125,20 @@ class LSHSelfAttention(nn.Module):
             allowed = allowed & (query_positions.unsqueeze(-1) >= key_positions.unsqueeze(-2))
         # Copies of the query outside the window must stay masked, not fall back to the self-mask value.
         not_self = (query_positions.unsqueeze(-1) != key_positions.unsqueeze(-2)) | ~in_window  # B, H, N*K, C, W
-        out, log_normalizer = masked_softmax_attend(
-            sorted_query, sorted_key, sorted_value, allowed, not_self, self.dropout, self.training,
-            with_log_normalizer=self.num_hashes > 1,
-        )
-        out = out.view(batch, heads, rounds, length, self.head_size)
-        return out, None if log_normalizer is None else log_normalizer.view(batch, heads, rounds, length)
+        if self.num_hashes > 1:
+            out, log_normalizer = masked_softmax_attend(
+                sorted_query, sorted_key, sorted_value, allowed, not_self, self.dropout, self.training,
+                with_log_normalizer=True,
+            )
+            out = out.view(batch, heads, rounds, length, self.head_size)
+            return out, log_normalizer.view(batch, heads, rounds, length)
+        # One round needs no log-sum-exp, so the fused attention op applies, with the masks as one added bias.
+        # That is exact: every row keeps its own position (at the self-mask value), so a masked key's
+        # probability is 0 and a row that sees only itself gives it probability 1, as masking gives.
+        bias = torch.where(not_self, mask_bias(allowed, sorted_query.dtype), SELF_MASK_VALUE[sorted_query.dtype])
+        out = ops.attend(sorted_query, sorted_key, sorted_value, bias, scale=1.0,
+                         dropout=self.dropout if self.training else 0.0)  # B, H, N*K, C, D
+        return out.view(batch, heads, rounds, length, self.head_size), None
 
 
 def bucket_factor_slices(factors: list[int]) -> list[tuple[int, int, int]]:

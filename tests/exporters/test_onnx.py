@@ -143,6 +143,32 @@ def test_metadata_and_custom_op_nodes(exported):
     assert [function.name for function in model.functions] == ["BucketArgsort"]
 
 
+@pytest.mark.parametrize("name", ["lm_mixed", "base_local_wide"])
+def test_fused_attention_lowering_matches_eager(name, tmp_path):
+    """custom_ops="ort" writes chunked attention as ONNX Runtime's MultiHeadAttention in local layers and in LSH
+    layers with one hashing round (both cases here: every layer); outputs and buckets match eager at shapes
+    other than the export's, within the tolerance of the standard graph."""
+    case = CASES_BY_NAME[name]
+    torch.manual_seed(0)
+    model = getattr(reformer, case.model_class)(reformer.ReformerConfig(**case.config_values)).eval()
+    assert model.config.num_hashes == 1
+    spec = TASKS[MODEL_CLASS_TO_TASK[case.model_class]]
+    path = tmp_path / "model.onnx"
+    export_onnx(model, spec, path, custom_ops="ort", with_buckets=True)
+    proto = onnx.load(str(path))
+    custom_nodes = [node.op_type for node in proto.graph.node if node.domain == ops.DOMAIN]
+    assert custom_nodes.count("Attend") == len(model.config.attn_layers)
+    session, eager = session_for(path), spec.wrap(model, with_buckets=True)
+    for batch, length in SHAPES:
+        input_ids, attention_mask = make_inputs(batch, length, seed=length)
+        with torch.no_grad():
+            expected = eager(input_ids, attention_mask)
+        actual = run(session, input_ids, attention_mask)
+        for output, want, got in zip(output_names(case.model_class), expected, actual):
+            difference = max_kept_difference(case.model_class, output, want, got, attention_mask)
+            assert difference <= ATOL, f"{output} at {batch}x{length}: max abs diff {difference:.3g}"
+
+
 def test_standard_ops_defaulted_seed_and_external_data(tmp_path):
     """custom_ops="standard" leaves only standard ONNX ops; a config without hash_seed records the seed used;
     external data lands next to the model; a shorter max_length is honoured."""

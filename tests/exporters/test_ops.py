@@ -3,7 +3,9 @@ its eager implementation, on shapes other than the export's: length 1, odd lengt
 
 Tolerances: the index ops must match exactly (they are permutations). logsumexp: 2 ulps of the dtype relative
 to the value (eager and the lowering both reduce in fp32 and round once; fp32 sums of up to 16 terms differ by
-an ulp or so in order of summation)."""
+an ulp or so in order of summation). attend: 8 ulps of the dtype, relative and absolute (outputs are convex
+combinations of values of size ~1: the lowerings sum the same products in other orders, and the fused kernel
+scales the product instead of the keys)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,20 @@ def random_permutations(shape, generator):
     return torch.rand(shape, generator=generator).argsort(dim=-1)
 
 
+def attention_inputs(shape, generator, dtype):
+    """query, key, value and bias for B, H, K chunks (K = shape's length axis) of 4 queries by 8 keys of 6 dims;
+    the bias masks about a third of the keys, all but one key of the first query row, and none of a row's
+    first key (as the model's masks leave every real row its own position)."""
+    batch, heads, _, chunks = shape
+    query, key, value = (torch.randn(size, generator=generator).to(dtype) for size in
+                         [(batch, heads, chunks, 4, 6), (batch, heads, chunks, 8, 6), (batch, heads, chunks, 8, 6)])
+    masked = torch.rand(batch, 1, chunks, 4, 8, generator=generator) < 0.3
+    masked[..., 0, 1:] = True
+    masked[..., 0] = False
+    bias = torch.zeros(masked.shape).masked_fill(masked, MASK_VALUE[dtype]).to(dtype)
+    return query, key, value, bias
+
+
 def masked_scores(shape, generator, dtype):
     scores = 4 * torch.randn(shape, generator=generator)
     masked = torch.rand(shape, generator=generator) < 0.3
@@ -42,11 +58,14 @@ def masked_scores(shape, generator, dtype):
     return scores.to(dtype)
 
 
-# op name -> (input maker, dtypes); a registered op missing here fails test_every_op_has_inputs.
+# op name -> (input maker, dtypes, keyword arguments); a maker returns a tensor or a tuple of them, each with its
+# batch on axis 0 and its length (or chunks) on axis 3 (one tensor) or 2 (several), the exported dynamic axes.
+# A registered op missing here fails test_every_op_has_inputs.
 INPUTS = {
-    "sort_by_bucket": (buckets_with_ties, [torch.int64]),
-    "invert_permutation": (random_permutations, [torch.int64]),
-    "logsumexp": (masked_scores, [torch.float32, torch.float16]),
+    "sort_by_bucket": (buckets_with_ties, [torch.int64], {}),
+    "invert_permutation": (random_permutations, [torch.int64], {}),
+    "logsumexp": (masked_scores, [torch.float32, torch.float16], {}),
+    "attend": (attention_inputs, [torch.float32, torch.float16], {"scale": 0.4, "dropout": 0.0}),
 }
 
 
@@ -65,7 +84,7 @@ def cases():
                 if (op.name, lowering, body) in seen:
                     continue
                 seen.add((op.name, lowering, body))
-                for dtype in INPUTS.get(op.name, (None, [None]))[1]:
+                for dtype in INPUTS.get(op.name, (None, [None], {}))[1]:
                     yield pytest.param(op, lowering, context, dtype, id=f"{op.name}-{lowering}-{body}-{dtype}")
 
 
@@ -73,15 +92,17 @@ class OneOp(nn.Module):
     def __init__(self, op):
         super().__init__()
         self.op = op
+        self.keywords = INPUTS[op.name][2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.eager(x)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.op.eager(*inputs, **self.keywords)
 
 
-def make_input(op, shape, dtype, seed=0):
-    make, _ = INPUTS[op.name]
+def make_inputs(op, shape, dtype, seed=0) -> tuple[torch.Tensor, ...]:
+    make = INPUTS[op.name][0]
     generator = torch.Generator().manual_seed(seed)
-    return make(shape, generator, dtype) if dtype.is_floating_point else make(shape, generator)
+    made = make(shape, generator, dtype) if dtype.is_floating_point else make(shape, generator)
+    return made if isinstance(made, tuple) else (made,)
 
 
 def test_every_op_has_inputs():
@@ -100,11 +121,14 @@ def test_kept_function_follows_the_model_opset(tmp_path):
 
 def check_lowering(op, lowering, context, dtype, tmp_path, opset):
     module = OneOp(op)
-    example = make_input(op, EXPORT_SHAPE, dtype)
-    dims = {0: torch.export.Dim("batch", min=1, max=64), 3: torch.export.Dim("length", min=1, max=64)}
+    example = make_inputs(op, EXPORT_SHAPE, dtype)
+    names = [f"x{index}" for index in range(len(example))]
+    length_axis = 3 if len(example) == 1 else 2
+    batch, length = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=1, max=64)
+    dims = tuple({0: batch, length_axis: length} for _ in example)
     model, chosen = to_onnx_model(
-        lambda: torch.export.export(module, (example,), dynamic_shapes={"x": dims}),
-        lowering, context, opset=opset, output_names=["y"], input_names=("x",),
+        lambda: torch.export.export(module, example, dynamic_shapes=(dims,)),  # one entry: forward(*inputs)
+        lowering, context, opset=opset, output_names=["y"], input_names=names,
     )
     assert chosen[op.name] == lowering
     if isinstance(op, ops.CustomOp):  # the placeholders are gone again: eager and TorchScript see the op itself
@@ -116,12 +140,13 @@ def check_lowering(op, lowering, context, dtype, tmp_path, opset):
     ir.save(model, tmp_path / "op.onnx")
     session = onnxruntime.InferenceSession(str(tmp_path / "op.onnx"), providers=["CPUExecutionProvider"])
     for seed, shape in enumerate(RUN_SHAPES):
-        x = make_input(op, shape, dtype, seed)
-        got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
-        want = op.eager(x)
+        inputs = make_inputs(op, shape, dtype, seed)
+        got = torch.from_numpy(session.run(None, {name: x.numpy() for name, x in zip(names, inputs)})[0])
+        want = module(*inputs)
         if want.dtype.is_floating_point:
+            ulps = 8 if op.name == "attend" else 2
             eps = torch.finfo(want.dtype).eps
-            torch.testing.assert_close(got.float(), want.float(), rtol=2 * eps, atol=2 * eps)
+            torch.testing.assert_close(got.float(), want.float(), rtol=ulps * eps, atol=ulps * eps)
         else:
             assert torch.equal(got, want), f"{op.name} differs at shape {shape}"
 
