@@ -61,8 +61,10 @@ def look_adjacent(x: torch.Tensor, chunks_before: int, chunks_after: int) -> tor
 
 def length_normalize(x: torch.Tensor, scale: float = 1.0, epsilon: float = 1e-6) -> torch.Tensor:
     """Scale each vector to unit root-mean-square, times `scale` (shared query-key attention normalises its
-    keys, then divides them by sqrt(D)); the scale goes on the per-vector factor, not on every element."""
-    return x * (torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + epsilon) * scale)
+    keys, then divides them by sqrt(D)); the scale goes on the per-vector factor, not on every element, and the
+    mean square comes from the vector norm, which needs no squared copy of x (one ReduceL2 in ONNX)."""
+    mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]
+    return x * (torch.rsqrt(mean_square + epsilon) * scale)
 
 
 def masked_softmax_attend(

@@ -188,7 +188,7 @@ def combine_rounds(out: torch.Tensor, log_normalizer: torch.Tensor | None, lsh_u
     self-mask value (-1e3 in fp16) as its log-normaliser, where fp16's resolution is 0.5, so fp16 weights
     exp(-1e3 - (-1e3 + log 2)) came out as exp(-0.5) instead of 1/2 (21% off)."""
     if log_normalizer is None:
-        return out[..., 0, :]
+        return out.squeeze(-2)  # a view (a Reshape in ONNX), where indexing round 0 would copy
     log_normalizer = log_normalizer.float()
     weights = torch.exp(log_normalizer - torch.logsumexp(log_normalizer, dim=-1, keepdim=True)).to(out.dtype)
     return torch.where(lsh_unchunked, out[..., 0, :], torch.sum(out * weights.unsqueeze(-1), dim=-2))
