@@ -1,6 +1,8 @@
 """benchmarks/gpu_checks: its smallest configuration runs on the CPU, prints the summary table and writes
 results.json and results.md, with transformers' reference rows and graph_cost's figures; the summary names the
-card on every row, a missing transformers skips its rows with a note, and bad options fail in one line."""
+card on every row, a missing transformers skips its rows with a note, a CUDA plan also times the graph with ONNX
+Runtime's fused attention, a spent time budget skips what has not started with a note, and bad options fail in
+one line."""
 
 from __future__ import annotations
 
@@ -14,9 +16,12 @@ import pytest
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPOSITORY_ROOT)  # `benchmarks` is a folder of scripts, not an installed package
 
-from benchmarks.gpu_checks.benchmark import benchmark_mode  # noqa: E402
-from benchmarks.gpu_checks.plan import Plan  # noqa: E402
-from benchmarks.gpu_checks.report import Results, summary_rows  # noqa: E402
+import benchmarks.gpu_checks.steps  # noqa: E402
+from benchmarks.gpu_checks.__main__ import parse_arguments  # noqa: E402
+from benchmarks.gpu_checks.benchmark import benchmark_exports, benchmark_mode  # noqa: E402
+from benchmarks.gpu_checks.exports import Exports  # noqa: E402
+from benchmarks.gpu_checks.plan import Plan, make_plan  # noqa: E402
+from benchmarks.gpu_checks.report import Results, summary_header, summary_rows  # noqa: E402
 from benchmarks.gpu_checks.timing import MIN_RUNS  # noqa: E402
 from benchmarks.graph_cost import Cost, GraphCost  # noqa: E402
 from benchmarks.models import build_model  # noqa: E402
@@ -87,12 +92,81 @@ def test_summary_names_the_card_on_every_row(tmp_path):
                      "-", "-", cpu)]
 
 
+def test_the_fused_column_shows_only_when_a_run_timed_it(tmp_path):
+    results = Results(tmp_path, "command", {"cuda_device": "NVIDIA H200"}, {})
+    for runtime in ("eager", "onnxruntime", "onnxruntime-fused"):
+        results.add_benchmark("small", 65536, "fp16", "cuda", {"runtime": runtime, "median_ms": 2.0})
+    results.add_generation("tiny", 1, "cuda", [], {"eager": {"tokens_per_second": 9.0},
+                                                    "onnxruntime": {"tokens_per_second": 9.0}, "same_tokens": True})
+    assert summary_header(results)[4:] == ("eager", "onnxruntime", "torchscript", "transformers", "onnxruntime-fused",
+                                           "card")
+    assert summary_rows(results) == [
+        ("benchmark", "small", "1x65536", "fp16 cuda", "2 ms", "2 ms", "-", "-", "2 ms", "NVIDIA H200"),
+        ("generate", "tiny", "batch 1", "fp32 cuda", "9 tok/s", "9 tok/s, same tokens", "-", "-", "-", "NVIDIA H200")]
+    results.benchmarks = [row for row in results.benchmarks if row["runtime"] != "onnxruntime-fused"]
+    assert "onnxruntime-fused" not in summary_header(results) and len(summary_rows(results)[0]) == 9
+
+
+def test_a_cuda_plan_also_exports_and_times_the_fused_attention_graph(tmp_path):
+    """Computed without a GPU: the runtimes and graphs the issue-9 comparison's plan asks for."""
+    arguments = parse_arguments(["--out", str(tmp_path), "--checks", "benchmark", "--models", "small,large",
+                                 "--lengths", "4096,65536"])
+    cuda, cpu = make_plan(arguments, cuda=True), make_plan(arguments, cuda=False)
+    assert cuda.onnx_runtimes() == {"onnxruntime": "auto", "onnxruntime-fused": "ort"}
+    assert cpu.onnx_runtimes() == {"onnxruntime": "auto"}
+    jobs = benchmark_exports(cuda)
+    keys = {key for key, _ in jobs}
+    # fp32 graphs exported on the CPU, fp16 on CUDA, each ONNX one with both lowerings; TorchScript traced on CUDA.
+    assert {(key.name, key.fmt, key.dtype, key.device, key.custom_ops) for key in keys} == {
+        (name, fmt, dtype, device, custom_ops) for name in ("small", "large")
+        for fmt, dtype, device, custom_ops in (
+            ("onnx", "fp32", "cpu", "auto"), ("onnx", "fp32", "cpu", "ort"), ("onnx", "fp16", "cuda", "auto"),
+            ("onnx", "fp16", "cuda", "ort"), ("torchscript", "fp32", "cuda", "auto"),
+            ("torchscript", "fp16", "cuda", "auto"))}
+    assert not any(key.replay for key in keys) and {length for _, length in jobs} == {65536}
+    exports = Exports(tmp_path, Results(tmp_path, "command", {"cuda_device": None}, {}))
+    assert len({exports.path_for(key) for key in keys}) == len(keys)  # a file each
+    # The CPU plan keeps its two graphs, the default ONNX lowering only.
+    assert {(key.name, key.fmt, key.custom_ops) for key, _ in benchmark_exports(cpu)} == {
+        ("small", "onnx", "auto"), ("small", "torchscript", "auto")}
+
+
+def test_a_spent_time_budget_skips_every_check_with_a_note(tmp_path):
+    result = run_script("--out", str(tmp_path), "--models", "tiny", "--checks", "verify,benchmark,generation,cost",
+                        "--budget-minutes", "0")
+    assert result.returncode == 0, result.stderr[-3000:]  # notes, not failures
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["complete"] and not results["errors"] and results["plan"]["budget_minutes"] == 0
+    assert not (results["verification"] or results["benchmarks"] or results["generation"] or results["cost"]
+                or results["exports"])
+    spent = "skipped, time budget of 0 minutes spent"
+    assert [note for note in results["notes"] if spent in note] == [
+        f"{step}: {spent}" for step in ("exports", "verify tiny", "generation tiny", "benchmark tiny", "cost tiny 256")]
+    assert f"- cost tiny 256: {spent}" in (tmp_path / "results.md").read_text()
+
+
+def test_a_benchmark_length_not_started_by_the_deadline_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # eager's rows are enough here
+    model, spec = build_model("tiny", 256)
+    plan = Plan(device="cpu", models=["tiny"], checks=["benchmark"], lengths={"tiny": (16, 32)}, modes=("fp32",),
+                warmup=1, max_runs=MIN_RUNS, generation_repeats=1, threads=1, budget_minutes=1)
+    results = Results(tmp_path, "command", {"cuda_device": None}, {})
+    # The minute is spent once the first length has its row.
+    monkeypatch.setattr(benchmarks.gpu_checks.steps, "seconds_since_start", lambda: 61.0 if results.benchmarks else 0.0)
+    benchmark_mode("tiny", model, spec, "fp32", plan, NoExports(), results)
+    assert [(row["runtime"], row["length"]) for row in results.benchmarks] == [("eager", 16)]
+    assert "benchmark tiny fp32 32: skipped, time budget of 1 minutes spent" in results.notes
+
+
+class NoExports:
+    """For tests about the runtimes that need no export: the exported ones fail, and are recorded so."""
+
+    def get(self, *arguments, **keywords):
+        raise RuntimeError("no exports in this test")
+
+
 def test_without_transformers_its_rows_are_skipped_with_a_note(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
-
-    class NoExports:  # the exported runtimes are not what this test is about: they fail, and are recorded so
-        def get(self, *arguments, **keywords):
-            raise RuntimeError("no exports in this test")
 
     model, spec = build_model("tiny", 256)
     plan = Plan(device="cpu", models=["tiny"], checks=["benchmark"], lengths={"tiny": (32,)}, modes=("fp32",),
@@ -108,6 +182,7 @@ def test_without_transformers_its_rows_are_skipped_with_a_note(tmp_path, monkeyp
     (["--models", "huge"], "choose from tiny, small, large"),
     (["--checks", "speed"], "choose from verify, benchmark, generation, cost"),
     (["--lengths", "0"], "--lengths must be positive"),
+    (["--budget-minutes", "-1"], "--budget-minutes must be 0 or more"),
 ])
 def test_bad_options_fail_in_one_line(tmp_path, arguments, message):
     result = run_script("--out", str(tmp_path / "out"), *arguments)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import benchmarks.gpu_checks
 from benchmarks.cli import OneLineErrors
-from benchmarks.gpu_checks.benchmark import benchmark_model
+from benchmarks.gpu_checks.benchmark import benchmark_exports, benchmark_model
 from benchmarks.gpu_checks.cost import measure_costs
 from benchmarks.gpu_checks.environment import environment
 from benchmarks.gpu_checks.exports import Exports
@@ -24,12 +24,9 @@ from benchmarks.gpu_checks.plan import (
     VERIFIED_MODELS,
     make_plan,
 )
-from benchmarks.gpu_checks.report import SUMMARY_HEADER, Results, summary_rows
-from benchmarks.gpu_checks.steps import run_step, seconds_since_start
-from benchmarks.gpu_checks.verification import (
-    prepare_verification_exports,
-    verify_model,
-)
+from benchmarks.gpu_checks.report import Results, summary_header, summary_rows
+from benchmarks.gpu_checks.steps import run_step, seconds_since_start, skipped_for_time
+from benchmarks.gpu_checks.verification import verification_exports, verify_model
 from benchmarks.models import MODEL_NAMES, build_model
 from benchmarks.tables import text_table
 
@@ -59,11 +56,15 @@ def parse_arguments(argv=None):
                         "cost runs on the CPU only)")
     parser.add_argument("--threads", type=int, help="intra-op threads of torch and ONNX Runtime (default: "
                         "theirs, one per core); 1 on a shared CPU, where waiting for a preempted thread dominates")
+    parser.add_argument("--budget-minutes", type=float, help="from the start of the run: steps and benchmark "
+                        "lengths not started by then are skipped with a note (default: no limit)")
     arguments = parser.parse_args(argv)
     if arguments.lengths and min(arguments.lengths) < 1:
         parser.error("--lengths must be positive")
     if arguments.threads is not None and arguments.threads < 1:
         parser.error("--threads must be positive")
+    if arguments.budget_minutes is not None and not arguments.budget_minutes >= 0:  # `not >=` refuses nan too
+        parser.error("--budget-minutes must be 0 or more")
     try:
         arguments.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -97,19 +98,23 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gpu-checks-") as folder:
         exports = Exports(Path(folder), results)
-        if "verify" in plan.checks:
-            prepare_verification_exports(plan, exports)
+        # Every graph the checks need, exported at once: in parallel where the machine has the cores.
+        jobs = (verification_exports(plan) if "verify" in plan.checks else []) + (
+            benchmark_exports(plan) if "benchmark" in plan.checks else [])
+        if jobs and not skipped_for_time(results, "exports", plan):
+            exports.prepare(jobs)
         # The acceptance checks first (verification, generation), the slowest benchmarks last: a run cut short
-        # by a time limit loses the least.
+        # by a time limit loses the least. Out of time, a model is not even built.
         for name in plan.models:
-            if "verify" in plan.checks and name in VERIFIED_MODELS:
+            if ("verify" in plan.checks and name in VERIFIED_MODELS
+                    and not skipped_for_time(results, f"verify {name}", plan)):
                 verify_model(name, *model_and_spec(name), plan, exports, results)
         for name in plan.models:
             if "generation" in plan.checks and name in GENERATION_MODELS:
                 run_step(results, f"generation {name}", lambda name=name: generation_model(
-                    name, model_and_spec(name)[0], plan, Path(folder), results))
+                    name, model_and_spec(name)[0], plan, Path(folder), results), plan)
         for name in plan.models:
-            if "benchmark" in plan.checks:
+            if "benchmark" in plan.checks and not skipped_for_time(results, f"benchmark {name}", plan):
                 benchmark_model(name, *model_and_spec(name), plan, exports, results)
             models.pop(name, None)  # benchmarks come last: the model is no longer needed
     if "cost" in plan.checks:  # graph_cost builds and exports its own models
@@ -118,7 +123,7 @@ def main(argv=None) -> int:
     results.seconds = round(seconds_since_start())
     results.save()
     print()
-    print(text_table(SUMMARY_HEADER, summary_rows(results)))
+    print(text_table(summary_header(results), summary_rows(results)))
     for line in results.notes + [f"ERROR {error}" for error in results.errors]:
         print(line)
     print(f"wrote {arguments.out / 'results.json'} and {arguments.out / 'results.md'}")

@@ -1,4 +1,5 @@
-"""The benchmark step: forward only, batch 1, random token ids, nothing masked; our eager PyTorch, ONNX Runtime,
+"""The benchmark step: forward only, batch 1, random token ids, nothing masked; our eager PyTorch, ONNX Runtime
+(on CUDA twice: the default graph, and as "onnxruntime-fused" the graph with ONNX Runtime's fused attention),
 TorchScript and transformers' Reformer (the reference, same weights and config) on the same device and
 precision, each first compared with eager at the timed shape, then timed the same way."""
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING
 
-from benchmarks.gpu_checks.exports import Exports
+from benchmarks.gpu_checks.exports import ExportKey, Exports, export_key
 from benchmarks.gpu_checks.plan import Plan
 from benchmarks.gpu_checks.runners import (
     OrtRunner,
@@ -15,7 +16,7 @@ from benchmarks.gpu_checks.runners import (
     TransformersRunner,
     tf32_matmuls,
 )
-from benchmarks.gpu_checks.steps import log, run_step
+from benchmarks.gpu_checks.steps import log, run_step, skipped_for_time
 from benchmarks.gpu_checks.timing import (
     free_device_bytes,
     peak_allocation_since,
@@ -37,13 +38,29 @@ def benchmark_inputs(length: int, vocab_size: int, seed: int = 0):
     return input_ids, torch.ones_like(input_ids)
 
 
+def benchmark_graphs(name: str, mode: str, plan: Plan) -> dict[str, ExportKey]:
+    """The exported graph of each runtime that runs one, by runtime, for a precision mode: TorchScript's and
+    those of the plan's ONNX Runtime rows (Plan.onnx_runtimes)."""
+    dtype = "fp16" if mode == "fp16" else "fp32"
+    graphs = {"torchscript": export_key(name, "torchscript", dtype, plan.device)}
+    for runtime, custom_ops in plan.onnx_runtimes().items():
+        graphs[runtime] = export_key(name, "onnx", dtype, plan.device, custom_ops=custom_ops)
+    return graphs
+
+
+def benchmark_exports(plan: Plan) -> list[tuple[ExportKey, int]]:
+    """(key, max length) of every graph the benchmarks of the plan's models need."""
+    return [(key, plan.max_length(name)) for name in plan.models if plan.lengths.get(name)
+            for mode in plan.modes for key in benchmark_graphs(name, mode, plan).values()]
+
+
 def benchmark_model(name: str, model, spec, plan: Plan, exports: Exports, results: Results) -> None:
     if not plan.lengths.get(name):
         results.notes.append(f"{name}: no benchmark lengths in this plan")
         return
     for mode in plan.modes:
         run_step(results, f"benchmark {name} {mode}", lambda mode=mode: benchmark_mode(
-            name, model, spec, mode, plan, exports, results))
+            name, model, spec, mode, plan, exports, results), plan)
 
 
 def benchmark_mode(name, model, spec, mode: str, plan: Plan, exports: Exports, results: Results) -> None:
@@ -57,38 +74,42 @@ def benchmark_mode(name, model, spec, mode: str, plan: Plan, exports: Exports, r
     device, dtype = plan.device, "fp16" if mode == "fp16" else "fp32"
     eager_model = model_as(model, dtype, device)
     runners = {"eager": TorchRunner(spec.wrap(eager_model, with_buckets=True), device)}
+    graphs = benchmark_graphs(name, mode, plan)
 
-    def open_transformers():
-        return TransformersRunner(reference_model(eager_model), device)  # on eager's device, in its dtype
-
-    def open_torchscript():
-        path = exports.get(name, model, spec, "torchscript", dtype, device)
-        return TorchRunner(torch.jit.load(str(path), map_location=device), device)
-
-    def open_onnxruntime():
-        path = exports.get(name, model, spec, "onnx", dtype, device)
-        return OrtRunner(path, device, tf32=mode == "tf32", threads=plan.threads)
-
-    torch_free = None
-    for runtime, open_runner in (("transformers", open_transformers), ("torchscript", open_torchscript),
-                                 ("onnxruntime", open_onnxruntime)):
-        if runtime == "onnxruntime" and device == "cuda":
-            warm_up_torch(runners, model.config.vocab_size, mode)
-            torch_free = free_device_bytes()  # what ORT takes from here on is its own
+    def open_runtime(runtime: str, open_runner) -> None:
         try:
             runners[runtime] = open_runner()
         except ImportError as error:  # transformers missing: its reference rows are information, not a failure
             results.notes.append(f"benchmark {name} {mode} {runtime}: skipped, not importable ({error})")
         except Exception as error:  # one runtime that cannot run must not cost the others
             results.fail(f"benchmark {name} {mode} {runtime}", error)
+
+    open_runtime("transformers", lambda: TransformersRunner(reference_model(eager_model), device))  # as eager's
+    open_runtime("torchscript", lambda: TorchRunner(
+        torch.jit.load(str(exports.get(graphs["torchscript"], model, spec)), map_location=device), device))
+    if device == "cuda":
+        warm_up_torch(runners, model.config.vocab_size, mode)
+    # CUDA: each ONNX Runtime session's device memory, what the free memory dropped while it opened and while it
+    # ran; counted apart, so that one session's arena is never counted as another's.
+    ort_device_bytes = {}
+    for runtime in plan.onnx_runtimes():
+        free_before = free_device_bytes() if device == "cuda" else None
+        open_runtime(runtime, lambda runtime=runtime: OrtRunner(
+            exports.get(graphs[runtime], model, spec), device, tf32=mode == "tf32", threads=plan.threads))
+        if runtime in runners and free_before is not None:
+            ort_device_bytes[runtime] = free_before - free_device_bytes()
     for length in plan.lengths[name]:
+        if skipped_for_time(results, f"benchmark {name} {mode} {length}", plan):
+            continue
         input_ids, attention_mask = (tensor.to(device) for tensor in benchmark_inputs(length, model.config.vocab_size))
         with torch.no_grad(), tf32_matmuls(mode == "tf32"):
             expected = [tensor.cpu() for tensor in runners["eager"].outputs(input_ids, attention_mask)]
             for runtime, runner in runners.items():
+                free_before = free_device_bytes() if runtime in ort_device_bytes else None
                 row = benchmark_row(runtime, runner, expected, spec, input_ids, attention_mask, plan, mode)
-                if runtime == "onnxruntime" and torch_free is not None:
-                    row["ort_device_gib"] = (torch_free - free_device_bytes()) / 2**30
+                if free_before is not None:  # its arena keeps the most any length so far needed
+                    ort_device_bytes[runtime] += free_before - free_device_bytes()
+                    row["ort_device_gib"] = ort_device_bytes[runtime] / 2**30
                 results.add_benchmark(name, length, mode, device, row)
                 results.save()
     runners.clear()
@@ -118,7 +139,7 @@ def benchmark_row(runtime, runner, expected, spec, input_ids, attention_mask, pl
     log(f"timing {runtime} {mode} at {input_ids.shape[1]} tokens ...")
     times = time_runs(runner.timed_call(input_ids, attention_mask), device, plan.warmup, plan.max_runs)
     row.update(median_ms=statistics.median(times), min_ms=min(times), runs=len(times))
-    if device == "cuda" and runtime != "onnxruntime":  # ORT's arena is measured from the device's free memory
+    if device == "cuda" and runtime not in plan.onnx_runtimes():  # ORT's arenas: from the device's free memory
         # Its own weights plus the most its runs held on top of everything resident before them.
         row["peak_gib"] = (peak_allocation_since(allocated_before) + runner.weight_bytes) / 2**30
     return row

@@ -32,4 +32,4 @@ def measure_costs(plan: Plan, results: Results) -> None:
                 # graph_cost exports its own graph (with the per-node module names) at max length = `length`.
                 results.add_cost(name, length, threads, measure(name, length, "fp32", threads, "auto", None))
 
-            run_step(results, f"cost {name} {length}", measure_one)
+            run_step(results, f"cost {name} {length}", measure_one, plan)

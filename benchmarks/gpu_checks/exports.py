@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from benchmarks.gpu_checks.steps import log
-from benchmarks.models import build_model
+from benchmarks.models import MODEL_NAMES, build_model
 
 if TYPE_CHECKING:
     from benchmarks.gpu_checks.report import Results
@@ -23,38 +23,55 @@ def export_device(fmt: str, dtype: str, device: str) -> str:
     return device
 
 
+class ExportKey(NamedTuple):
+    """One exported file: the model, its format, dtype and export device, whether it is the verification twin,
+    and the lowering of the registry's ops (`custom_ops` of exporters.onnx.export_onnx; "auto" for TorchScript)."""
+    name: str
+    fmt: str
+    dtype: str
+    device: str
+    replay: bool
+    custom_ops: str
+
+
+def export_key(name: str, fmt: str, dtype: str, runtime_device: str, replay: bool = False,
+               custom_ops: str = "auto") -> ExportKey:
+    """The file a runtime on `runtime_device` runs (`replay`: its verification twin)."""
+    return ExportKey(name, fmt, dtype, export_device(fmt, dtype, runtime_device), replay, custom_ops)
+
+
 class Exports:
-    """Each (model, format, dtype, export device, twin or not) exported once, into a temporary folder.
-    `prepare` exports many at once in worker processes (an export is mostly single-threaded Python: 1 to 1.5
-    minutes for `large` on one core, and verification needs eight of them); `get` exports what is missing."""
+    """Each ExportKey exported once, into a temporary folder. `prepare` exports many at once in worker processes
+    (an export is mostly single-threaded Python: 1 to 1.5 minutes for `large` on one core, and verification
+    needs eight of them); `get` exports what is missing."""
 
     def __init__(self, folder: Path, results: Results):
         self.folder = folder
         self.results = results
-        self.paths: dict[tuple, Path] = {}
-        self.failures: dict[tuple, str] = {}
+        self.paths: dict[ExportKey, Path] = {}
+        self.failures: dict[ExportKey, str] = {}
 
-    def key(self, name: str, fmt: str, dtype: str, runtime_device: str, replay: bool = False) -> tuple:
-        return (name, fmt, dtype, export_device(fmt, dtype, runtime_device), replay)
+    def path_for(self, key: ExportKey) -> Path:
+        lowering = "" if key.custom_ops == "auto" else f"-{key.custom_ops}"
+        return self.folder / (f"{key.name}-{key.dtype}-{key.device}{lowering}{'-twin' if key.replay else ''}"
+                              f".{'onnx' if key.fmt == 'onnx' else 'pt'}")
 
-    def path_for(self, key: tuple) -> Path:
-        name, fmt, dtype, device, replay = key
-        return self.folder / f"{name}-{dtype}-{device}{'-twin' if replay else ''}.{'onnx' if fmt == 'onnx' else 'pt'}"
-
-    def record(self, key: tuple, seconds: float) -> None:
-        name, fmt, dtype, device, replay = key
+    def record(self, key: ExportKey, seconds: float) -> None:
         path = self.path_for(key)
-        self.results.exports.append({"model": name, "format": fmt + ("-twin" if replay else ""), "dtype": dtype,
-                                     "device": device, "seconds": round(seconds, 1),
+        lowering = "" if key.custom_ops == "auto" else f" custom_ops={key.custom_ops}"
+        self.results.exports.append({"model": key.name, "format": key.fmt + ("-twin" if key.replay else "") + lowering,
+                                     "dtype": key.dtype, "device": key.device, "seconds": round(seconds, 1),
                                      "megabytes": round(graph_bytes(path) / 1e6, 1)})
         self.paths[key] = path
 
-    def prepare(self, jobs: list[tuple[tuple, int]]) -> None:
+    def prepare(self, jobs: list[tuple[ExportKey, int]]) -> None:
         """Export every (key, max_length) not exported yet, in parallel where the machine has the cores."""
         import concurrent.futures
         import multiprocessing
 
         missing = [(key, max_length) for key, max_length in dict(jobs).items() if key not in self.paths]
+        # The largest model's first (MODEL_NAMES grow): its long exports then start at once, not after short ones.
+        missing.sort(key=lambda job: MODEL_NAMES.index(job[0].name), reverse=True)
         workers = min(len(missing), (os.cpu_count() or 1) // 2)
         if workers < 2:
             return  # `get` exports them one by one
@@ -72,9 +89,8 @@ class Exports:
                     self.failures[key] = f"{type(error).__name__}: {error}".splitlines()[0]
         self.results.save()
 
-    def get(self, name: str, model, spec, fmt: str, dtype: str, runtime_device: str, replay: bool = False) -> Path:
-        """The file for a runtime on `runtime_device` (`replay`: its verification twin), exported on first use."""
-        key = self.key(name, fmt, dtype, runtime_device, replay)
+    def get(self, key: ExportKey, model, spec) -> Path:
+        """The file of `key` (`model` and `spec` are what it is exported from), exported on first use."""
         if key in self.failures:
             raise RuntimeError(f"export of {self.path_for(key).name} failed earlier: {self.failures[key]}")
         if key not in self.paths:
@@ -85,21 +101,23 @@ class Exports:
         return self.paths[key]
 
 
-def export_file(model, spec, key: tuple, path: Path) -> None:
+def export_file(model, spec, key: ExportKey, path: Path) -> None:
     from exporters.onnx import export_onnx
     from exporters.torchscript import export_torchscript
 
-    _, fmt, dtype, device, replay = key
-    exporter = export_onnx if fmt == "onnx" else export_torchscript
-    exporter(model, spec, path, dtype=dtype, device=device, replay=replay)
+    if key.fmt == "onnx":
+        export_onnx(model, spec, path, dtype=key.dtype, device=key.device, replay=key.replay,
+                    custom_ops=key.custom_ops)
+    else:
+        export_torchscript(model, spec, path, dtype=key.dtype, device=key.device, replay=key.replay)
 
 
-def export_in_worker(key: tuple, max_length: int, path: str) -> float:
+def export_in_worker(key: ExportKey, max_length: int, path: str) -> float:
     """In a worker process: the same model as the parent's (same seed), exported to path; its seconds."""
     import torch
 
     torch.set_num_threads(2)
-    model, spec = build_model(key[0], max_length)
+    model, spec = build_model(key.name, max_length)
     start = time.perf_counter()
     export_file(model, spec, key, Path(path))
     return time.perf_counter() - start

@@ -18,6 +18,8 @@ GPU_LENGTHS = {"tiny": (256,), "small": (4096, 65536), "large": (16384, 65536)}
 CPU_LENGTHS = {"tiny": (256,), "small": (1024, 4096)}
 # Used when a model is verified but not benchmarked, or --lengths leaves it without a length.
 DEFAULT_MAX_LENGTH = {"small": 4096, "large": 16384}
+# The benchmark row of ONNX Runtime on the graph with fused attention (Plan.onnx_runtimes).
+FUSED_ONNX_RUNTIME = "onnxruntime-fused"
 
 
 @dataclass
@@ -31,11 +33,22 @@ class Plan:
     max_runs: int
     generation_repeats: int
     threads: int | None  # intra-op threads of torch and the benchmark's ONNX Runtime sessions (None: theirs)
+    budget_minutes: float | None = None  # steps and benchmark lengths not started by then are skipped (steps.py)
     notes: list[str] = field(default_factory=list)
 
     def max_length(self, name: str) -> int:
         """The model's max_position_embeddings: its longest benchmark length, so one export serves them all."""
         return max(self.lengths.get(name) or (DEFAULT_MAX_LENGTH.get(name, 256),))
+
+    def onnx_runtimes(self) -> dict[str, str]:
+        """The benchmark's ONNX Runtime rows and the `custom_ops` of the graph each runs (exporters.onnx): each
+        op's default lowering; with CUDA also chunked attention as ONNX Runtime's fused MultiHeadAttention
+        (exporters/ops/attention.py: it did not pay on ONNX Runtime CPU; on CUDA it is a fused memory-efficient
+        kernel, which may)."""
+        runtimes = {"onnxruntime": "auto"}
+        if self.device == "cuda":
+            runtimes[FUSED_ONNX_RUNTIME] = "ort"
+        return runtimes
 
 
 def make_plan(arguments, cuda: bool) -> Plan:
@@ -58,4 +71,4 @@ def make_plan(arguments, cuda: bool) -> Plan:
         warmup, max_runs, repeats = (3, 20, 3) if cuda else (2, 20, 2)
     modes = ("fp32", "tf32", "fp16") if cuda else ("fp32",)
     return Plan("cuda" if cuda else "cpu", models, arguments.checks, lengths, modes, warmup, max_runs, repeats,
-                arguments.threads, notes)
+                arguments.threads, arguments.budget_minutes, notes)

@@ -12,11 +12,13 @@ from pathlib import Path
 
 from benchmarks.gpu_checks.environment import card_name, load_average
 from benchmarks.gpu_checks.generation import GENERATION_NEW_TOKENS, GENERATION_PROMPT
+from benchmarks.gpu_checks.plan import FUSED_ONNX_RUNTIME
 from benchmarks.graph_cost import GIB
 from benchmarks.tables import markdown_table
 
 BENCHMARKED_RUNTIMES = ("eager", "onnxruntime", "torchscript", "transformers")
-SUMMARY_HEADER = ("check", "model", "shape", "precision", *BENCHMARKED_RUNTIMES, "card")
+# Runtimes with a summary column only when a run timed them (the fused ONNX Runtime graph is timed on CUDA only).
+OPTIONAL_RUNTIMES = (FUSED_ONNX_RUNTIME,)
 
 
 @dataclass
@@ -115,8 +117,24 @@ def gib(value_bytes: int) -> str:
     return f"{value_bytes / GIB:.3g} GiB"
 
 
+def summary_runtimes(results: Results) -> tuple[str, ...]:
+    """The summary's runtime columns: BENCHMARKED_RUNTIMES, then those of OPTIONAL_RUNTIMES the run timed."""
+    timed = {row["runtime"] for row in results.benchmarks}
+    return BENCHMARKED_RUNTIMES + tuple(runtime for runtime in OPTIONAL_RUNTIMES if runtime in timed)
+
+
+def summary_header(results: Results) -> tuple[str, ...]:
+    return ("check", "model", "shape", "precision", *summary_runtimes(results), "card")
+
+
 def summary_rows(results: Results) -> list[tuple]:
     """One row per verification group, benchmark shape, generation batch and cost; the card on every row."""
+    runtimes = summary_runtimes(results)
+
+    def summary_row(check: str, model: str, shape: str, precision: str, cells, card: str) -> tuple:
+        """`cells` fill the runtime columns from the first; "-" in the rest."""
+        return (check, model, shape, precision, *cells, *["-"] * (len(runtimes) - len(cells)), card)
+
     rows = []
     groups: dict[tuple, list[dict]] = {}
     for row in results.verification:
@@ -124,26 +142,25 @@ def summary_rows(results: Results) -> list[tuple]:
     for (model, device, precision), members in groups.items():
         by_runtime = {runtime: [row for row in members if row["runtime"] == runtime]
                       for runtime in ("onnxruntime", "torchscript")}
-        rows.append(("verify", model, shape_span(members), f"{precision} {device}", "reference",
-                     verification_cell(by_runtime["onnxruntime"]), verification_cell(by_runtime["torchscript"]), "-",
-                     results.card(device)))
+        rows.append(summary_row("verify", model, shape_span(members), f"{precision} {device}", (
+            "reference", verification_cell(by_runtime["onnxruntime"]), verification_cell(by_runtime["torchscript"])),
+            results.card(device)))
     shapes: dict[tuple, dict[str, dict]] = {}
     for row in results.benchmarks:
         shapes.setdefault((row["model"], row["length"], row["precision"], row["device"]), {})[row["runtime"]] = row
     for (model, length, precision, device), by_runtime in shapes.items():
-        rows.append(("benchmark", model, f"1x{length}", f"{precision} {device}",
-                     *(timing_cell(by_runtime.get(runtime)) for runtime in BENCHMARKED_RUNTIMES),
-                     results.card(device)))
+        rows.append(summary_row("benchmark", model, f"1x{length}", f"{precision} {device}",
+                                [timing_cell(by_runtime.get(runtime)) for runtime in runtimes], results.card(device)))
     for row in results.generation:
         same = "same tokens" if row["same_tokens"] else "TOKENS DIFFER"
-        rows.append(("generate", row["model"], f"batch {row['batch']}", f"fp32 {row['device']}",
-                     f"{row['eager']['tokens_per_second']:.0f} tok/s",
-                     f"{row['onnxruntime']['tokens_per_second']:.0f} tok/s, {same}", "-", "-", row["card"]))
+        rows.append(summary_row("generate", row["model"], f"batch {row['batch']}", f"fp32 {row['device']}", (
+            f"{row['eager']['tokens_per_second']:.0f} tok/s",
+            f"{row['onnxruntime']['tokens_per_second']:.0f} tok/s, {same}"), row["card"]))
     for row in results.cost:
-        rows.append(("cost", row["model"], f"1x{row['length']}", f"fp32 {row['device']}",
-                     f"peak {gib(row['eager_peak_bytes'])}",
-                     (f"{gib(row['bytes_written'])} written, {row['executed_nodes']} nodes, "
-                      f"peak {gib(row['onnxruntime_peak_bytes'])}"), "-", "-", row["card"]))
+        rows.append(summary_row("cost", row["model"], f"1x{row['length']}", f"fp32 {row['device']}", (
+            f"peak {gib(row['eager_peak_bytes'])}",
+            (f"{gib(row['bytes_written'])} written, {row['executed_nodes']} nodes, "
+             f"peak {gib(row['onnxruntime_peak_bytes'])}")), row["card"]))
     return rows
 
 
@@ -168,9 +185,11 @@ def markdown_report(results: Results) -> str:
         "## Summary",
         ("Verification cells: verdict, worst replayed error, certified near-ties of all bucket disagreements, "
          "free-running flips. Benchmark cells: median ms (transformers: its Reformer with the same weights, the "
-         "reference). Cost cells: ONNX Runtime CPU bytes written per forward, nodes run, peak resident memory."),
+         "reference; onnxruntime-fused, on CUDA: the graph with chunked attention as ONNX Runtime's fused "
+         "MultiHeadAttention, custom_ops \"ort\"). Cost cells: ONNX Runtime CPU bytes written per forward, nodes "
+         "run, peak resident memory."),
         "",
-        markdown_table(SUMMARY_HEADER, summary_rows(results)),
+        markdown_table(summary_header(results), summary_rows(results)),
         "",
         "## Verification",
         markdown_table(("model", "runtime", "device", "shape", "precision", "replay max abs", "tolerance",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from benchmarks.gpu_checks.exports import Exports, export_device
+from benchmarks.gpu_checks.exports import ExportKey, Exports, export_device, export_key
 from benchmarks.gpu_checks.plan import VERIFIED_MODELS, Plan
 from benchmarks.gpu_checks.steps import log, run_step
 
@@ -45,11 +45,11 @@ def verification_plan(name: str, plan: Plan) -> list[tuple[str, str, str, bool]]
     return [case for case in cases if name != "large" or case[2].endswith("cuda")]
 
 
-def prepare_verification_exports(plan: Plan, exports: Exports) -> None:
-    """Every graph and twin the verification of the plan's models needs, exported at once."""
-    exports.prepare([(exports.key(name, fmt, dtype, runtime.split("-")[1], replay), plan.max_length(name))
-                     for name in plan.models if name in VERIFIED_MODELS
-                     for fmt, dtype, runtime, _ in verification_plan(name, plan) for replay in (False, True)])
+def verification_exports(plan: Plan) -> list[tuple[ExportKey, int]]:
+    """(key, max length) of every graph and twin the verification of the plan's models needs."""
+    return [(export_key(name, fmt, dtype, runtime.split("-")[1], replay), plan.max_length(name))
+            for name in plan.models if name in VERIFIED_MODELS
+            for fmt, dtype, runtime, _ in verification_plan(name, plan) for replay in (False, True)]
 
 
 def verify_model(name: str, model, spec, plan: Plan, exports: Exports, results: Results) -> None:
@@ -64,11 +64,11 @@ def verify_model(name: str, model, spec, plan: Plan, exports: Exports, results: 
 
         def verify(fmt=fmt, dtype=dtype, runtime=runtime, runtime_device=runtime_device, device=device, tf32=tf32,
                    precision=precision):
-            path = exports.get(name, model, spec, fmt, dtype, runtime_device)
-            twin = exports.get(name, model, spec, fmt, dtype, runtime_device, replay=True)
+            path = exports.get(export_key(name, fmt, dtype, runtime_device), model, spec)
+            twin = exports.get(export_key(name, fmt, dtype, runtime_device, replay=True), model, spec)
             log(f"verifying {name} {fmt} {precision} on {runtime} ...")
             report = verify_export(model, spec, path, fmt, twin_path=twin, dtype=dtype, device=device, tf32=tf32,
                                    runtimes=[runtime], shapes=verification_shapes(model.config, runtime_device))
             results.add_verification(name, precision, report)
 
-        run_step(results, f"verify {name} {fmt} {precision} {runtime}", verify)
+        run_step(results, f"verify {name} {fmt} {precision} {runtime}", verify, plan)
