@@ -11,8 +11,10 @@
    ALIASING_OPS; the total with them is printed too), summed by op type and by model part (embeddings, each layer, the
    head; the part comes from the module names the exporter records per node; nodes ONNX Runtime made by
    fusing others keep their first node's name where it does, and count as "fused" otherwise).
-2. Peak resident memory of one forward: ONNX Runtime CPU, and our eager PyTorch at the same shape and
-   threads, each as the process's peak while loading and running minus its size after its imports.
+2. Peak resident memory: ONNX Runtime CPU (a session from reformer.runtime.open_session, as apps get it), and
+   our eager PyTorch at the same shape and threads, each as the process's peak while loading and running two
+   forwards minus its size after its imports, the median of MEMORY_REPEATS processes; with what loading alone
+   takes.
 
 Bytes written is the memory traffic a GPU pays for too (the CPU-side proxy of the attention's memory-bound
 time), so it is the figure to watch when changing the model's hot paths.
@@ -25,6 +27,7 @@ import collections
 import json
 import multiprocessing
 import re
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -35,6 +38,7 @@ from benchmarks.models import MODEL_NAMES, build_model
 from benchmarks.tables import markdown_table, text_table
 
 GIB = 2**30
+MEMORY_REPEATS = 3
 # Ops whose ONNX Runtime kernels (CPU and CUDA) return their input's buffer under a new shape (`Alias(0, 0)` in
 # their kernel definitions): the profile lists their outputs' bytes, but they write none.
 ALIASING_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
@@ -64,6 +68,8 @@ class GraphCost:
     by_part: dict[str, Cost] = field(default_factory=dict)
     onnxruntime_peak_bytes: int = 0
     eager_peak_bytes: int = 0
+    onnxruntime_loaded_bytes: int = 0
+    eager_loaded_bytes: int = 0
 
     @property
     def output_bytes(self) -> int:
@@ -150,35 +156,44 @@ def profile_in_process(path: str, length: int, vocab_size: int, threads: int, fo
             if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and start <= event["ts"] <= end]
 
 
-def onnxruntime_peak_in_process(path: str, length: int, vocab_size: int, threads: int) -> int:
-    """In a fresh process: peak resident bytes while making a session and running one forward, above the
-    process's size after its imports."""
-    import onnxruntime
-
-    from reformer.runtime import CPU
+def onnxruntime_peak_in_process(path: str, length: int, vocab_size: int, threads: int) -> tuple[int, int]:
+    """In a fresh process: (resident bytes once the session is made, peak resident bytes over two forwards),
+    both above the process's size after its imports. The session is the one apps get
+    (reformer.runtime.open_session); the second forward is there because ONNX Runtime may plan memory after
+    the first."""
+    from reformer.runtime import CPU, open_session
 
     baseline = resident_bytes("VmRSS")
     reset_peak()
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(path, options, providers=[CPU])
+    session = open_session(path, [CPU], threads=threads)
+    loaded = resident_bytes("VmRSS") - baseline
     ids = random_ids(length, vocab_size)
-    session.run(None, {"input_ids": ids, "attention_mask": ids * 0 + 1})
-    return resident_bytes("VmHWM") - baseline
+    for _ in range(2):
+        session.run(None, {"input_ids": ids, "attention_mask": ids * 0 + 1})
+    return loaded, resident_bytes("VmHWM") - baseline
 
 
-def eager_peak_in_process(model_name: str, length: int, threads: int) -> int:
-    """In a fresh process: the same for our eager model, built and run under torch.inference_mode."""
+def eager_peak_in_process(model_name: str, length: int, threads: int) -> tuple[int, int]:
+    """In a fresh process: the same for our eager model, built, then run twice under torch.inference_mode."""
     import torch
 
     torch.set_num_threads(threads)
     baseline = resident_bytes("VmRSS")
     reset_peak()
     model, _ = build_model(model_name, length)
+    loaded = resident_bytes("VmRSS") - baseline
     ids = torch.from_numpy(random_ids(length, model.config.vocab_size))
     with torch.inference_mode():
-        model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    return resident_bytes("VmHWM") - baseline
+        for _ in range(2):
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return loaded, resident_bytes("VmHWM") - baseline
+
+
+def median_memory(function, *arguments) -> tuple[int, int]:
+    """The median (loaded, peak) of MEMORY_REPEATS fresh processes: one process in five or so peaked 30%
+    higher than the others (seen with eager on glibc's allocator)."""
+    runs = [in_fresh_process(function, *arguments) for _ in range(MEMORY_REPEATS)]
+    return statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs)
 
 
 def in_fresh_process(function, *arguments):
@@ -216,9 +231,9 @@ def measure(model_name: str, length: int, dtype: str, threads: int, custom_ops: 
             by_part[parts.get(node_name, "fused")].add(0 if op in ALIASING_OPS else written, microseconds)
         cost.by_op, cost.by_part = dict(by_op), dict(by_part)
         print("peak memory: ONNX Runtime CPU, then eager ...", file=sys.stderr)
-        cost.onnxruntime_peak_bytes = in_fresh_process(
+        cost.onnxruntime_loaded_bytes, cost.onnxruntime_peak_bytes = median_memory(
             onnxruntime_peak_in_process, str(path), length, config.vocab_size, threads)
-    cost.eager_peak_bytes = in_fresh_process(eager_peak_in_process, model_name, length, threads)
+    cost.eager_loaded_bytes, cost.eager_peak_bytes = median_memory(eager_peak_in_process, model_name, length, threads)
     return cost
 
 
@@ -241,8 +256,10 @@ def report(cost: GraphCost, title: str, table) -> str:
         ("bytes written per forward", f"{cost.bytes_written / GIB:.3f} GiB"),
         ("output bytes incl. reshapes and other aliases", f"{cost.output_bytes / GIB:.3f} GiB"),
         ("node time per forward (profiled)", f"{cost.microseconds / 1000:.1f} ms"),
-        ("peak resident memory, ONNX Runtime CPU", f"{cost.onnxruntime_peak_bytes / GIB:.3f} GiB"),
-        ("peak resident memory, our eager PyTorch", f"{cost.eager_peak_bytes / GIB:.3f} GiB"),
+        ("peak resident memory, ONNX Runtime CPU", f"{cost.onnxruntime_peak_bytes / GIB:.3f} GiB "
+                                                   f"(session alone {cost.onnxruntime_loaded_bytes / GIB:.3f})"),
+        ("peak resident memory, our eager PyTorch", f"{cost.eager_peak_bytes / GIB:.3f} GiB "
+                                                    f"(model alone {cost.eager_loaded_bytes / GIB:.3f})"),
     ]
     sections = [title, table(("figure", "value"), summary),
                 "By op type (largest outputs first; Reshape and the other ALIASING_OPS write nothing):",
