@@ -13,8 +13,8 @@
    fusing others keep their first node's name where it does, and count as "fused" otherwise).
 2. Peak resident memory: ONNX Runtime CPU (a session from reformer.runtime.open_session, as apps get it), and
    our eager PyTorch at the same shape and threads, each as the process's peak while loading and running two
-   forwards minus its size after its imports, the median of MEMORY_REPEATS processes; with what loading alone
-   takes.
+   forwards minus its size after its imports: the median and range over MEMORY_REPEATS processes, and what
+   loading alone takes.
 
 Bytes written is the memory traffic a GPU pays for too (the CPU-side proxy of the attention's memory-bound
 time), so it is the figure to watch when changing the model's hot paths.
@@ -38,7 +38,7 @@ from benchmarks.models import MODEL_NAMES, build_model
 from benchmarks.tables import markdown_table, text_table
 
 GIB = 2**30
-MEMORY_REPEATS = 3
+MEMORY_REPEATS = 5
 # Ops whose ONNX Runtime kernels (CPU and CUDA) return their input's buffer under a new shape (`Alias(0, 0)` in
 # their kernel definitions): the profile lists their outputs' bytes, but they write none.
 ALIASING_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
@@ -70,6 +70,8 @@ class GraphCost:
     eager_peak_bytes: int = 0
     onnxruntime_loaded_bytes: int = 0
     eager_loaded_bytes: int = 0
+    onnxruntime_peak_range: tuple[int, int] = (0, 0)
+    eager_peak_range: tuple[int, int] = (0, 0)
 
     @property
     def output_bytes(self) -> int:
@@ -189,11 +191,13 @@ def eager_peak_in_process(model_name: str, length: int, threads: int) -> tuple[i
     return loaded, resident_bytes("VmHWM") - baseline
 
 
-def median_memory(function, *arguments) -> tuple[int, int]:
-    """The median (loaded, peak) of MEMORY_REPEATS fresh processes: one process in five or so peaked 30%
-    higher than the others (seen with eager on glibc's allocator)."""
+def median_memory(function, *arguments) -> tuple[int, int, tuple[int, int]]:
+    """(median loaded, median peak, (lowest peak, highest peak)) of MEMORY_REPEATS fresh processes: eager's
+    peak varies from process to process (0.33 to 0.48 GiB for `small` at 16,384 tokens, with glibc's
+    allocator), ONNX Runtime's much less."""
     runs = [in_fresh_process(function, *arguments) for _ in range(MEMORY_REPEATS)]
-    return statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs)
+    peaks = [run[1] for run in runs]
+    return statistics.median(run[0] for run in runs), statistics.median(peaks), (min(peaks), max(peaks))
 
 
 def in_fresh_process(function, *arguments):
@@ -231,9 +235,10 @@ def measure(model_name: str, length: int, dtype: str, threads: int, custom_ops: 
             by_part[parts.get(node_name, "fused")].add(0 if op in ALIASING_OPS else written, microseconds)
         cost.by_op, cost.by_part = dict(by_op), dict(by_part)
         print("peak memory: ONNX Runtime CPU, then eager ...", file=sys.stderr)
-        cost.onnxruntime_loaded_bytes, cost.onnxruntime_peak_bytes = median_memory(
+        cost.onnxruntime_loaded_bytes, cost.onnxruntime_peak_bytes, cost.onnxruntime_peak_range = median_memory(
             onnxruntime_peak_in_process, str(path), length, config.vocab_size, threads)
-    cost.eager_loaded_bytes, cost.eager_peak_bytes = median_memory(eager_peak_in_process, model_name, length, threads)
+    cost.eager_loaded_bytes, cost.eager_peak_bytes, cost.eager_peak_range = median_memory(
+        eager_peak_in_process, model_name, length, threads)
     return cost
 
 
@@ -249,6 +254,11 @@ def cost_rows(costs: dict[str, Cost], total: GraphCost, limit: int | None = None
     return rows
 
 
+def memory_cell(peak: int, peak_range: tuple[int, int], loaded_name: str, loaded: int) -> str:
+    return (f"{peak / GIB:.3f} GiB (median of {MEMORY_REPEATS} processes, {peak_range[0] / GIB:.3f} to "
+            f"{peak_range[1] / GIB:.3f}; {loaded_name} alone {loaded / GIB:.3f})")
+
+
 def report(cost: GraphCost, title: str, table) -> str:
     summary = [
         ("nodes in the file", cost.graph_nodes),
@@ -256,10 +266,10 @@ def report(cost: GraphCost, title: str, table) -> str:
         ("bytes written per forward", f"{cost.bytes_written / GIB:.3f} GiB"),
         ("output bytes incl. reshapes and other aliases", f"{cost.output_bytes / GIB:.3f} GiB"),
         ("node time per forward (profiled)", f"{cost.microseconds / 1000:.1f} ms"),
-        ("peak resident memory, ONNX Runtime CPU", f"{cost.onnxruntime_peak_bytes / GIB:.3f} GiB "
-                                                   f"(session alone {cost.onnxruntime_loaded_bytes / GIB:.3f})"),
-        ("peak resident memory, our eager PyTorch", f"{cost.eager_peak_bytes / GIB:.3f} GiB "
-                                                    f"(model alone {cost.eager_loaded_bytes / GIB:.3f})"),
+        ("peak resident memory, ONNX Runtime CPU", memory_cell(cost.onnxruntime_peak_bytes, cost.onnxruntime_peak_range,
+                                                              "session", cost.onnxruntime_loaded_bytes)),
+        ("peak resident memory, our eager PyTorch", memory_cell(cost.eager_peak_bytes, cost.eager_peak_range,
+                                                                "model", cost.eager_loaded_bytes)),
     ]
     sections = [title, table(("figure", "value"), summary),
                 "By op type (largest outputs first; Reshape and the other ALIASING_OPS write nothing):",

@@ -3,13 +3,13 @@
 standard: MatMul, Mul, Add, Softmax, MatMul, as torch.export writes eager's ops (ONNX Runtime folds the key
 transpose and the scale into its FusedMatMul).
 ort: ONNX Runtime's contrib `com.microsoft.MultiHeadAttention` with the leading axes folded into its batch and
-one head, the bias as its `attention_bias`: the score matrix stays inside the kernel, which on CUDA is its
-fused (memory-efficient) attention. Not the default (`auto_lowering`): on ONNX Runtime CPU it does not pay.
-Measured with onnxruntime 1.32 on this project's 2-core CPU: the op alone (256 chunks of 64 queries by 128
-keys, 2 heads of 128, fp32) ran 31 ms either way with equal results; in the `small` benchmark model at
-16,384 tokens it cut the bytes written per forward from 2.63 to 2.17 GiB (`python -m benchmarks.graph_cost`)
-but raised ONNX Runtime's peak memory from 0.36 to 0.56 GiB (above eager's 0.41) and made the forward
-about 8% slower at 4,096 tokens. `attention_bias` exists from onnxruntime 1.20 on."""
+one head, the bias as its `attention_bias`: the score matrix stays inside the kernel, which ONNX Runtime
+CUDA can run as a fused attention (not measured yet: `benchmarks/gpu_checks` times it as "onnxruntime-fused"). Not the default (`auto_lowering`): on ONNX Runtime CPU it does not pay.
+Measured with onnxruntime 1.32 on this project's 2-core CPU: alone (256 chunks of 64 queries by 128 keys,
+2 heads of 128, fp32) it ran 31 ms like the plain graph, with equal results; in the `small` benchmark model
+at 16,384 tokens (`python -m benchmarks.graph_cost --custom-ops ort`) it cut the bytes written per forward from
+2.53 to 2.35 GiB but raised ONNX Runtime's peak memory from 0.37 to 0.55 GiB and the profiled node time from
+726 to 786 ms. `attention_bias` exists from onnxruntime 1.20 on."""
 
 from __future__ import annotations
 

@@ -67,6 +67,20 @@ def exported(request, tmp_path_factory):
     return case, reference, ours, path
 
 
+def outputs_match_at_other_shapes(model_class, eager, session):
+    """At each of SHAPES, check the task outputs of `session` against `eager` (an ExportWrapper) within ATOL at
+    the positions the mask keeps; yields (expected, actual, attention_mask) for further checks."""
+    for batch, length in SHAPES:
+        input_ids, attention_mask = make_inputs(batch, length, seed=length)
+        with torch.no_grad():
+            expected = eager(input_ids, attention_mask)
+        actual = run(session, input_ids, attention_mask)
+        for name, want, got in zip(output_names(model_class), expected, actual):
+            difference = max_kept_difference(model_class, name, want, got, attention_mask)
+            assert difference <= ATOL, f"{name} at {batch}x{length}: max abs diff {difference:.3g}"
+        yield expected, actual, attention_mask
+
+
 def test_matches_eager_at_other_shapes(exported):
     case, _, ours, path = exported
     spec = TASKS[MODEL_CLASS_TO_TASK[case.model_class]]
@@ -75,14 +89,7 @@ def test_matches_eager_at_other_shapes(exported):
     names = [output.name for output in session.get_outputs()]
     lsh_layers = ours.config.attn_layers.count("lsh")
     assert names == spec.all_output_names(lsh_layers, with_buckets=True)
-    for batch, length in SHAPES:
-        input_ids, attention_mask = make_inputs(batch, length, seed=length)
-        with torch.no_grad():
-            expected = wrapper(input_ids, attention_mask)
-        actual = run(session, input_ids, attention_mask)
-        for name, want, got in zip(output_names(case.model_class), expected, actual):
-            difference = max_kept_difference(case.model_class, name, want, got, attention_mask)
-            assert difference <= ATOL, f"{name} at {batch}x{length}: max abs diff {difference:.3g}"
+    for expected, actual, attention_mask in outputs_match_at_other_shapes(case.model_class, wrapper, session):
         keep = attention_mask.bool()[:, None, None, :]
         for want, got in zip(expected[len(spec.output_names):], actual[len(spec.output_names):]):
             assert torch.equal(torch.from_numpy(got)[keep.expand_as(want)], want[keep.expand_as(want)])
@@ -158,15 +165,9 @@ def test_fused_attention_lowering_matches_eager(name, tmp_path):
     proto = onnx.load(str(path))
     custom_nodes = [node.op_type for node in proto.graph.node if node.domain == ops.DOMAIN]
     assert custom_nodes.count("Attend") == len(model.config.attn_layers)
-    session, eager = session_for(path), spec.wrap(model, with_buckets=True)
-    for batch, length in SHAPES:
-        input_ids, attention_mask = make_inputs(batch, length, seed=length)
-        with torch.no_grad():
-            expected = eager(input_ids, attention_mask)
-        actual = run(session, input_ids, attention_mask)
-        for output, want, got in zip(output_names(case.model_class), expected, actual):
-            difference = max_kept_difference(case.model_class, output, want, got, attention_mask)
-            assert difference <= ATOL, f"{output} at {batch}x{length}: max abs diff {difference:.3g}"
+    compared = list(outputs_match_at_other_shapes(case.model_class, spec.wrap(model, with_buckets=True),
+                                                  session_for(path)))
+    assert len(compared) == len(SHAPES)
 
 
 def test_standard_ops_defaulted_seed_and_external_data(tmp_path):
