@@ -94,7 +94,7 @@ class LSHSelfAttention(nn.Module):
         sorted_positions: torch.Tensor,
         attention_mask: torch.Tensor,
         lsh_unchunked: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Chunked attention in bucket order. query_key and value B, L, H*D as projected. Returns out
         B, H, N, L, D and, with more than one hashing round, log-normalisers B, H, N, L (None with one: its
         round weight is exactly 1)."""
