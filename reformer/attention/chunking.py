@@ -79,13 +79,23 @@ def masked_softmax_attend(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention inside chunks, masks applied as the reference applies them (the masked scores take the mask
     values exactly). query B, H, K, C, D; key and value B, H, K, W, D; allowed (and not_self, for shared
-    query-key attention) broadcast to B, H, K, C, W. Returns what softmax_attend returns."""
+    query-key attention) broadcast to B, H, K, C, W. Returns out B, H, K, C, D and, when asked (LSH combines
+    hashing rounds with it), the log-sum-exp of the scores B, H, K, C.
+
+    The score tensor is the largest the model writes, so it is written as few times as possible: scores,
+    masked scores, probabilities (one softmax, an op runtimes have fast kernels for). The log-sum-exp comes
+    from what is already there, max(scores) - log(max(probabilities)), since the largest probability is
+    exp(max - log-sum-exp); it is at least 1/W, so its logarithm loses nothing."""
     scores = torch.matmul(query, key.transpose(-1, -2))
     scores = torch.where(allowed, scores, MASK_VALUE[scores.dtype])
     if not_self is not None:
         # A token may attend to itself only when nothing else is allowed (Reformer paper, section 2).
         scores = torch.where(not_self, scores, SELF_MASK_VALUE[scores.dtype])
-    return softmax_attend(scores, value, dropout, training, with_log_normalizer)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(torch.nn.functional.dropout(probs, p=dropout, training=training), value)
+    if not with_log_normalizer:
+        return out, None
+    return out, torch.amax(scores, dim=-1) - torch.log(torch.amax(probs, dim=-1))
 
 
 def mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -93,20 +103,3 @@ def mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     softmax exactly in every row with an allowed key (exp(mask value + score - row maximum) is 0 either way),
     and is one broadcast add where masking is a select."""
     return torch.where(allowed, 0.0, MASK_VALUE[dtype]).to(dtype)
-
-
-def softmax_attend(
-    scores: torch.Tensor, value: torch.Tensor, dropout: float, training: bool, with_log_normalizer: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """scores ..., C, W (masked); value ..., W, D -> out ..., C, D and, when asked (LSH combines hashing
-    rounds with it), the log-sum-exp of the scores ..., C.
-
-    The score tensor is the largest the model writes, so it is written as few times as possible: scores,
-    masked scores, probabilities (one softmax, an op runtimes have fast kernels for). The log-sum-exp comes
-    from what is already there, max(scores) - log(max(probabilities)), since the largest probability is
-    exp(max - log-sum-exp); it is at least 1/W, so its logarithm loses nothing."""
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(torch.nn.functional.dropout(probs, p=dropout, training=training), value)
-    if not with_log_normalizer:
-        return out, None
-    return out, torch.amax(scores, dim=-1) - torch.log(torch.amax(probs, dim=-1))
