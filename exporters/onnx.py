@@ -47,12 +47,14 @@ def export_onnx(
     [batch, sequence], both dynamic and named `batch_size` and `sequence_length`, sequence up to `max_length`,
     default `max_position_embeddings`), outputs `spec.all_output_names(...)`, with the buckets of each LSH layer
     (B, H, N, L int64) as extra outputs when `with_buckets` (for checking bucket agreement; deployment
-    graphs go without: verification has the twin). `replay` writes the verification twin instead (exporters.specs.ExportWrapper: extra
-    inputs `forced_buckets_<i>`, bucket outputs always), through the same path. `external_data` None: weights go to `<path>.data` only when the file would pass
-    2 GiB. dtype "fp16" writes a half-precision graph, meant for CUDA runtimes; ONNX Runtime CPU runs it too
-    (thanks to the registry's logsumexp lowering). custom_ops: one of ops.CUSTOM_OPS_MODES (see exporters/ops/registry.py;
-    "auto": each op's measured choice). trace_metadata: keep what the exporter records per node (module names, stack traces; see
-    strip_trace_metadata), for profiling by layer. Raises ExportError with a one-line message; leaves nothing at `path` on failure."""
+    graphs go without: verification has the twin). `replay` writes the verification twin instead
+    (exporters.specs.ExportWrapper: extra inputs `forced_buckets_<i>`, bucket outputs always), through the same
+    path. `external_data` None: weights go to `<path>.data` only when the file would pass 2 GiB. dtype "fp16"
+    writes a half-precision graph, meant for CUDA runtimes; ONNX Runtime CPU runs it too (thanks to the
+    registry's logsumexp lowering). custom_ops: one of ops.CUSTOM_OPS_MODES (see exporters/ops/registry.py;
+    "auto": each op's measured choice). trace_metadata: keep what the exporter records per node (module names,
+    stack traces; see strip_trace_metadata), for profiling by layer. Raises ExportError with a one-line
+    message; leaves nothing at `path` on failure."""
     config = model.config
     max_length = resolve_max_length(config, max_length)
     if opset not in SUPPORTED_OPSETS:
@@ -97,8 +99,8 @@ def to_onnx_model(
     trace_metadata: bool = False,
 ) -> tuple[ir.Model, dict[str, str]]:
     """Run `trace` (a torch.export call) with the registry's placeholders in place, translate the program
-    to ONNX and lower the placeholders for `mode` (one of ops.CUSTOM_OPS_MODES). Returns the model and the lowering
-    chosen per op. trace_metadata: keep the per-node records strip_trace_metadata drops."""
+    to ONNX and lower the placeholders for `mode` (one of ops.CUSTOM_OPS_MODES). Returns the model and the
+    lowering chosen per op. trace_metadata: keep the per-node records strip_trace_metadata drops."""
     with ops.onnx_placeholders():
         program = trace()
     onnx_program = torch.onnx.export(

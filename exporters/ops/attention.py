@@ -4,7 +4,8 @@ standard: MatMul, Mul, Add, Softmax, MatMul, as torch.export writes eager's ops 
 transpose and the scale into its FusedMatMul).
 ort: ONNX Runtime's contrib `com.microsoft.MultiHeadAttention` with the leading axes folded into its batch and
 one head, the bias as its `attention_bias`: the score matrix stays inside the kernel, which ONNX Runtime
-CUDA can run as a fused attention (not measured yet: `benchmarks/gpu_checks` times it as "onnxruntime-fused"). Not the default (`auto_lowering`): on ONNX Runtime CPU it does not pay.
+CUDA can run as a fused attention (not measured yet: `benchmarks/gpu_checks` times it as "onnxruntime-fused").
+Not the default (`auto_lowering`): on ONNX Runtime CPU it does not pay.
 Measured with onnxruntime 1.32 on this project's 2-core CPU: alone (256 chunks of 64 queries by 128 keys,
 2 heads of 128, fp32) it ran 31 ms like the plain graph, with equal results; in the `small` benchmark model
 at 16,384 tokens (`python -m benchmarks.graph_cost --custom-ops ort`) it cut the bytes written per forward from
@@ -16,20 +17,19 @@ from __future__ import annotations
 import onnxscript
 from onnxscript import opset18 as op
 
-from .registry import DOMAIN, DOMAIN_VERSION, CustomOp, register
+from .registry import REFORMER_OPSET, CustomOp, register
 
-REFORMER = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 MICROSOFT = onnxscript.values.Opset("com.microsoft", 1)
 
 
-@onnxscript.script(opset=REFORMER, default_opset=op)
+@onnxscript.script(opset=REFORMER_OPSET, default_opset=op)
 def attend_standard(query, key, value, bias, scale: float, dropout: float):
     scale_value = op.CastLike(op.Constant(value_float=scale), query)
     scores = op.Add(op.Mul(op.MatMul(query, op.Transpose(key, perm=[0, 1, 2, 4, 3])), scale_value), bias)
     return op.MatMul(op.Softmax(scores, axis=-1), value)
 
 
-@onnxscript.script(opset=REFORMER, default_opset=op)
+@onnxscript.script(opset=REFORMER_OPSET, default_opset=op)
 def attend_multi_head_attention(query, key, value, bias, scale: float, dropout: float):
     rows = op.Constant(value_ints=[-1])
     queries, keys = op.Shape(query, start=-2, end=-1), op.Shape(key, start=-2, end=-1)

@@ -20,15 +20,14 @@ import onnxscript
 from onnxscript import INT64
 from onnxscript import opset18 as op
 
-from .registry import DOMAIN, DOMAIN_VERSION, CustomOp, LoweringContext, register
+from .registry import REFORMER_OPSET, CustomOp, LoweringContext, register
 
-REFORMER = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 FLOAT = onnx.TensorProto.FLOAT
 # Largest integer below which every integer is exact in float32.
 FLOAT32_EXACT_INTEGERS = 2**24
 
 
-@onnxscript.script(opset=REFORMER, default_opset=op)
+@onnxscript.script(opset=REFORMER_OPSET, default_opset=op)
 def bucket_argsort_int64_keys(buckets: INT64) -> INT64:
     length = op.Shape(buckets, start=-1)
     positions = op.Range(op.Constant(value_int=0), op.Squeeze(length), op.Constant(value_int=1))
@@ -37,7 +36,7 @@ def bucket_argsort_int64_keys(buckets: INT64) -> INT64:
     return order
 
 
-@onnxscript.script(opset=REFORMER, default_opset=op)
+@onnxscript.script(opset=REFORMER_OPSET, default_opset=op)
 def bucket_argsort_float_keys(buckets: INT64) -> INT64:
     length = op.Shape(buckets, start=-1)
     positions = op.Range(op.Constant(value_int=0), op.Squeeze(length), op.Constant(value_int=1))

@@ -11,12 +11,11 @@ import onnxscript
 from onnxscript import INT64
 from onnxscript import opset18 as op
 
-from .registry import DOMAIN, DOMAIN_VERSION, CustomOp, register
-
-REFORMER = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
+from .registry import REFORMER_OPSET, CustomOp, register
 
 
-@onnxscript.script(opset=REFORMER, default_opset=op)
+
+@onnxscript.script(opset=REFORMER_OPSET, default_opset=op)
 def invert_permutation_by_scatter(permutation: INT64) -> INT64:
     length = op.Squeeze(op.Shape(permutation, start=-1))
     positions = op.Range(op.Constant(value_int=0), length, op.Constant(value_int=1))

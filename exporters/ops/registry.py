@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import onnx_ir as ir
+import onnxscript
 import torch
 from onnx_ir.passes.common import InlinePass, RemoveUnusedOpsetsPass
 
@@ -35,6 +36,8 @@ import reformer.ops
 
 DOMAIN = "reformer"
 DOMAIN_VERSION = 1
+# The opset that CustomOp lowerings (onnxscript functions) are written in.
+REFORMER_OPSET = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 LOWERINGS = ("standard", "ort")
 CUSTOM_OPS_MODES = ("auto", "standard", "ort")
 
