@@ -32,6 +32,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from benchmarks.cli import OneLineErrors
 from benchmarks.models import MODEL_NAMES, build_model
@@ -88,12 +89,9 @@ class GraphCost:
         return sum(cost.microseconds for cost in self.by_op.values())
 
 
-def node_parts(path: Path, attn_layers: list[str]) -> dict[str, str]:
-    """Node name -> model part ("embeddings", "layer 3 (lsh)", "head", ...), from the module names the
-    exporter records per node (present when exported with trace_metadata=True)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
+def node_parts(model, attn_layers: list[str]) -> dict[str, str]:
+    """Node name -> model part ("embeddings", "layer 3 (lsh)", "head", ...) of an ONNX model proto, from the
+    module names the exporter records per node (present when exported with trace_metadata=True)."""
     parts = {}
     for node in model.graph.node:
         scopes = next((ast.literal_eval(entry.value) for entry in node.metadata_props
@@ -137,20 +135,14 @@ def reset_peak() -> None:
 
 
 def profile_in_process(path: str, length: int, vocab_size: int, threads: int, folder: str) -> list[dict]:
-    """In a fresh process: ONNX Runtime's profile events of the second of two forwards."""
-    import onnxruntime
+    """In a fresh process: ONNX Runtime's profile events of the second of two forwards, in a session as apps
+    get it (reformer.runtime.open_session)."""
+    from reformer.runtime import CPU, open_session
 
-    from reformer.runtime import CPU
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(folder) / "profile")
-    session = onnxruntime.InferenceSession(path, options, providers=[CPU])
-    ids = random_ids(length, vocab_size)
-    feeds = {"input_ids": ids, "attention_mask": ids * 0 + 1}
+    session = open_session(path, [CPU], threads=threads, profile_prefix=str(Path(folder) / "profile"))
+    forward = onnxruntime_forward(session, length, vocab_size)
     for _ in range(2):
-        session.run(None, feeds)
+        forward()
     events = json.loads(Path(session.end_profiling()).read_text())
     last_run = [event for event in events if event.get("name") == "model_run"][-1]
     start, end = last_run["ts"], last_run["ts"] + last_run["dur"]
@@ -158,37 +150,48 @@ def profile_in_process(path: str, length: int, vocab_size: int, threads: int, fo
             if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and start <= event["ts"] <= end]
 
 
-def onnxruntime_peak_in_process(path: str, length: int, vocab_size: int, threads: int) -> tuple[int, int]:
-    """In a fresh process: (resident bytes once the session is made, peak resident bytes over two forwards),
-    both above the process's size after its imports. The session is the one apps get
-    (reformer.runtime.open_session); the second forward is there because ONNX Runtime may plan memory after
-    the first."""
-    from reformer.runtime import CPU, open_session
+def onnxruntime_forward(session, length: int, vocab_size: int) -> Callable[[], None]:
+    ids = random_ids(length, vocab_size)
+    feeds = {"input_ids": ids, "attention_mask": ids * 0 + 1}
+    return lambda: session.run(None, feeds)
 
+
+def resident_growth(load: Callable[[], Callable[[], None]]) -> tuple[int, int]:
+    """(resident bytes once `load` has run, peak resident bytes over two runs of the forward it returns), both
+    above the process's size before it. Two forwards, because ONNX Runtime may plan memory after the first."""
     baseline = resident_bytes("VmRSS")
     reset_peak()
-    session = open_session(path, [CPU], threads=threads)
+    forward = load()
     loaded = resident_bytes("VmRSS") - baseline
-    ids = random_ids(length, vocab_size)
     for _ in range(2):
-        session.run(None, {"input_ids": ids, "attention_mask": ids * 0 + 1})
+        forward()
     return loaded, resident_bytes("VmHWM") - baseline
+
+
+def onnxruntime_peak_in_process(path: str, length: int, vocab_size: int, threads: int) -> tuple[int, int]:
+    """In a fresh process: resident_growth of a session as apps get it (reformer.runtime.open_session)."""
+    from reformer.runtime import CPU, open_session
+
+    return resident_growth(lambda: onnxruntime_forward(open_session(path, [CPU], threads=threads), length,
+                                                         vocab_size))
 
 
 def eager_peak_in_process(model_name: str, length: int, threads: int) -> tuple[int, int]:
-    """In a fresh process: the same for our eager model, built, then run twice under torch.inference_mode."""
+    """In a fresh process: resident_growth of our eager model, built, then run under torch.inference_mode."""
     import torch
 
     torch.set_num_threads(threads)
-    baseline = resident_bytes("VmRSS")
-    reset_peak()
-    model, _ = build_model(model_name, length)
-    loaded = resident_bytes("VmRSS") - baseline
-    ids = torch.from_numpy(random_ids(length, model.config.vocab_size))
-    with torch.inference_mode():
-        for _ in range(2):
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    return loaded, resident_bytes("VmHWM") - baseline
+
+    def load() -> Callable[[], None]:
+        model, _ = build_model(model_name, length)
+        ids = torch.from_numpy(random_ids(length, model.config.vocab_size))
+
+        def forward() -> None:
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return forward
+
+    return resident_growth(load)
 
 
 def median_memory(function, *arguments) -> tuple[int, int, tuple[int, int]]:
@@ -220,8 +223,9 @@ def measure(model_name: str, length: int, dtype: str, threads: int, custom_ops: 
             export_onnx(model, spec, path, dtype=dtype, max_length=length, custom_ops=custom_ops,
                         trace_metadata=True)
         del model
-        parts = node_parts(path, config.attn_layers)
-        graph_nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
+        graph = onnx.load(str(path), load_external_data=False)
+        parts, graph_nodes = node_parts(graph, config.attn_layers), len(graph.graph.node)
+        del graph
         print("profiling one forward on ONNX Runtime CPU ...", file=sys.stderr)
         events = in_fresh_process(profile_in_process, str(path), length, config.vocab_size, threads, folder)
         cost = GraphCost(graph_nodes=graph_nodes, executed_nodes=len(events))

@@ -82,10 +82,12 @@ def with_provider_options(providers: Sequence, tf32: bool = False) -> list:
 
 
 def open_session(path: str | os.PathLike, providers: Sequence | None = None, quiet: bool = False,
-                 threads: int | None = None, tf32: bool = False) -> onnxruntime.InferenceSession:
+                 threads: int | None = None, tf32: bool = False,
+                 profile_prefix: str | None = None) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session on `providers` (names, or (name, options) pairs; default `default_providers()`),
     CUDA with `cuda_provider_options(tf32)` under any options given. quiet: errors only, for callers that
-    report a provider that could not start themselves; threads: intra-op threads (None: one per core)."""
+    report a provider that could not start themselves; threads: intra-op threads (None: one per core);
+    profile_prefix: write ONNX Runtime's profile of every run (`session.end_profiling()` names the file)."""
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     # No memory pattern: ONNX Runtime plans one after a run for the shapes it saw and from then on allocates all
@@ -99,6 +101,9 @@ def open_session(path: str | os.PathLike, providers: Sequence | None = None, qui
         options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return onnxruntime.InferenceSession(os.fspath(path), options,
                                         providers=with_provider_options(providers or default_providers(), tf32))
 

@@ -10,7 +10,7 @@ Measured with onnxruntime 1.32 on this project's 2-core CPU: alone (256 chunks o
 2 heads of 128, fp32) it ran 31 ms like the plain graph, with equal results; in the `small` benchmark model
 at 16,384 tokens (`python -m benchmarks.graph_cost --custom-ops ort`) it cut the bytes written per forward from
 2.53 to 2.35 GiB but raised ONNX Runtime's peak memory from 0.37 to 0.55 GiB and the profiled node time from
-726 to 786 ms. `attention_bias` exists from onnxruntime 1.20 on."""
+613 to 716 ms. `attention_bias` exists from onnxruntime 1.20 on."""
 
 from __future__ import annotations
 

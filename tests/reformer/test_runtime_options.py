@@ -2,6 +2,7 @@
 for a CUDA request (pure functions: no GPU needed), and the arena shrink run option. Outputs against eager are
 in test_runtime.py."""
 
+import json
 import warnings
 
 import numpy as np
@@ -60,6 +61,19 @@ def test_cpu_session_gets_the_options_and_computes_the_same(graph_path):
     for rows in (x, x[:1], np.tile(x, (5, 1))):  # new shapes after the first
         (y,) = session.run(None, {"x": rows})
         np.testing.assert_allclose(y, np.maximum(rows @ WEIGHT, 0), rtol=1e-6)
+
+
+def test_profile_prefix_profiles_every_node_of_every_run(graph_path, tmp_path):
+    session = open_session(graph_path, [CPU], quiet=True, profile_prefix=str(tmp_path / "run"))
+    for rows in (1, 3):
+        session.run(None, {"x": np.ones((rows, 4), dtype=np.float32)})
+    profile = session.end_profiling()
+    assert profile.startswith(str(tmp_path / "run"))
+    with open(profile, encoding="utf-8") as handle:
+        events = json.load(handle)
+    kernels = [event["args"]["op_name"] for event in events if event.get("cat") == "Node"
+               and event["name"].endswith("_kernel_time")]
+    assert sorted(kernels) == ["MatMul", "MatMul", "Relu", "Relu"]
 
 
 def test_shrink_run_option_names_the_arenas_the_session_has(graph_path):
