@@ -20,7 +20,6 @@ from onnxscript import opset18 as op
 import reformer
 from exporters.errors import ExportError
 from exporters.ops import registry
-from exporters.ops.permutation import REFORMER
 from exporters.onnx import export_onnx
 from exporters.specs import TASKS
 from exporters.torchscript import export_torchscript
@@ -184,7 +183,7 @@ def test_a_wrong_rotation_for_one_head_fails_the_certificate(flipping, flipping_
     assert "not near-ties" in report.failure_message()
 
 
-@onnxscript.script(opset=REFORMER, default_opset=op)
+@onnxscript.script(opset=registry.REFORMER_OPSET, default_opset=op)
 def reversed_permutation(permutation: INT64) -> INT64:
     """A wrong undo-sort: the permutation's inverse read backwards."""
     length = op.Squeeze(op.Shape(permutation, start=-1))
