@@ -5,6 +5,8 @@ a model into its cache once, and reads the cache from then on (offline too, with
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import pickle
@@ -161,12 +163,13 @@ class CheckpointMixin:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, config: ReformerConfig | None = None, *, dtype=None,
-                        torch_dtype=None, device_map=None, device=None):
+                        torch_dtype=None, device_map=None, device=None, attn_implementation: str | None = None):
         """Load a directory written by `transformers` or by this project, or a Hugging Face Hub model id
         (namespace/name, see download_checkpoint; an existing directory of that name wins). Weights saved from
         a model with a head load into the base model (the head is dropped) and the other way round only for
         the base part. Keywords as in transformers: `dtype` (or `torch_dtype`), see requested_dtype;
-        `device_map` (or `device`), one device, see requested_device. Returns the model in eval mode."""
+        `device_map` (or `device`), one device, see requested_device; `attn_implementation`, see
+        ReformerConfig (None: the config's). Returns the model in eval mode."""
         target_dtype = requested_dtype(dtype, torch_dtype)
         target_device = requested_device(device_map, device)
         directory = checkpoint_directory(path_or_id)
@@ -177,6 +180,8 @@ class CheckpointMixin:
                 config = ReformerConfig.from_pretrained(directory)
             except ConfigError as error:
                 raise CheckpointError(str(error)) from None
+        if attn_implementation is not None:
+            config = dataclasses.replace(config, attn_implementation=attn_implementation)
         model = cls(config)
         state = read_state_dict(directory)
         model.load_checkpoint_state(state)

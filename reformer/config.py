@@ -14,6 +14,8 @@ CONFIG_NAME = "config.json"
 # rotations on every call, which no exported graph can reproduce; we fix them instead and record the seed.
 DEFAULT_HASH_SEED = 0
 ATTENTION_TYPES = ("lsh", "local")
+# How chunk attention is computed (the names transformers gives its implementations): the same numbers either way.
+ATTN_IMPLEMENTATIONS = ("eager", "flex_attention")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh")
 
 
@@ -59,6 +61,10 @@ class ReformerConfig:
     num_labels: outputs of the classification and question-answering heads.
     problem_type: loss of sequence classification (None: picked from `num_labels` and the label dtype).
     use_reversible_backward: train through the memory-saving reversible backward (False: plain autograd).
+    attn_implementation: how chunk attention runs, "eager" (matrix products and a softmax) or "flex_attention"
+        (torch's FlexAttention, reformer/attention/flex.py: one fused kernel per layer where compiled). A
+        choice of this installation, not of the checkpoint: config.json never records it (transformers'
+        Reformer has no FlexAttention).
     """
 
     attention_head_size: int = 64
@@ -99,6 +105,7 @@ class ReformerConfig:
     num_labels: int = 2
     problem_type: str | None = None
     use_reversible_backward: bool = True
+    attn_implementation: str = "eager"
     # Fields of config.json that this project does not use, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -164,6 +171,8 @@ class ReformerConfig:
         require(len(self.attn_layers) > 0, "attn_layers is empty: give at least one of 'lsh', 'local'")
         unknown = sorted(set(self.attn_layers) - set(ATTENTION_TYPES))
         require(not unknown, f"attn_layers has unknown types {unknown}: use only 'lsh' and 'local'")
+        require(self.attn_implementation in ATTN_IMPLEMENTATIONS,
+                f"attn_implementation {self.attn_implementation!r} is not one of {list(ATTN_IMPLEMENTATIONS)}")
         require(self.hidden_act in ACTIVATIONS, f"hidden_act {self.hidden_act!r} is not one of {list(ACTIVATIONS)}")
         for name in ("hidden_size", "attention_head_size", "num_attention_heads", "feed_forward_size",
                      "vocab_size", "max_position_embeddings", "num_hashes", "lsh_attn_chunk_length",
@@ -206,7 +215,8 @@ class ReformerConfig:
         return cls(**kwargs, extra=values)
 
     def to_dict(self) -> dict[str, Any]:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("extra", "attn_implementation")}
         values["num_hidden_layers"] = self.num_hidden_layers
         values["model_type"] = "reformer"
         values.update(self.extra)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .attention.local import LocalSelfAttention
+from .attention.lsh import LSHSelfAttention
 from .checkpoint import CheckpointMixin
 from .config import ReformerConfig
 from .embeddings import AxialPositionEmbeddings, ReformerEmbeddings
@@ -56,6 +59,14 @@ class ReformerPreTrainedModel(CheckpointMixin, nn.Module):
     def __init__(self, config: ReformerConfig):
         super().__init__()
         self.config = config
+
+    def set_attn_implementation(self, attn_implementation: str) -> None:
+        """Switch every attention layer to "eager" or "flex_attention" chunk attention (see ReformerConfig)."""
+        dataclasses.replace(self.config, attn_implementation=attn_implementation)  # validates, or raises ConfigError
+        self.config.attn_implementation = attn_implementation
+        for module in self.modules():
+            if isinstance(module, (LocalSelfAttention, LSHSelfAttention)):
+                module.attn_implementation = attn_implementation
 
     def init_weights(self) -> None:
         for module in self.modules():

@@ -86,16 +86,24 @@ def masked_softmax_attend(
     masked scores, probabilities (one softmax, an op runtimes have fast kernels for). The log-sum-exp comes
     from what is already there, max(scores) - log(max(probabilities)), since the largest probability is
     exp(max - log-sum-exp); it is at least 1/W, so its logarithm loses nothing."""
-    scores = torch.matmul(query, key.transpose(-1, -2))
-    scores = torch.where(allowed, scores, MASK_VALUE[scores.dtype])
-    if not_self is not None:
-        # A token may attend to itself only when nothing else is allowed (Reformer paper, section 2).
-        scores = torch.where(not_self, scores, SELF_MASK_VALUE[scores.dtype])
+    scores = mask_scores(torch.matmul(query, key.transpose(-1, -2)), allowed, not_self, query.dtype)
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(torch.nn.functional.dropout(probs, p=dropout, training=training), value)
     if not with_log_normalizer:
         return out, None
     return out, torch.amax(scores, dim=-1) - torch.log(torch.amax(probs, dim=-1))
+
+
+def mask_scores(scores: torch.Tensor, allowed: torch.Tensor, not_self: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Scores with the reference's masking: the mask values of the model's `dtype` where a key is not allowed,
+    and, where given, the self-mask value where a key is the query itself (Reformer paper, section 2: a token
+    attends to itself only when nothing else is allowed). Eager broadcasts whole masks; FlexAttention calls it
+    per score."""
+    scores = torch.where(allowed, scores, MASK_VALUE[dtype])
+    if not_self is None:
+        return scores
+    return torch.where(not_self, scores, SELF_MASK_VALUE[dtype])
 
 
 def mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 from ..config import ReformerConfig
 from .. import ops
 from .chunking import look_adjacent, mask_bias, merge_heads, split_chunks, split_heads_into_chunks
+from .flex import flex_applies, flex_chunk_attend
 
 
 class LocalSelfAttention(nn.Module):
@@ -22,6 +23,7 @@ class LocalSelfAttention(nn.Module):
         self.chunks_after = config.local_num_chunks_after
         self.is_decoder = config.is_decoder
         self.dropout = config.local_attention_probs_dropout_prob
+        self.attn_implementation = config.attn_implementation
         all_head_size = self.num_heads * self.head_size
         self.query = nn.Linear(config.hidden_size, all_head_size, bias=False)
         self.key = nn.Linear(config.hidden_size, all_head_size, bias=False)
@@ -41,10 +43,25 @@ class LocalSelfAttention(nn.Module):
         key_positions = look_adjacent(query_positions, self.chunks_before, self.chunks_after)  # 1, 1, K, W
         key_allowed = look_adjacent(split_chunks(attention_mask[:, None], self.chunk_length),
                                     self.chunks_before, self.chunks_after)  # B, 1, K, W
-        allowed = key_allowed.unsqueeze(-2)  # B, 1, K, 1, W
-        if self.is_decoder:
-            allowed = allowed & (query_positions.unsqueeze(-1) >= key_positions.unsqueeze(-2))
+        scale = 1 / math.sqrt(self.head_size)
         # Every query of a real position has an allowed key (itself), so an added mask is exact here.
-        out = ops.attend(query, key, value, mask_bias(allowed, query.dtype), scale=1 / math.sqrt(self.head_size),
-                         dropout=self.dropout if self.training else 0.0)  # B, H, K, C, D
+        if flex_applies(self.attn_implementation, self.training):
+            def score_with_mask(score, b, h, k, c, w):
+                allowed = self.allowed(key_allowed[b, 0, k, w], query_positions[0, 0, k, c], key_positions[0, 0, k, w])
+                return score + mask_bias(allowed, query.dtype)
+
+            out, _ = flex_chunk_attend(query, key, value, score_with_mask, scale)  # B, H, K, C, D
+        else:
+            allowed = self.allowed(key_allowed.unsqueeze(-2), query_positions.unsqueeze(-1),
+                                   key_positions.unsqueeze(-2))  # B, 1, K, 1 or C, W
+            out = ops.attend(query, key, value, mask_bias(allowed, query.dtype), scale=scale,
+                             dropout=self.dropout if self.training else 0.0)  # B, H, K, C, D
         return merge_heads(out.flatten(2, 3))  # B, L, H*D
+
+    def allowed(self, key_allowed: torch.Tensor, query_position: torch.Tensor, key_position: torch.Tensor
+                ) -> torch.Tensor:
+        """Which keys each query may attend to: keys that are not padding and, in a causal model, not after the
+        query. Broadcasts, from whole windows (eager) down to single scores (FlexAttention's score_mod)."""
+        if self.is_decoder:
+            return key_allowed & (query_position >= key_position)
+        return key_allowed

@@ -10,9 +10,10 @@ from torch import nn
 from .. import ops
 from ..config import ReformerConfig
 from .chunking import (
-    SELF_MASK_VALUE, length_as_tensor, length_normalize, look_adjacent, mask_bias, masked_softmax_attend, split_chunks,
-    split_heads,
+    SELF_MASK_VALUE, length_as_tensor, length_normalize, look_adjacent, mask_bias, mask_scores, masked_softmax_attend,
+    split_chunks, split_heads,
 )
+from .flex import flex_applies, flex_chunk_attend
 
 
 def draw_rotations(config: ReformerConfig) -> torch.Tensor:
@@ -34,6 +35,7 @@ class LSHSelfAttention(nn.Module):
         self.chunks_after = config.lsh_num_chunks_after
         self.is_decoder = config.is_decoder
         self.dropout = config.lsh_attention_probs_dropout_prob
+        self.attn_implementation = config.attn_implementation
         self.bucket_factors = config.num_buckets if isinstance(config.num_buckets, list) else [config.num_buckets]
         self.padding_bucket = config.bucket_count
         all_head_size = self.num_heads * self.head_size
@@ -120,25 +122,49 @@ class LSHSelfAttention(nn.Module):
         own_start = self.chunks_before * self.chunk_length
         own_chunk = (window_slots >= own_start) & (window_slots < own_start + self.chunk_length)
         in_window = own_chunk | ~lsh_unchunked  # W
-        allowed = (key_allowed & in_window).unsqueeze(-2)  # B, H, N*K, 1, W
+        dropout = self.dropout if self.training else 0.0
+        with_log_normalizer = self.num_hashes > 1
+        if flex_applies(self.attn_implementation, self.training):
+            def score_with_mask(score, b, h, k, c, w):
+                allowed, not_self = self.masks(key_allowed[b, h, k, w], in_window[w], query_positions[b, h, k, c],
+                                               key_positions[b, h, k, w])
+                return mask_scores(score, allowed, not_self, sorted_query.dtype)
+
+            out, log_normalizer = flex_chunk_attend(sorted_query, sorted_key, sorted_value, score_with_mask, scale=1.0,
+                                                    with_log_normalizer=with_log_normalizer)
+        else:
+            allowed, not_self = self.masks(key_allowed.unsqueeze(-2), in_window, query_positions.unsqueeze(-1),
+                                           key_positions.unsqueeze(-2))  # B, H, N*K, 1 or C, W; B, H, N*K, C, W
+            out, log_normalizer = self.eager_attend(sorted_query, sorted_key, sorted_value, allowed, not_self,
+                                                    dropout, with_log_normalizer)
+        out = out.view(batch, heads, rounds, length, self.head_size)
+        if log_normalizer is None:
+            return out, None
+        return out, log_normalizer.view(batch, heads, rounds, length)
+
+    def masks(self, key_allowed: torch.Tensor, in_window: torch.Tensor, query_position: torch.Tensor,
+              key_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which keys each query may attend to (not padding, inside the window, and in a causal model not after
+        the query), and which keys are not the query itself. Broadcasts, from whole windows (eager) down to
+        single scores (FlexAttention's score_mod)."""
+        allowed = key_allowed & in_window
         if self.is_decoder:
-            allowed = allowed & (query_positions.unsqueeze(-1) >= key_positions.unsqueeze(-2))
+            allowed = allowed & (query_position >= key_position)
         # Copies of the query outside the window must stay masked, not fall back to the self-mask value.
-        not_self = (query_positions.unsqueeze(-1) != key_positions.unsqueeze(-2)) | ~in_window  # B, H, N*K, C, W
-        if self.num_hashes > 1:
-            out, log_normalizer = masked_softmax_attend(
-                sorted_query, sorted_key, sorted_value, allowed, not_self, self.dropout, self.training,
-                with_log_normalizer=True,
-            )
-            out = out.view(batch, heads, rounds, length, self.head_size)
-            return out, log_normalizer.view(batch, heads, rounds, length)
-        # One round needs no log-sum-exp, so the fused attention op applies, with the masks as one added bias.
-        # That is exact: every row keeps its own position (at the self-mask value), so a masked key's
-        # probability is 0 and a row that sees only itself gives it probability 1, as masking gives.
-        bias = torch.where(not_self, mask_bias(allowed, sorted_query.dtype), SELF_MASK_VALUE[sorted_query.dtype])
-        out = ops.attend(sorted_query, sorted_key, sorted_value, bias, scale=1.0,
-                         dropout=self.dropout if self.training else 0.0)  # B, H, N*K, C, D
-        return out.view(batch, heads, rounds, length, self.head_size), None
+        not_self = (query_position != key_position) | ~in_window
+        return allowed, not_self
+
+    def eager_attend(self, query, key, value, allowed, not_self, dropout: float, with_log_normalizer: bool):
+        """Chunk attention as matrix products and a softmax: query B, H, N*K, C, D; key and value
+        B, H, N*K, W, D -> out B, H, N*K, C, D and, when asked, log-normalisers B, H, N*K, C."""
+        if with_log_normalizer:
+            return masked_softmax_attend(query, key, value, allowed, not_self, dropout, dropout > 0,
+                                         with_log_normalizer=True)
+        # Without a log-sum-exp the fused attention op applies, with the masks as one added bias. That is
+        # exact: every row keeps its own position (at the self-mask value), so a masked key's probability is 0
+        # and a row that sees only itself gives it probability 1, as masking gives.
+        bias = torch.where(not_self, mask_bias(allowed, query.dtype), SELF_MASK_VALUE[query.dtype])
+        return ops.attend(query, key, value, bias, scale=1.0, dropout=dropout), None
 
 
 def bucket_factor_slices(factors: list[int]) -> list[tuple[int, int, int]]:
