@@ -10,9 +10,11 @@ B, H, K, C and B, H, K, W positions and padding flags, which a compiled kernel r
 mask. Eager FlexAttention runs PyTorch's unfused reference, which writes the scores: it is for checking, not for
 speed (torch warns once when it runs).
 
-torch.export (torch 2.13) does not take this path with a dynamic length yet: non-strict export fails on the
-tensors score_mod captures (their sizes are products of dynamic sizes), strict export guards the number of
-chunks to be above 1. The exporters therefore refuse models set to it (exporters.specs)."""
+torch.export (torch 2.13) does not take this path with a dynamic length yet: tracing score_mod fails on every
+tensor it captures whose size derives from the padded length (K = (L + C - 1) // C chunks; "... is not tracked
+with proxy"), in non-strict and in strict mode alike, whatever the layout (folding chunks into the head axis
+instead makes the head count dynamic, which FlexAttention forbids). The exporters therefore refuse models set
+to it (exporters.specs), and torch.compile on the CPU finds no kernel for it at the test table's sizes."""
 
 from __future__ import annotations
 
