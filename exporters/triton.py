@@ -139,7 +139,8 @@ def triton_schema():
 
 
 def check_triton_options(request) -> str:
-    """The graph format the repository's backend takes; TritonExportError for a backend the task cannot use."""
+    """The graph format the repository's backend takes; TritonExportError for a backend the task cannot use or
+    without tritonclient. (run_triton_export checks the output path, default included, before exporting.)"""
     from .api import GENERATION_TASK
 
     backend = request.triton_backend or DEFAULT_TRITON_BACKEND
@@ -148,9 +149,6 @@ def check_triton_options(request) -> str:
     if request.task == GENERATION_TASK and backend != "python":
         raise TritonExportError(f"task {GENERATION_TASK} is served by a Python-backend generation loop: use "
                                 "--triton-backend python")
-    output = request.output
-    if output and os.path.exists(output):
-        raise TritonExportError(f"output {output} already exists: give a new directory for the repository")
     triton_schema()
     return GRAPH_FORMATS[backend]
 

@@ -7,7 +7,8 @@ Needs a server (nvidia-pytriton's, from the serve extra, or a tritonserver on th
 Python backend, models running with numpy 1.x (the serve extra's; see reformer/triton_server.py): skipped
 otherwise, e.g. in an environment with numpy 2, unless REFORMER_EXPORT_PYTHONPATH names the package folders of
 one with numpy 1.x, as in
-    REFORMER_EXPORT_PYTHONPATH=$PWD:/path/to/numpy1-venv/lib/python3.11/site-packages pytest tests/reformer/test_triton_server.py
+    REFORMER_EXPORT_PYTHONPATH=$PWD:/path/to/numpy1-venv/lib/python3.11/site-packages \
+        pytest tests/reformer/test_triton_server.py
 """
 
 from __future__ import annotations
