@@ -52,8 +52,8 @@ def server_unavailable() -> str | None:
 UNAVAILABLE = server_unavailable()
 pytestmark = [
     pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE)),
-    # ~75 s on 2 cores, most of it exporting and verifying the default model's task and generation graphs before
-    # the server starts. CI's test extra has no server: nvidia-pytriton would pin numpy<2 for the whole suite.
+    # 70 to 90 s on 2 cores, most of it exporting and verifying the default model's task and generation graphs
+    # before the server starts; it runs in CI (the test extra has nvidia-pytriton's server).
     pytest.mark.slow,
 ]
 
