@@ -66,7 +66,7 @@ def served(tmp_path_factory):
     repository, generation = root / "repository", root / "generation"
     for task, output in (("causal-lm", repository), (api.GENERATION_TASK, generation)):
         result = api.run_export(api.ExportRequest("triton", task=task, output=str(output)))
-        assert result.passed
+        assert result.passed and result.verification is not None and result.output == str(output)
     shutil.move(str(generation / GENERATION_MODEL), str(repository / GENERATION_MODEL))
     server = TritonServer(str(repository), http_port=None, grpc_port=None, metrics_port=None)
     server.start()
