@@ -23,7 +23,7 @@ from .precision import DEVICES, DTYPES, check_device
 from .runtimes import require_runtime
 from .specs import DEFAULT_OPSET, resolve_max_length
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "triton": ""}  # triton: a model repository (exporters/triton.py)
 # Not an exporters.specs task: a directory of two graphs for generation with a cache (exporters/decoder.py).
 GENERATION_TASK = "causal-lm-with-past"
 # In the staging folder: the verification twin (exporters.specs.ExportWrapper), which is never shipped.
@@ -55,6 +55,7 @@ class ExportRequest:
     verify: bool = True
     keep_failed: bool = False  # with verify only
     report: str | None = None  # path of a JSON report (None: no report)
+    triton_backend: str | None = None  # format triton only (None: exporters.triton.DEFAULT_TRITON_BACKEND)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class ExportResult:
         settings = self.settings
         options = f"{settings['format']}, {settings['dtype']}, {settings['device']}"
         options += f", max length {settings['max_length']}"
-        if settings["format"] == "onnx":
+        if "opset" in settings:
             options += f", opset {settings['opset']}, custom ops {settings['custom_ops']}"
         if settings.get("with_buckets"):
             options += ", with bucket outputs"
@@ -122,6 +123,10 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
     in which case the output was removed unless `keep_failed`. Raises ExportError (ExportRequestError for bad
     options), reformer.CheckpointError, reformer.ConfigError or OSError, leaving nothing at the output path."""
     check_options(request)
+    if request.format == "triton":
+        from .triton import run_triton_export
+
+        return run_triton_export(request, progress)
     if request.task == GENERATION_TASK:
         return run_generation_export(request, progress)
     from .models import DEFAULT_MODEL, resolve_model
@@ -246,13 +251,20 @@ def check_options(request: ExportRequest) -> None:
                                  ("device", request.device, DEVICES)):
         if value not in choices:
             raise ExportRequestError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+    graph_format = request.format
+    if request.format == "triton":
+        from .triton import check_triton_options
+
+        graph_format = check_triton_options(request)
+    elif request.triton_backend is not None:
+        raise ExportRequestError("--triton-backend applies to --format triton only: drop it or add --format triton")
     if request.custom_ops is not None and request.custom_ops not in CUSTOM_OPS_MODES:
         raise ExportRequestError(f"unknown custom ops {request.custom_ops!r}: "
                                  f"choose one of {', '.join(CUSTOM_OPS_MODES)}")
-    if request.format != "onnx":
+    if graph_format != "onnx":
         for option, value in (("--opset", request.opset), ("--custom-ops", request.custom_ops)):
             if value is not None:
-                raise ExportRequestError(f"{option} applies to ONNX only: drop it for --format {request.format}")
+                raise ExportRequestError(f"{option} applies to ONNX only: drop it for {graph_format} graphs")
     elif request.opset is not None:
         from .onnx import SUPPORTED_OPSETS
 
@@ -270,7 +282,7 @@ def check_options(request: ExportRequest) -> None:
         raise ExportRequestError(f"task {GENERATION_TASK} exports fp32 graphs on the CPU (they run on CUDA too): "
                                  "drop --dtype and --device")
     check_device(request.device)
-    require_runtime(request.format, request.verify)
+    require_runtime(graph_format, request.verify)
     if request.dtype == "fp16" and request.device != "cuda":
         raise ExportRequestError("fp16 export is for the CUDA runtimes: use device cuda (fp32 on the CPU)")
     if request.atol is not None and not request.atol > 0:

@@ -152,6 +152,7 @@ def graph_description(config, spec: TaskSpec, *, max_length: int, dtype: str, wi
         # The reference draws fresh rotations on every call when a config has no seed; the graph fixed one.
         "hash_seed_defaulted": config.hash_seed is None,
         "num_buckets": config.num_buckets,
+        "vocab_size": config.vocab_size,
         "max_length": max_length,
         "padding_multiple": config.padding_multiple,
         "dtype": dtype,

@@ -189,3 +189,12 @@ def test_bad_options_fail_in_one_line(tmp_path, arguments, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()  # nothing written for a refused run
+
+
+def test_serving_benchmark_refuses_fewer_requests_than_clients_in_one_line():
+    """benchmarks.serving runs a real server (results/cpu-2026-11-30-serving.md); its options fail before that."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--clients", "4", "--requests", "2"],
+                            cwd=REPOSITORY_ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "serving.py: error: every --clients must be at least 1, and --requests at least the largest (see --help)"]
