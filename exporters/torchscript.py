@@ -18,7 +18,7 @@ from reformer.files import atomic_write
 
 from .errors import ExportError, first_line
 from .precision import model_as
-from .specs import TaskSpec, graph_description, resolve_max_length, wrapper_example_inputs
+from .specs import TaskSpec, embedded_description, resolve_max_length, wrapper_example_inputs
 
 METADATA_NAME = "reformer_export.json"
 # Node kinds a libtorch host runs without Python: ATen operators and TorchScript's own primitives, except
@@ -61,17 +61,9 @@ def export_torchscript(
     foreign = sorted(set(non_host_ops(traced)))
     if foreign:
         raise ExportError(f"the traced graph holds ops a C++ host cannot run without Python: {', '.join(foreign)}")
-    description = graph_description(config, spec, max_length=max_length, dtype=dtype,
-                                    with_buckets=wrapper.with_buckets)
-    description.update(
-        format="torchscript",
-        dynamic_axes=spec.dynamic_axes(config.attn_layers.count("lsh"), wrapper.with_buckets, replay),
-        device=device,
-        trace_shape=list(example[0].shape),
-        torch_version=torch.__version__,
-        config=config.to_dict(),
-    )
-    description.update(metadata or {})
+    description = embedded_description(config, spec, wrapper, "torchscript", max_length=max_length, dtype=dtype,
+                                       device=device)
+    description.update(trace_shape=list(example[0].shape), **(metadata or {}))
     extra_files = {METADATA_NAME: json.dumps(description, indent=2, sort_keys=True)}
     atomic_write(path, lambda temporary: torch.jit.save(traced, temporary, _extra_files=extra_files))
 
