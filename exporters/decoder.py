@@ -251,18 +251,20 @@ def export_aoti_package(decoder: IncrementalDecoder, folder: str, description: d
 
 
 def export_torchscript_module(decoder: IncrementalDecoder, folder: str, description: dict) -> None:
-    from .torchscript import non_host_ops
+    from .torchscript import legacy_jit, non_host_ops
 
     prompt = example_prompt(decoder.config, description["max_length"])
     _, cache = decoder.prefill(prompt)
     module = DecoderGraphs(decoder).eval()
-    traced = torch.jit.trace_module(
-        module, {"forward": (prompt,), "step": (prompt[:, -1:].clone(), *cache.tensors())}, check_trace=False)
+    with legacy_jit():
+        traced = torch.jit.trace_module(
+            module, {"forward": (prompt,), "step": (prompt[:, -1:].clone(), *cache.tensors())}, check_trace=False)
     foreign = sorted(set(non_host_ops(traced)) | set(non_host_ops(traced.step)))
     if foreign:
         raise ExportError(f"the traced decoder holds ops a C++ host cannot run without Python: {', '.join(foreign)}")
     extra_files = {CONFIG_NAME: json.dumps(description, indent=2, sort_keys=True)}
-    torch.jit.save(traced, os.path.join(folder, FILES["torchscript"]["module"]), _extra_files=extra_files)
+    with legacy_jit():
+        torch.jit.save(traced, os.path.join(folder, FILES["torchscript"]["module"]), _extra_files=extra_files)
 
 
 def load_graphs(folder: str, fmt: str):
@@ -280,7 +282,10 @@ def load_graphs(folder: str, fmt: str):
         return run
 
     if fmt == "torchscript":
-        module = torch.jit.load(os.path.join(folder, FILES["torchscript"]["module"]), map_location="cpu")
+        from .torchscript import legacy_jit
+
+        with legacy_jit():
+            module = torch.jit.load(os.path.join(folder, FILES["torchscript"]["module"]), map_location="cpu")
 
         def run(kind, input_ids, past):
             method = module.forward if kind == "prefill" else module.step
