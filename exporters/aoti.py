@@ -132,6 +132,17 @@ def check_package_path(path: str) -> None:
         raise ExportError(f"an AOTInductor package's name must end in {SUFFIX}, got {path}")
 
 
+def require_compiler() -> None:
+    """AOTInductor compiles C++: raise ExportError, before any slow step, when Inductor finds no C++ compiler."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as error:  # Inductor's own error type for a missing compiler is private
+        raise ExportError(f"an AOTInductor package is compiled C++, and no C++ compiler was found "
+                          f"({first_line(error)}): install g++, or name one in CXX") from None
+
+
 def cpu_march(native_isa: bool) -> str:
     """The CPU_TARGETS entry to build for: the portable one on x86-64, this machine's own with `native_isa`."""
     if native_isa:

@@ -193,6 +193,20 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(bad, tmp_path, monkey
     assert not (scratch / MARKER).exists(), "the pickle ran code"
 
 
+def test_aoti_without_a_compiler_fails_before_loading_the_model(tmp_path, monkeypatch):
+    def no_compiler():
+        raise RuntimeError("No working C++ compiler found in cpp_builder.py")
+
+    monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", no_compiler)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--format", "aoti"])
+    assert result.exit_code == 1 and "Loading model" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "Error: an AOTInductor package is compiled C++, and no C++ compiler was found (No working C++ compiler found "
+        "in cpp_builder.py): install g++, or name one in CXX"]
+    assert os.listdir(tmp_path) == []
+
+
 def test_cli_choices_match_the_library():
     from exporters import aoti, models, precision, specs
     from exporters.ops import CUSTOM_OPS_MODES
