@@ -74,7 +74,8 @@ from .torchscript import METADATA_NAME
 
 SUFFIX = ".pt2"
 MODEL_NAME = "model"  # the name AOTIModelPackageLoader and aoti_load_package load by default
-# cpu_march values: the compiler's -march and Inductor's vector width (cpp.simdlen, bits) per target.
+# cpu_march values and their Inductor options: the compiler's -march and Inductor's vector width (cpp.simdlen,
+# bits); native keeps Inductor's defaults (-march=native and this CPU's widest vector ISA).
 PORTABLE_MARCH = "x86-64-v3"
 NATIVE_MARCH = "native"
 CPU_TARGETS = {PORTABLE_MARCH: {"cpp.march": PORTABLE_MARCH, "cpp.simdlen": 256}, NATIVE_MARCH: {}}
