@@ -74,7 +74,8 @@ from .torchscript import METADATA_NAME
 
 SUFFIX = ".pt2"
 MODEL_NAME = "model"  # the name AOTIModelPackageLoader and aoti_load_package load by default
-# cpu_march values: the compiler's -march and Inductor's vector width (cpp.simdlen, bits) per target.
+# cpu_march values and their Inductor options: the compiler's -march and Inductor's vector width (cpp.simdlen,
+# bits); native keeps Inductor's defaults (-march=native and this CPU's widest vector ISA).
 PORTABLE_MARCH = "x86-64-v3"
 NATIVE_MARCH = "native"
 CPU_TARGETS = {PORTABLE_MARCH: {"cpp.march": PORTABLE_MARCH, "cpp.simdlen": 256}, NATIVE_MARCH: {}}
@@ -130,6 +131,17 @@ def check_package_path(path: str) -> None:
     """torch's packager writes archives named *.pt2 only; refuse other names before any slow step."""
     if not str(path).endswith(SUFFIX):
         raise ExportError(f"an AOTInductor package's name must end in {SUFFIX}, got {path}")
+
+
+def require_compiler() -> None:
+    """AOTInductor compiles C++: raise ExportError, before any slow step, when Inductor finds no C++ compiler."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as error:  # Inductor's own error type for a missing compiler is private
+        raise ExportError(f"an AOTInductor package is compiled C++, and no C++ compiler was found "
+                          f"({first_line(error)}): install g++, or name one in CXX") from None
 
 
 def cpu_march(native_isa: bool) -> str:

@@ -290,6 +290,11 @@ def check_options(request: ExportRequest) -> None:
                                  "drop --dtype and --device")
     check_device(request.device)
     require_runtime(request.format, request.verify)
+    if request.format == "aoti":
+        from .aoti import cpu_march, require_compiler
+
+        require_compiler()
+        cpu_march(request.native_isa)  # refused off x86-64 without --native-isa
     if request.dtype == "fp16" and request.device != "cuda":
         raise ExportRequestError("fp16 export is for the CUDA runtimes: use device cuda (fp32 on the CPU)")
     if request.atol is not None and not request.atol > 0:

@@ -239,8 +239,11 @@ def open_runtime(name: str, fmt: str, path: str, tf32: bool = False) -> tuple[Ru
         return None, "torch sees no CUDA device"
     if fmt == "aoti":
         return open_aoti(path, device, tf32)
+    from .torchscript import legacy_jit
+
     try:
-        module = torch.jit.load(path, map_location=device)
+        with legacy_jit():
+            module = torch.jit.load(path, map_location=device)
     except Exception as error:  # a file torch cannot load is a failed verification, not a crash
         raise ExportError(f"cannot load TorchScript file {path}: {first_line(error)}") from None
     return module_runner(module, device, tf32), ""
@@ -552,6 +555,7 @@ def node_kinds(path: str, fmt: str) -> collections.Counter:
         from .aoti import load_metadata
 
         return collections.Counter(load_metadata(path)["program_ops"])
-    from .torchscript import node_kinds as torchscript_node_kinds
+    from .torchscript import legacy_jit, node_kinds as torchscript_node_kinds
 
-    return collections.Counter(torchscript_node_kinds(torch.jit.load(path, map_location="cpu")))
+    with legacy_jit():
+        return collections.Counter(torchscript_node_kinds(torch.jit.load(path, map_location="cpu")))
