@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporters.decoder import CONFIG_NAME as DECODER_METADATA
 from exporters.aoti import export_aoti
+from exporters.decoder import CONFIG_NAME as DECODER_METADATA
+from exporters.decoder import export_causal_lm_with_past
 from exporters.specs import TASKS
 from exporters.torchscript import METADATA_NAME, export_torchscript
-from _aoti_standin import export_causal_lm_with_past  # until exporters/decoder.py writes decoder.pt2
 from reformer import ReformerConfig, ReformerModelWithLMHead, tokenizer
 from reformer.generation import generate
 from tiny_configs import CASES_BY_NAME
