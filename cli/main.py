@@ -15,7 +15,7 @@ import click
 # that they agree with exporters.specs, exporters.api, exporters.precision, exporters.ops, exporters.onnx and
 # exporters.models.
 TASKS = ("base", "causal-lm", "masked-lm", "sequence-classification", "question-answering", "causal-lm-with-past")
-FORMATS = ("onnx", "torchscript", "triton")
+FORMATS = ("onnx", "aoti", "torchscript", "triton")
 TRITON_BACKENDS = ("python", "onnxruntime", "pytorch")
 DTYPES = ("fp32", "fp16")
 DEVICES = ("cpu", "cuda")
@@ -37,12 +37,13 @@ DEFAULT_MODEL = "byte-lm"
                    "causal model (is_decoder) and base otherwise. causal-lm-with-past writes a directory with the "
                    "prefill and decoder-step graphs for generation with a cache (reformer.runtime.OnnxGenerator).")
 @click.option("--format", "format_", type=click.Choice(FORMATS), required=True,
-              help="onnx (ONNX Runtime), torchscript (a .pt for C++ hosts through libtorch) or triton (a Triton "
-                   "Inference Server model repository; serve it with reformer-serve).")
+              help="onnx (ONNX Runtime, for apps in any language), aoti (an AOTInductor .pt2 package for C++ and "
+                   "Python hosts through libtorch), torchscript (a .pt for libtorch hosts; legacy: torch deprecates "
+                   "TorchScript) or triton (a Triton Inference Server model repository; serve it with reformer-serve).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Where to write the graph (a new directory for causal-lm-with-past and for triton). Default: "
-                   "<model>-<task>.onnx or .pt (a <model>-causal-lm-with-past or <model>-triton directory) in the "
-                   "current directory.")
+                   "<model>-<task>.onnx, .pt2 or .pt (a <model>-causal-lm-with-past or <model>-triton directory) in "
+                   "the current directory.")
 @click.option("--triton-backend", type=click.Choice(TRITON_BACKENDS), default=None,
               help="Triton backend of the repository (--format triton only): python (the ONNX graph through "
                    "reformer.runtime; request checks, generation), onnxruntime or pytorch (TorchScript). "
@@ -70,12 +71,16 @@ DEFAULT_MODEL = "byte-lm"
               help="Run the exported graph on the runtimes present and compare it with eager PyTorch.")
 @click.option("--keep-failed", is_flag=True,
               help="Keep the output even when verification fails (it is removed otherwise; --verify only).")
+@click.option("--native-isa", is_flag=True,
+              help="Build the package for this machine's CPU instruction set (e.g. AVX-512) instead of the portable "
+                   "x86-64-v3 (AVX2), which runs on any x86-64 CPU with AVX2 (--format aoti only).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Also write the summary, every verification row and the versions of the libraries used as "
                    "JSON to this file.")
 def main(model, task, format_, output, opset, dtype, device, max_length, custom_ops, atol, with_buckets,
-         verify, keep_failed, report, triton_backend):
-    """Export a Reformer model to ONNX, TorchScript or a Triton model repository and verify it against eager PyTorch.
+         verify, keep_failed, native_isa, report, triton_backend):
+    """Export a Reformer model to ONNX, an AOTInductor package, TorchScript or a Triton model repository and
+    verify it against eager PyTorch.
 
     Example: reformer-export --format onnx   (exports the built-in byte-lm model)"""
     try:
@@ -83,7 +88,7 @@ def main(model, task, format_, output, opset, dtype, device, max_length, custom_
             result = export(model=model, task=task, format=format_, output=output, opset=opset, dtype=dtype,
                             device=device, max_length=max_length, custom_ops=custom_ops, atol=atol,
                             with_buckets=with_buckets, verify=verify, keep_failed=keep_failed, report=report,
-                            triton_backend=triton_backend)
+                            native_isa=native_isa, triton_backend=triton_backend)
     except KeyboardInterrupt as interrupt:
         signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
         error = click.ClickException(f"interrupted by {signal.Signals(signum).name}")

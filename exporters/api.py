@@ -23,7 +23,7 @@ from .precision import DEVICES, DTYPES, check_device
 from .runtimes import require_runtime
 from .specs import DEFAULT_OPSET, resolve_max_length
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "triton": ""}  # triton: a model repository (exporters/triton.py)
+FORMATS = {"onnx": ".onnx", "aoti": ".pt2", "torchscript": ".pt", "triton": ""}  # triton: a model repository (exporters/triton.py)
 # Not an exporters.specs task: a directory of two graphs for generation with a cache (exporters/decoder.py).
 GENERATION_TASK = "causal-lm-with-past"
 # In the staging folder: the verification twin (exporters.specs.ExportWrapper), which is never shipped.
@@ -41,10 +41,10 @@ class ExportRequestError(ExportError):
 class ExportRequest:
     """What to export and how. Field meanings follow the CLI options of the same names."""
 
-    format: str  # "onnx" or "torchscript"
+    format: str  # "onnx", "aoti" or "torchscript"
     model: str | None = None  # checkpoint directory or built-in model name (None: exporters.models.DEFAULT_MODEL)
     task: str | None = None  # None: the checkpoint's own task (exporters.models.default_task)
-    output: str | None = None  # None: <model name>-<task>.onnx / .pt in the current directory
+    output: str | None = None  # None: <model name>-<task>.onnx / .pt2 / .pt in the current directory
     opset: int | None = None  # ONNX only (None: DEFAULT_OPSET)
     dtype: str = "fp32"
     device: str = "cpu"
@@ -56,6 +56,7 @@ class ExportRequest:
     keep_failed: bool = False  # with verify only
     report: str | None = None  # path of a JSON report (None: no report)
     triton_backend: str | None = None  # format triton only (None: exporters.triton.DEFAULT_TRITON_BACKEND)
+    native_isa: bool = False  # aoti only: build for this machine's CPU instruction set, not the portable one
 
 
 @dataclass
@@ -67,7 +68,7 @@ class ExportResult:
     size_bytes: int
     settings: dict  # what the export applied (applied_settings)
     notes: list[str] = field(default_factory=list)  # what the user should know about the graph (export_notes)
-    seconds: dict[str, float] = field(default_factory=dict)  # load, export, verify
+    seconds: dict[str, float] = field(default_factory=dict)  # load, export (aoti: and compile), verify
     verification: object | None = None  # exporters.verify.VerificationReport, None without verification
 
     @property
@@ -97,6 +98,8 @@ class ExportResult:
         options += f", max length {settings['max_length']}"
         if "opset" in settings:
             options += f", opset {settings['opset']}, custom ops {settings['custom_ops']}"
+        if settings["format"] == "aoti":
+            options += f", CPU target {settings['cpu_march']}"
         if settings.get("with_buckets"):
             options += ", with bucket outputs"
         if self.verification is None:
@@ -141,8 +144,8 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
         staged = os.path.join(staging, os.path.basename(output))
         timer = time.perf_counter()
         progress(f"Exporting {resolved.describe()}, task {resolved.spec.name}, to {request.format}")
-        export(settings, resolved, staged)
-        seconds["export"] = time.perf_counter() - timer
+        steps = export(settings, resolved, staged)
+        seconds.update(steps or {"export": time.perf_counter() - timer})
         size_bytes = sum(os.path.getsize(os.path.join(staging, name)) for name in os.listdir(staging))
         verification = None
         if request.verify:
@@ -187,10 +190,12 @@ def run_generation_export(request: ExportRequest, progress: Callable[[str], None
     timer = time.perf_counter()
     progress(f"Exporting {resolved.describe()}, task {GENERATION_TASK}, to {request.format} graphs in {output}"
              + (" and verifying them" if request.verify else ""))
-    onnx_settings = {name: settings[name] for name in ("opset", "custom_ops") if name in settings}
+    format_settings = {name: settings[name] for name in ("opset", "custom_ops") if name in settings}
+    if request.format == "aoti":
+        format_settings["native_isa"] = request.native_isa
     try:
         _, verification = export_causal_lm_with_past(
-            resolved.model, output, request.format, **onnx_settings, max_length=settings["max_length"],
+            resolved.model, output, request.format, **format_settings, max_length=settings["max_length"],
             verify=request.verify, atol=request.atol, keep_failed=request.keep_failed, metadata=resolved.metadata())
     except VerificationError as error:
         verification = error.report
@@ -206,13 +211,18 @@ def run_generation_export(request: ExportRequest, progress: Callable[[str], None
 
 
 def applied_settings(request: ExportRequest, config) -> dict:
-    """What the export applies, with the defaults resolved: format, dtype, device, max_length, and for ONNX
-    opset and custom_ops. The exporters get these values, and the summary and the report show them."""
+    """What the export applies, with the defaults resolved: format, dtype, device, max_length, for ONNX opset
+    and custom_ops, for aoti cpu_march (exporters.aoti.CPU_TARGETS). The exporters get these values, and the
+    summary and the report show them."""
     settings = {"format": request.format, "dtype": request.dtype, "device": request.device,
                 "max_length": resolve_max_length(config, request.max_length)}
     if request.format == "onnx":
         settings["opset"] = DEFAULT_OPSET if request.opset is None else request.opset
         settings["custom_ops"] = request.custom_ops or DEFAULT_CUSTOM_OPS
+    if request.format == "aoti":
+        from .aoti import cpu_march
+
+        settings["cpu_march"] = cpu_march(request.native_isa)
     if request.with_buckets:  # refused for causal-lm-with-past (check_options)
         settings["with_buckets"] = True
     return settings
@@ -271,6 +281,15 @@ def check_options(request: ExportRequest) -> None:
         if request.opset not in SUPPORTED_OPSETS:
             raise ExportRequestError(f"opset {request.opset} is not supported: choose {SUPPORTED_OPSETS[0]} to "
                                      f"{SUPPORTED_OPSETS[-1]}")
+    if request.format != "aoti" and request.native_isa:
+        raise ExportRequestError(f"--native-isa applies to aoti only: drop it for --format {request.format}")
+    if request.format == "aoti" and request.output and request.task != GENERATION_TASK:
+        from .aoti import check_package_path
+
+        try:
+            check_package_path(request.output)
+        except ExportError as error:
+            raise ExportRequestError(str(error)) from None
     if not request.verify:
         for option, given in (("--atol", request.atol is not None), ("--keep-failed", request.keep_failed)):
             if given:
@@ -283,6 +302,11 @@ def check_options(request: ExportRequest) -> None:
                                  "drop --dtype and --device")
     check_device(request.device)
     require_runtime(graph_format, request.verify)
+    if graph_format == "aoti":
+        from .aoti import cpu_march, require_compiler
+
+        require_compiler()
+        cpu_march(request.native_isa)  # refused off x86-64 without --native-isa
     if request.dtype == "fp16" and request.device != "cuda":
         raise ExportRequestError("fp16 export is for the CUDA runtimes: use device cuda (fp32 on the CPU)")
     if request.atol is not None and not request.atol > 0:
@@ -293,9 +317,10 @@ def check_options(request: ExportRequest) -> None:
             raise ExportRequestError(f"cannot write the {what} {path}: {folder} is not a directory")
 
 
-def export(settings: dict, resolved, path: str, replay: bool = False) -> None:
+def export(settings: dict, resolved, path: str, replay: bool = False) -> dict[str, float]:
     """The graph `settings` describe (applied_settings), or (`replay`) its verification twin, through the
-    same exporter."""
+    same exporter. Returns the seconds of each step where the exporter has several (aoti: export, compile),
+    else {}."""
     metadata = resolved.metadata()
     if settings["format"] == "onnx":
         from .onnx import export_onnx
@@ -303,12 +328,19 @@ def export(settings: dict, resolved, path: str, replay: bool = False) -> None:
         export_onnx(resolved.model, resolved.spec, path, opset=settings["opset"], custom_ops=settings["custom_ops"],
                     dtype=settings["dtype"], device=settings["device"], max_length=settings["max_length"],
                     with_buckets=settings.get("with_buckets", False), replay=replay, metadata=metadata)
+    elif settings["format"] == "aoti":
+        from .aoti import NATIVE_MARCH, export_aoti
+
+        return export_aoti(resolved.model, resolved.spec, path, dtype=settings["dtype"], device=settings["device"],
+                           max_length=settings["max_length"], with_buckets=settings.get("with_buckets", False),
+                           replay=replay, metadata=metadata, native_isa=settings["cpu_march"] == NATIVE_MARCH)
     else:
         from .torchscript import export_torchscript
 
         export_torchscript(resolved.model, resolved.spec, path, dtype=settings["dtype"], device=settings["device"],
                            max_length=settings["max_length"], with_buckets=settings.get("with_buckets", False),
                            replay=replay, metadata=metadata)
+    return {}
 
 
 @contextmanager

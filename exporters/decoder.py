@@ -11,7 +11,10 @@ Directory layout written by `export_causal_lm_with_past(model, output_dir, fmt)`
                            model config
     onnx:        prefill.onnx, decoder_step.onnx   (the requested opset, the op registry's lowerings; ONNX
                                                    Runtime CPU and CUDA)
-    torchscript: decoder.pt                        (torch.jit.trace, ATen ops only: libtorch runs it in C++)
+    aoti:        decoder.pt2                       (one AOTInductor package, models "prefill" and "step":
+                                                   exporters/aoti.py; libtorch runs it in C++ and Python)
+    torchscript: decoder.pt                        (torch.jit.trace, ATen ops only: libtorch runs it in C++;
+                                                   legacy, torch deprecates TorchScript)
 
 The cache, for a model with layers 0..Y-1 of which the LSH layers are i, j, ... (names as in decoder_config.json,
 `past_` on step inputs, `present_` on outputs; Lp is the number of cached positions):
@@ -31,6 +34,11 @@ Prompts of different lengths (reformer.sampling): prefill each group of equal le
 cache tensor with an Lp axis `longest - P` positions of its `padding_value` in front (cache_tensors in
 decoder_config.json), set `left_padding` to that number, and concatenate the groups' rows; steps then run the
 whole batch, each row exactly as alone.
+
+AOTInductor (`decoder.pt2`): `torch::inductor::AOTIModelPackageLoader(path, "prefill")` and `(path, "step")`
+(Python: exporters.aoti.load_package(path, "step")); `run({input_ids})` and `run({input_ids, cache...})` return
+{logits, cache...}. Both models carry the decoder_config.json content under the metadata key `decoder_config.json`
+(`get_metadata()`), and decoder_config.json records the CPU target as `cpu_march` (see exporters/aoti.py).
 
 TorchScript (`decoder.pt`, for C++ hosts via torch::jit::load): `forward(input_ids)` is the prefill and returns
 a tuple (logits, cache...); `step(input_ids, cache...)` returns a tuple (logits, cache...); call it as
@@ -60,7 +68,9 @@ from .program import batch_dim, export_dynamic
 from .specs import DEFAULT_OPSET, example_length, resolve_max_length
 
 CONFIG_NAME = DECODER_CONFIG_NAME  # the runtime reads it; one name for both sides
-FILES = {"onnx": {"prefill": "prefill.onnx", "step": "decoder_step.onnx"}, "torchscript": {"module": "decoder.pt"}}
+FILES = {"onnx": {"prefill": "prefill.onnx", "step": "decoder_step.onnx"}, "aoti": {"package": "decoder.pt2"},
+         "torchscript": {"module": "decoder.pt"}}
+GRAPHS = ("prefill", "step")  # also the model names in the AOTInductor package
 
 
 def prefill_outputs(decoder: IncrementalDecoder, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -133,14 +143,16 @@ def example_prompt(config, max_length: int, batch: int = 2) -> torch.Tensor:
 
 def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, opset: int = DEFAULT_OPSET,
                                custom_ops: str = "auto", max_length: int | None = None, verify: bool = True,
-                               atol: float | None = None, keep_failed: bool = False, metadata: dict | None = None):
+                               atol: float | None = None, keep_failed: bool = False, metadata: dict | None = None,
+                               native_isa: bool = False):
     """Write the prefill and decoder-step graphs of a causal `ReformerModelWithLMHead` (fp32, CPU) and
     decoder_config.json into output_dir, which must not exist yet. max_length: the longest sequence, prompt
     plus generated tokens, the graphs must serve (2 to max_position_embeddings, the default); runtimes refuse
     longer ones. Everything is written into a staging folder beside output_dir and renamed into place at the
     end, after verification (exporters.verify.verify_decoder), so a failure leaves nothing (a failed
     verification leaves the graphs with `keep_failed`). ONNX graphs go through the op registry like the task
-    graphs (`opset`, `custom_ops`). Returns (the description written to decoder_config.json plus `metadata`,
+    graphs (`opset`, `custom_ops`); an AOTInductor package targets the portable CPU instruction set unless
+    `native_isa` (exporters.aoti.cpu_march). Returns (the description written to decoder_config.json plus `metadata`,
     the VerificationReport or None). Raises ExportError (VerificationError, carrying the report, when
     verification failed and the graphs were not kept)."""
     if fmt not in FILES:
@@ -168,6 +180,8 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, ops
             if fmt == "onnx":
                 description["opset"] = opset
                 description["lowerings"] = export_onnx_graphs(decoder, folder, description, opset, custom_ops)
+            elif fmt == "aoti":
+                export_aoti_package(decoder, folder, description, native_isa)
             else:
                 export_torchscript_module(decoder, folder, description)
         write_json(description, os.path.join(folder, CONFIG_NAME))
@@ -187,26 +201,13 @@ def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: di
     """Both graphs through exporters.onnx.to_onnx_model (the registry's lowerings); the lowering per op."""
     from .onnx import save_atomically, to_onnx_model
 
-    config, max_length = decoder.config, description["max_length"]
-    prompt = example_prompt(config, max_length)
-    _, cache = decoder.prefill(prompt)
-    batch = batch_dim()
-    prompt_length = Dim("prompt_length", min=1, max=max_length)
-    past_length = Dim(PAST_LENGTH, min=1, max=max_length - 1)
-    past_axes = [{axis: batch if size == "batch_size" else past_length
-                  for axis, size in enumerate(tensor["shape"]) if size in ("batch_size", PAST_LENGTH)}
-                 for tensor in map(description["cache_tensors"].get, description["cache"])]
-    graphs = (
-        ("prefill", DecoderGraphs(decoder), (prompt,), ({0: batch, 1: prompt_length},)),
-        ("step", StepGraph(decoder), (prompt[:, -1:].clone(), *cache.tensors()), ({0: batch}, tuple(past_axes))),
-    )
     try:
         ops.check_mode(custom_ops)
     except ValueError as error:
         raise ExportError(str(error)) from None
-    context = ops.LoweringContext.from_config(config, max_length)
+    context = ops.LoweringContext.from_config(decoder.config, description["max_length"])
     lowerings = {}
-    for name, module, inputs, axes in graphs:
+    for name, module, inputs, axes in dynamic_graphs(decoder, description):
         try:
             model, lowerings = to_onnx_model(lambda: export_dynamic(module, inputs, axes), custom_ops, context, opset,
                                              description[name]["outputs"], description[name]["inputs"])
@@ -216,25 +217,75 @@ def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: di
     return lowerings
 
 
+def dynamic_graphs(decoder: IncrementalDecoder, description: dict) -> list[tuple]:
+    """(name, module, example inputs, dynamic shapes) of the prefill and step graphs, for torch.export."""
+    config, max_length = decoder.config, description["max_length"]
+    prompt = example_prompt(config, max_length)
+    _, cache = decoder.prefill(prompt)
+    batch = batch_dim()
+    prompt_length = Dim("prompt_length", min=1, max=max_length)
+    past_length = Dim(PAST_LENGTH, min=1, max=max_length - 1)
+    past_axes = [{axis: batch if size == "batch_size" else past_length
+                  for axis, size in enumerate(tensor["shape"]) if size in ("batch_size", PAST_LENGTH)}
+                 for tensor in map(description["cache_tensors"].get, description["cache"])]
+    return [
+        ("prefill", DecoderGraphs(decoder), (prompt,), ({0: batch, 1: prompt_length},)),
+        ("step", StepGraph(decoder), (prompt[:, -1:].clone(), *cache.tensors()), ({0: batch}, tuple(past_axes))),
+    ]
+
+
+def export_aoti_package(decoder: IncrementalDecoder, folder: str, description: dict, native_isa: bool) -> None:
+    """Both graphs as the models "prefill" and "step" of one AOTInductor package, each with decoder_config.json's
+    content (the description, which gains cpu_march here) as metadata."""
+    from .aoti import compile_package, cpu_march
+
+    march = description["cpu_march"] = cpu_march(native_isa)
+    programs = {}
+    for name, module, inputs, axes in dynamic_graphs(decoder, description):
+        try:
+            programs[name] = export_dynamic(module, inputs, axes)
+        except Exception as error:  # torch.export raises many kinds; the caller needs one, with the reason
+            raise ExportError(f"torch.export of the {name} graph failed: {first_line(error)}") from error
+    compile_package(os.path.join(folder, FILES["aoti"]["package"]), programs,
+                    {CONFIG_NAME: json.dumps(description, indent=2, sort_keys=True)}, march)
+
+
 def export_torchscript_module(decoder: IncrementalDecoder, folder: str, description: dict) -> None:
-    from .torchscript import non_host_ops
+    from .torchscript import legacy_jit, non_host_ops
 
     prompt = example_prompt(decoder.config, description["max_length"])
     _, cache = decoder.prefill(prompt)
     module = DecoderGraphs(decoder).eval()
-    traced = torch.jit.trace_module(
-        module, {"forward": (prompt,), "step": (prompt[:, -1:].clone(), *cache.tensors())}, check_trace=False)
+    with legacy_jit():
+        traced = torch.jit.trace_module(
+            module, {"forward": (prompt,), "step": (prompt[:, -1:].clone(), *cache.tensors())}, check_trace=False)
     foreign = sorted(set(non_host_ops(traced)) | set(non_host_ops(traced.step)))
     if foreign:
         raise ExportError(f"the traced decoder holds ops a C++ host cannot run without Python: {', '.join(foreign)}")
     extra_files = {CONFIG_NAME: json.dumps(description, indent=2, sort_keys=True)}
-    torch.jit.save(traced, os.path.join(folder, FILES["torchscript"]["module"]), _extra_files=extra_files)
+    with legacy_jit():
+        torch.jit.save(traced, os.path.join(folder, FILES["torchscript"]["module"]), _extra_files=extra_files)
 
 
 def load_graphs(folder: str, fmt: str):
     """run(kind, input_ids, past) -> (logits, present) over the graphs in folder, torch tensors in and out (CPU)."""
+    if fmt == "aoti":
+        from .aoti import load_package
+
+        path = os.path.join(folder, FILES["aoti"]["package"])
+        models = {kind: load_package(path, kind) for kind in GRAPHS}
+
+        def run(kind, input_ids, past):
+            with torch.no_grad():
+                outputs = models[kind](input_ids, *past)
+            return outputs[0], list(outputs[1:])
+        return run
+
     if fmt == "torchscript":
-        module = torch.jit.load(os.path.join(folder, FILES["torchscript"]["module"]), map_location="cpu")
+        from .torchscript import legacy_jit
+
+        with legacy_jit():
+            module = torch.jit.load(os.path.join(folder, FILES["torchscript"]["module"]), map_location="cpu")
 
         def run(kind, input_ids, past):
             method = module.forward if kind == "prefill" else module.step

@@ -1,4 +1,4 @@
-"""torch.export with dynamic axes, the front half of every ONNX export."""
+"""torch.export with dynamic axes, the front half of every ONNX export and AOTInductor package."""
 
 from __future__ import annotations
 
@@ -24,12 +24,17 @@ def dynamic_shapes(max_length: int, forced_buckets: int | None = None) -> dict[s
     return shapes
 
 
-def export_dynamic(module: torch.nn.Module, example_inputs: tuple, shapes) -> torch.export.ExportedProgram:
-    """torch.export.export valid for every size the dynamic dims allow.
+def size_oblivious():
+    """Size-oblivious reasoning about dynamic sizes: no specialising on the example's sizes (a view of a tensor
+    with one chunk is contiguous, with more it is not; both give the same values), and sizes 0 and 1 stay in
+    range. torch.export needs it, and so does AOTInductor, which reasons about the sizes again: without it a
+    package assumes batch >= 2 and the sequence longer than the shortest its guards allowed."""
+    return fx_config.patch(backed_size_oblivious=True)
 
-    Size-oblivious reasoning keeps torch.export from specialising on the example's sizes (a view of a tensor
-    with one chunk is contiguous, with more it is not; both give the same values)."""
-    with fx_config.patch(backed_size_oblivious=True):
+
+def export_dynamic(module: torch.nn.Module, example_inputs: tuple, shapes) -> torch.export.ExportedProgram:
+    """torch.export.export valid for every size the dynamic dims allow (see size_oblivious)."""
+    with size_oblivious():
         return torch.export.export(module, example_inputs, dynamic_shapes=shapes)
 
 

@@ -1,6 +1,7 @@
 """The runtime an export's verification needs, checked before any slow step: ONNX graphs are verified with
-ONNX Runtime (either build, `onnxruntime` or `onnxruntime-gpu`, an optional dependency), TorchScript files
-with torch itself."""
+ONNX Runtime (either build, `onnxruntime` or `onnxruntime-gpu`, an optional dependency), AOTInductor packages
+and TorchScript files with torch itself (an AOTInductor export also needs a C++ compiler:
+exporters.aoti.require_compiler)."""
 
 from __future__ import annotations
 

@@ -158,3 +158,19 @@ def graph_description(config, spec: TaskSpec, *, max_length: int, dtype: str, wi
         "dtype": dtype,
         "with_buckets": with_buckets,
     }
+
+
+def embedded_description(config, spec: TaskSpec, wrapper: ExportWrapper, fmt: str, *, max_length: int, dtype: str,
+                         device: str) -> dict:
+    """The JSON description a file for libtorch hosts embeds (a TorchScript file, an AOTInductor package):
+    graph_description plus the format, the dynamic axes of every input and output, the device, torch's version
+    and the whole config. Each exporter adds the shape it exported at."""
+    description = graph_description(config, spec, max_length=max_length, dtype=dtype, with_buckets=wrapper.with_buckets)
+    description.update(
+        format=fmt,
+        dynamic_axes=spec.dynamic_axes(config.attn_layers.count("lsh"), wrapper.with_buckets, wrapper.replay),
+        device=device,
+        torch_version=torch.__version__,
+        config=config.to_dict(),
+    )
+    return description

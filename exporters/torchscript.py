@@ -1,6 +1,9 @@
 """TorchScript export for C++ hosts: one `torch.jit.trace` of the task's export wrapper that serves every batch
 size and every length up to the model's maximum.
 
+Legacy: torch deprecates TorchScript in favour of torch.export; its successor for libtorch hosts is the
+AOTInductor package (exporters/aoti.py, `--format aoti`). This format stays for hosts built on torch::jit::load.
+
 The model has no Python branching on shapes or values in inference `forward` (reformer/ keeps chunk shapes
 static and makes every data-dependent choice a tensor operation), so a trace at one representative shape
 records the general path: padding to the chunk multiple, several chunks, and the "fits one chunk" switch as a
@@ -8,6 +11,7 @@ tensor. The graph holds only ATen ops, which libtorch runs without Python."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 
@@ -18,13 +22,25 @@ from reformer.files import atomic_write
 
 from .errors import ExportError, first_line
 from .precision import model_as
-from .specs import TaskSpec, graph_description, resolve_max_length, wrapper_example_inputs
+from .specs import TaskSpec, embedded_description, resolve_max_length, wrapper_example_inputs
 
 METADATA_NAME = "reformer_export.json"
 # Node kinds a libtorch host runs without Python: ATen operators and TorchScript's own primitives, except
 # the primitive that calls back into Python (what an autograd Function or a Python op becomes).
 HOST_OP_NAMESPACES = ("aten::", "prim::")
 PYTHON_OP = "prim::PythonOp"
+# torch 2.13 warns on every torch.jit trace, save and load ("`torch.jit.trace` is deprecated. Please switch to
+# `torch.compile` or `torch.export`."). The project ships TorchScript on purpose, as the legacy format, so that
+# warning tells a user of reformer-export nothing: legacy_jit silences exactly it around our own calls.
+JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
+
+
+@contextlib.contextmanager
+def legacy_jit():
+    """torch.jit calls without torch's TorchScript deprecation warning (JIT_DEPRECATION); other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=DeprecationWarning)
+        yield
 
 
 def export_torchscript(
@@ -50,7 +66,7 @@ def export_torchscript(
     max_length = resolve_max_length(config, max_length)
     wrapper = spec.wrap(model_as(model, dtype, device), with_buckets, replay).eval()
     example = wrapper_example_inputs(wrapper, config, max_length, device)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), legacy_jit(), warnings.catch_warnings():
         # The tracer warns about the model's input checks (shape comparisons that become constants); the
         # values flow through tensors, which the tests check at shapes other than the traced one.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -61,25 +77,19 @@ def export_torchscript(
     foreign = sorted(set(non_host_ops(traced)))
     if foreign:
         raise ExportError(f"the traced graph holds ops a C++ host cannot run without Python: {', '.join(foreign)}")
-    description = graph_description(config, spec, max_length=max_length, dtype=dtype,
-                                    with_buckets=wrapper.with_buckets)
-    description.update(
-        format="torchscript",
-        dynamic_axes=spec.dynamic_axes(config.attn_layers.count("lsh"), wrapper.with_buckets, replay),
-        device=device,
-        trace_shape=list(example[0].shape),
-        torch_version=torch.__version__,
-        config=config.to_dict(),
-    )
-    description.update(metadata or {})
+    description = embedded_description(config, spec, wrapper, "torchscript", max_length=max_length, dtype=dtype,
+                                       device=device)
+    description.update(trace_shape=list(example[0].shape), **(metadata or {}))
     extra_files = {METADATA_NAME: json.dumps(description, indent=2, sort_keys=True)}
-    atomic_write(path, lambda temporary: torch.jit.save(traced, temporary, _extra_files=extra_files))
+    with legacy_jit():
+        atomic_write(path, lambda temporary: torch.jit.save(traced, temporary, _extra_files=extra_files))
 
 
 def load_metadata(path: str) -> dict:
     """The JSON description export_torchscript embedded in the file at path."""
     extra_files = {METADATA_NAME: ""}
-    torch.jit.load(path, map_location="cpu", _extra_files=extra_files)
+    with legacy_jit():
+        torch.jit.load(path, map_location="cpu", _extra_files=extra_files)
     return json.loads(extra_files[METADATA_NAME])
 
 

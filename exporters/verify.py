@@ -42,8 +42,9 @@ from .near_ties import PRECISIONS, Disagreement, certify, lsh_layers, recorded_h
 from .precision import check_device, model_as
 from .specs import TaskSpec, example_length
 
-FORMATS = ("onnx", "torchscript")
-RUNTIMES = {"onnx": ("onnxruntime-cpu", "onnxruntime-cuda"), "torchscript": ("torchscript-cpu", "torchscript-cuda")}
+FORMATS = ("onnx", "aoti", "torchscript")
+RUNTIMES = {"onnx": ("onnxruntime-cpu", "onnxruntime-cuda"), "aoti": ("aoti-cpu", "aoti-cuda"),
+            "torchscript": ("torchscript-cpu", "torchscript-cuda")}
 
 
 @dataclass
@@ -236,10 +237,34 @@ def open_runtime(name: str, fmt: str, path: str, tf32: bool = False) -> tuple[Ru
         return open_onnxruntime(path, device, tf32)
     if device == "cuda" and not torch.cuda.is_available():
         return None, "torch sees no CUDA device"
+    if fmt == "aoti":
+        return open_aoti(path, device, tf32)
+    from .torchscript import legacy_jit
+
     try:
-        module = torch.jit.load(path, map_location=device)
+        with legacy_jit():
+            module = torch.jit.load(path, map_location=device)
     except Exception as error:  # a file torch cannot load is a failed verification, not a crash
         raise ExportError(f"cannot load TorchScript file {path}: {first_line(error)}") from None
+    return module_runner(module, device, tf32), ""
+
+
+def open_aoti(path: str, device: str, tf32: bool = False) -> tuple[Runner | None, str]:
+    """An AOTInductor package runs on the device it was compiled for only (exporters/aoti.py)."""
+    from .aoti import load_package, package_metadata
+
+    compiled_for = package_metadata(path)["AOTI_DEVICE_KEY"]
+    if compiled_for != device:
+        return None, f"the package is compiled for {compiled_for}"
+    try:
+        package = load_package(path)
+    except Exception as error:  # a package torch cannot load is a failed verification, not a crash
+        raise ExportError(f"cannot load AOTInductor package {path}: {first_line(error)}") from None
+    return module_runner(package, device, tf32), ""
+
+
+def module_runner(module, device: str, tf32: bool) -> Runner:
+    """A Runner over a loaded TorchScript module or AOTInductor package (same calling convention)."""
 
     def run(inputs):
         inputs = [tensor.to(device) for tensor in inputs]
@@ -249,7 +274,7 @@ def open_runtime(name: str, fmt: str, path: str, tf32: bool = False) -> tuple[Ru
         outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
         return [tensor.cpu() for tensor in outputs]
 
-    return Runner(run, device), ""
+    return Runner(run, device)
 
 
 def open_onnxruntime(path: str, device: str, tf32: bool = False) -> tuple[Runner | None, str]:
@@ -282,8 +307,8 @@ def open_onnxruntime(path: str, device: str, tf32: bool = False) -> tuple[Runner
 
 @contextlib.contextmanager
 def tf32_matmuls(enabled: bool):
-    """Eager and TorchScript CUDA matmuls in TF32 (enabled) or strict fp32, to compare like with like;
-    restores the previous setting."""
+    """Eager's, TorchScript's and AOTInductor packages' (ATen) CUDA matmuls in TF32 (enabled) or strict fp32, to
+    compare like with like; restores the previous setting."""
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
@@ -462,7 +487,7 @@ def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol:
     with open(os.path.join(folder, DECODER_CONFIG_NAME), encoding="utf-8") as handle:
         max_length = json.load(handle)["max_length"]  # the longest sequence the graphs serve
     traced_length = example_length(config.padding_multiple, max_length - 1)  # exporters.decoder.example_prompt's
-    runtime = "onnxruntime" if fmt == "onnx" else "torchscript"
+    runtime = "onnxruntime" if fmt == "onnx" else fmt
     report = VerificationReport(fmt, folder)
     for batch, length in [(3, 1), (1, min(traced_length + 2, max_length - 1))]:
         row = VerificationRow(runtime, "cpu", (batch, length), "fp32", replayed=True)
@@ -526,6 +551,11 @@ def node_kinds(path: str, fmt: str) -> collections.Counter:
 
         model = onnx.load(path, load_external_data=False)
         return collections.Counter(node.op_type for node in model.graph.node)
-    from .torchscript import node_kinds as torchscript_node_kinds
+    if fmt == "aoti":  # the compiled package holds no graph; its description counts the exported program's ops
+        from .aoti import load_metadata
 
-    return collections.Counter(torchscript_node_kinds(torch.jit.load(path, map_location="cpu")))
+        return collections.Counter(load_metadata(path)["program_ops"])
+    from .torchscript import legacy_jit, node_kinds as torchscript_node_kinds
+
+    with legacy_jit():
+        return collections.Counter(torchscript_node_kinds(torch.jit.load(path, map_location="cpu")))

@@ -156,6 +156,15 @@ BAD_INPUTS = [
     BadInput("generation_opset_for_torchscript", lambda root: ["--task", "causal-lm-with-past", "--opset", "20"],
              "--opset applies to ONNX only", format="torchscript"),
     BadInput("torchscript_missing_model", missing_dir, "no model directory", format="torchscript"),
+    BadInput("opset_for_aoti", lambda root: ["--opset", "18"], "--opset applies to ONNX only", format="aoti"),
+    BadInput("custom_ops_for_aoti", lambda root: ["--custom-ops", "ort"], "--custom-ops applies to ONNX only",
+             format="aoti"),
+    BadInput("native_isa_for_onnx", lambda root: ["--native-isa"], "--native-isa applies to aoti only"),
+    BadInput("native_isa_for_torchscript", lambda root: ["--native-isa"], "--native-isa applies to aoti only",
+             format="torchscript"),
+    BadInput("aoti_output_not_pt2", lambda root: ["--output", os.path.join(root, "model.pt")], "must end in .pt2",
+             format="aoti"),
+    BadInput("aoti_missing_model", missing_dir, "no model directory", format="aoti"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append(BadInput("cuda_without_gpu", lambda root: ["--device", "cuda"], "sees no CUDA device"))
@@ -184,8 +193,22 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(bad, tmp_path, monkey
     assert not (scratch / MARKER).exists(), "the pickle ran code"
 
 
+def test_aoti_without_a_compiler_fails_before_loading_the_model(tmp_path, monkeypatch):
+    def no_compiler():
+        raise RuntimeError("No working C++ compiler found in cpp_builder.py")
+
+    monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", no_compiler)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--format", "aoti"])
+    assert result.exit_code == 1 and "Loading model" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "Error: an AOTInductor package is compiled C++, and no C++ compiler was found (No working C++ compiler found "
+        "in cpp_builder.py): install g++, or name one in CXX"]
+    assert os.listdir(tmp_path) == []
+
+
 def test_cli_choices_match_the_library():
-    from exporters import models, precision, specs
+    from exporters import aoti, models, precision, specs
     from exporters.ops import CUSTOM_OPS_MODES
     from exporters.onnx import SUPPORTED_OPSETS
 
@@ -199,6 +222,8 @@ def test_cli_choices_match_the_library():
     assert cli_main.DEFAULT_OPSET == specs.DEFAULT_OPSET
     assert sorted(cli_main.BUILT_IN_MODELS) == models.built_in_models()
     assert cli_main.DEFAULT_MODEL == models.DEFAULT_MODEL
+    native_isa = next(parameter for parameter in cli_main.main.params if parameter.name == "native_isa")
+    assert aoti.PORTABLE_MARCH in native_isa.help
 
 
 def test_help_names_the_built_in_models_defaults_and_opset_range():
@@ -278,6 +303,32 @@ def test_exported_torchscript_matches_eager_of_the_named_model(tmp_path, monkeyp
         expected = resolved.model(input_ids=input_ids, attention_mask=attention_mask).logits
         actual = torch.jit.load(str(tmp_path / "lm.pt"))(input_ids, attention_mask)[0]
     assert (expected - actual).abs().max().item() <= 1e-5
+
+
+def test_aoti_package_exports_verifies_and_reports_its_compile_time(tmp_path, monkeypatch):
+    """--format aoti end to end on a tiny checkpoint with local attention only (one compile: no LSH layer, so no
+    verification twin; tests/exporters/test_aoti.py covers the twin)."""
+    from exporters.aoti import load_metadata, package_metadata
+
+    directory = save_checkpoint(str(tmp_path / "tiny-local"), attn_layers=["local", "local"])
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--model", directory, "--format", "aoti", "--max-length", "16", "--report", "report.json"])
+    assert result.exit_code == 0, result.output
+    output = "tiny-local-causal-lm.pt2"
+    assert sorted(os.listdir(tmp_path)) == sorted(["tiny-local", output, "report.json"])
+    report = load_report(tmp_path / "report.json")
+    assert report["passed"] and report["output"] == output
+    assert report["settings"] == {"format": "aoti", "dtype": "fp32", "device": "cpu", "max_length": 16,
+                                  "cpu_march": "x86-64-v3"}
+    assert set(report["seconds"]) == {"load", "export", "compile", "verify"}
+    assert report["seconds"]["compile"] > report["seconds"]["export"]
+    shapes = [tuple(row["shape"]) for row in report["verification"]["rows"]]
+    assert (1, 1) in shapes and (2, 16) in shapes and {row["runtime"] for row in report["verification"]["rows"]} == {
+        "aoti"}
+    assert "export        aoti, fp32, cpu, max length 16, CPU target x86-64-v3\n" in result.stdout
+    assert re.search(r"time +load [0-9.]+ s, export [0-9.]+ s, compile [0-9.]+ s, verify", result.stdout)
+    assert load_metadata(tmp_path / output)["model_name"] == "tiny-local"
+    assert "AVX512" not in package_metadata(tmp_path / output)["AOTI_CPU_ISA"]
 
 
 def test_checkpoint_directory_exports_under_its_own_name(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from exporters.decoder import CONFIG_NAME, FILES, export_causal_lm_with_past
+from exporters.decoder import CONFIG_NAME, FILES, export_causal_lm_with_past, load_graphs
 from exporters.verify import VerificationReport, VerificationRow
 from exporters.errors import ExportError, VerificationError
 from generation_configs import CAUSAL_CONFIGS, left_padded_prefill, mixed_prompts, prompt, random_model
@@ -118,18 +118,41 @@ def test_torchscript_decoder_runs_prefill_and_step(tmp_path):
     assert report.passed, report.summary_table()
     assert sorted(os.listdir(directory)) == sorted([CONFIG_NAME, FILES["torchscript"]["module"]])
     extra = {CONFIG_NAME: ""}
-    module = torch.jit.load(str(directory / FILES["torchscript"]["module"]), _extra_files=extra)
+    torch.jit.load(str(directory / FILES["torchscript"]["module"]), _extra_files=extra)
     assert json.loads(extra[CONFIG_NAME])["cache"] == description["cache"]
+    assert_graphs_match_eager(model, load_graphs(str(directory), "torchscript"), description)
+
+
+# Slow: two AOTInductor compiles (prefill and step), 1 to 3 minutes on 2 cores.
+@pytest.mark.slow
+def test_aoti_decoder_package_runs_prefill_and_step(tmp_path):
+    from exporters.aoti import package_metadata
+
+    model = random_model(CAUSAL_CONFIGS["mixed"])
+    directory = tmp_path / "decoder"
+    description, report = export_causal_lm_with_past(model, str(directory), "aoti")
+    assert report.passed and {row.runtime for row in report.rows} == {"aoti"}, report.summary_table()
+    assert sorted(os.listdir(directory)) == sorted([CONFIG_NAME, FILES["aoti"]["package"]])
+    assert description["cpu_march"] == "x86-64-v3"
+    for kind in ("prefill", "step"):  # what a C++ host reads with AOTIModelPackageLoader(path, kind).get_metadata()
+        metadata = package_metadata(str(directory / FILES["aoti"]["package"]), kind)
+        assert json.loads(metadata[CONFIG_NAME]) == description and "AVX512" not in metadata["AOTI_CPU_ISA"]
+    assert_graphs_match_eager(model, load_graphs(str(directory), "aoti"), description)
+
+
+def assert_graphs_match_eager(model, run, description) -> None:
+    """Prefill and 12 greedy steps at a batch and length other than the exported (2, 13), then 12 steps on the
+    joined, left-padded cache of prompts of different lengths: logits within ATOL of eager's."""
     decoder = IncrementalDecoder(model)
-    input_ids = prompt(3, 5, seed=3)  # batch and length other than the traced (2, 13)
+    input_ids = prompt(3, 5, seed=3)
     with torch.no_grad():
         expected, cache = decoder.prefill(input_ids)
-        logits, *past = module(input_ids)
+        logits, past = run("prefill", input_ids, [])
         differences = [(logits - expected).abs().max()]
         for position in range(12):
             token = expected[:, -1:].argmax(-1)
             expected, cache = decoder.step(token, cache)
-            logits, *past = module.step(token, *past)
+            logits, past = run("step", token, past)
             differences.append((logits - expected).abs().max())
         assert len(past) == len(description["cache"]) and past[0].shape[1] == 5 + 12
         _, cache = left_padded_prefill(model, mixed_prompts())  # prompts of different lengths
@@ -137,7 +160,7 @@ def test_torchscript_decoder_runs_prefill_and_step(tmp_path):
         for position in range(12):
             tokens = prompt(len(past[0]), 1, seed=position)
             expected, cache = decoder.step(tokens, cache)
-            logits, *past = module.step(tokens, *past)
+            logits, past = run("step", tokens, past)
             differences.append((logits - expected).abs().max())
     assert max(differences) <= ATOL
 

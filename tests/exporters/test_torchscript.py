@@ -8,6 +8,8 @@ tests/reformer/test_parity.py); buckets must agree exactly there."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -128,3 +130,17 @@ class WithPythonOp(torch.nn.Module):
 def test_python_ops_are_not_host_ops():
     traced = torch.jit.trace(WithPythonOp(), torch.ones(2))
     assert non_host_ops(traced) == ["prim::PythonOp"]
+
+
+def test_torch_deprecation_warnings_do_not_reach_users(tmp_path):
+    """torch warns that TorchScript is deprecated on every trace, save and load; the exporter ships it on purpose
+    (the legacy format) and silences exactly that warning, nothing else."""
+    _, values = task_configs("base")[0]
+    path = str(tmp_path / "base.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_torchscript(build("base", values), TASKS["base"], path)
+        load_metadata(path)
+        torch.jit.load(path)  # not through the exporter: torch's warning still comes
+    deprecations = [str(warning.message) for warning in caught if issubclass(warning.category, DeprecationWarning)]
+    assert deprecations == ["`torch.jit.load` is deprecated. Please switch to `torch.export`."]
