@@ -15,11 +15,9 @@ dynamic_batching block, from a second repository.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shutil
-import statistics
 import tempfile
 import threading
 import time

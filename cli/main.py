@@ -138,7 +138,7 @@ def quiet_dependencies() -> None:
     import logging
     import warnings
 
-    import torch  # first: importing torch configures its loggers
+    import torch  # noqa: F401  (first: importing torch configures its loggers)
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

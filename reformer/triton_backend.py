@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .runtime import CPU, CUDA, OnnxGenerator, OnnxModel
-from .sampling import Prompts, TokenChooser, check_generation_length
+from .sampling import TokenChooser, check_generation_length
 
 TASK_GRAPH = "model.onnx"  # in the version folder: the graph, or a folder holding it and its external data
 GENERATION_GRAPHS = "graphs"  # in the version folder: the causal-lm-with-past directory
