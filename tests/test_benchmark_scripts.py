@@ -23,6 +23,7 @@ from benchmarks.gpu_checks.exports import Exports  # noqa: E402
 from benchmarks.gpu_checks.plan import Plan, make_plan  # noqa: E402
 from benchmarks.gpu_checks.report import Results, summary_header, summary_rows  # noqa: E402
 from benchmarks.gpu_checks.timing import MIN_RUNS  # noqa: E402
+from benchmarks.gpu_checks.verification import verification_exports  # noqa: E402
 from benchmarks.graph_cost import Cost, GraphCost  # noqa: E402
 from benchmarks.models import build_model  # noqa: E402
 
@@ -107,28 +108,48 @@ def test_the_fused_column_shows_only_when_a_run_timed_it(tmp_path):
     assert "onnxruntime-fused" not in summary_header(results) and len(summary_rows(results)[0]) == 9
 
 
-def test_a_cuda_plan_also_exports_and_times_the_fused_attention_graph(tmp_path):
-    """Computed without a GPU: the runtimes and graphs the issue-9 comparison's plan asks for."""
-    arguments = parse_arguments(["--out", str(tmp_path), "--checks", "benchmark", "--models", "small,large",
-                                 "--lengths", "4096,65536"])
+def arguments_list(tmp_path) -> list[str]:
+    return ["--out", str(tmp_path), "--checks", "benchmark", "--models", "small,large", "--lengths", "4096,65536"]
+
+
+def test_a_cuda_plan_also_exports_and_times_the_fused_attention_graph_and_the_aoti_package(tmp_path):
+    """Computed without a GPU: the runtimes and graphs the CUDA comparison's plan asks for."""
+    arguments = parse_arguments(arguments_list(tmp_path))
     cuda, cpu = make_plan(arguments, cuda=True), make_plan(arguments, cuda=False)
     assert cuda.onnx_runtimes() == {"onnxruntime": "auto", "onnxruntime-fused": "ort"}
     assert cpu.onnx_runtimes() == {"onnxruntime": "auto"}
     jobs = benchmark_exports(cuda)
     keys = {key for key, _ in jobs}
-    # fp32 graphs exported on the CPU, fp16 on CUDA, each ONNX one with both lowerings; TorchScript traced on CUDA.
+    # fp32 graphs exported on the CPU, fp16 on CUDA, each ONNX one with both lowerings; TorchScript traced and
+    # AOTInductor packages compiled on CUDA.
     assert {(key.name, key.fmt, key.dtype, key.device, key.custom_ops) for key in keys} == {
         (name, fmt, dtype, device, custom_ops) for name in ("small", "large")
         for fmt, dtype, device, custom_ops in (
             ("onnx", "fp32", "cpu", "auto"), ("onnx", "fp32", "cpu", "ort"), ("onnx", "fp16", "cuda", "auto"),
             ("onnx", "fp16", "cuda", "ort"), ("torchscript", "fp32", "cuda", "auto"),
-            ("torchscript", "fp16", "cuda", "auto"))}
+            ("torchscript", "fp16", "cuda", "auto"), ("aoti", "fp32", "cuda", "auto"), ("aoti", "fp16", "cuda", "auto"))}
     assert not any(key.replay for key in keys) and {length for _, length in jobs} == {65536}
     exports = Exports(tmp_path, Results(tmp_path, "command", {"cuda_device": None}, {}))
     assert len({exports.path_for(key) for key in keys}) == len(keys)  # a file each
-    # The CPU plan keeps its two graphs, the default ONNX lowering only.
+    assert {exports.path_for(key).suffix for key in keys if key.fmt == "aoti"} == {".pt2"}
+    # The CPU plan keeps its two graphs, the default ONNX lowering only; packages (a compile each) on request.
     assert {(key.name, key.fmt, key.custom_ops) for key, _ in benchmark_exports(cpu)} == {
         ("small", "onnx", "auto"), ("small", "torchscript", "auto")}
+    with_packages = make_plan(parse_arguments([*arguments_list(tmp_path), "--aoti"]), cuda=False)
+    assert {(key.name, key.fmt, key.device) for key, _ in benchmark_exports(with_packages)} == {
+        ("small", "onnx", "cpu"), ("small", "torchscript", "cpu"), ("small", "aoti", "cpu")}
+
+
+def test_packages_are_verified_in_fp16_on_cuda_and_in_fp32_on_the_cpu(tmp_path):
+    arguments = parse_arguments(["--out", str(tmp_path), "--checks", "verify", "--models", "small"])
+    packages = {(key.fmt, key.dtype, key.device, key.replay) for key, _ in verification_exports(
+        make_plan(arguments, cuda=True)) if key.fmt == "aoti"}
+    assert packages == {("aoti", "fp16", "cuda", False), ("aoti", "fp16", "cuda", True)}
+    assert not [key for key, _ in verification_exports(make_plan(arguments, cuda=False)) if key.fmt == "aoti"]
+    with_packages = make_plan(parse_arguments(["--out", str(tmp_path), "--checks", "verify", "--models", "small",
+                                               "--aoti"]), cuda=False)
+    assert {(key.fmt, key.dtype, key.device, key.replay) for key, _ in verification_exports(with_packages)
+            if key.fmt == "aoti"} == {("aoti", "fp32", "cpu", False), ("aoti", "fp32", "cpu", True)}
 
 
 def test_a_spent_time_budget_skips_every_check_with_a_note(tmp_path):

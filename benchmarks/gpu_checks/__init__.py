@@ -1,7 +1,8 @@
 """Every GPU check and benchmark in one run; without CUDA it runs the CPU part of them.
 
     python -m benchmarks.gpu_checks --out DIR [--quick] [--models tiny,small,large] [--lengths 4096,65536]
-                                    [--checks verify,benchmark,generation,cost] [--threads N] [--budget-minutes M]
+                                    [--checks verify,benchmark,generation,cost] [--threads N] [--aoti]
+                                    [--budget-minutes M]
 
 (from the repository root; benchmarks/README.md says how to run it on the device machine.)
 
@@ -12,12 +13,15 @@
    (bucket replay and near-tie certificates) on ONNX Runtime CPU and CUDA and TorchScript CPU and CUDA at its
    default shapes, the longest at batch 1 (up to 4,096 tokens on the CPU runtimes; `large` only on CUDA).
    CUDA fp32 is strict (ORT `use_tf32=0`, torch TF32 off); one more ORT CUDA group runs with TF32 on, against
-   eager with TF32 allowed, under the fp16 rule (TF32 keeps fp16's 10 mantissa bits).
+   eager with TF32 allowed, under the fp16 rule (TF32 keeps fp16's 10 mantissa bits). AOTInductor packages
+   (.pt2, exporters/aoti.py; with CUDA, or on the CPU with `--aoti`) are verified the same way where they were
+   compiled: fp16 on CUDA, fp32 on the CPU (each package and twin is a compile).
 3. Benchmarks (benchmark.py; forward only, batch 1, random weights, random token ids, no padding): eager
    PyTorch, ONNX Runtime, TorchScript and, as the reference, transformers' Reformer with the same weights and
    config, on the same device and precision (CUDA: fp32 strict, tf32, fp16; CPU: fp32); on CUDA also ONNX
    Runtime as "onnxruntime-fused", the graph exported with custom_ops "ort" (chunked attention as ONNX Runtime's
-   fused MultiHeadAttention; on the CPU it does not pay, exporters/ops/attention.py). Each runtime's
+   fused MultiHeadAttention; on the CPU it does not pay, exporters/ops/attention.py), and with CUDA (or
+   `--aoti`) the AOTInductor package as "aoti", compiled for the device and precision. Each runtime's
    output is first compared with eager's at the timed shape, free-running (max abs and bucket flips, as
    information: the verdict is the verification step's). Timing (timing.py): `warm-up` runs, then runs until
    `max runs` or about 5 s; every run is bracketed by a device synchronisation and a clock read (CUDA events

@@ -56,6 +56,8 @@ def parse_arguments(argv=None):
                         "cost runs on the CPU only)")
     parser.add_argument("--threads", type=int, help="intra-op threads of torch and ONNX Runtime (default: "
                         "theirs, one per core); 1 on a shared CPU, where waiting for a preempted thread dominates")
+    parser.add_argument("--aoti", action="store_true", help="also verify and time AOTInductor packages (.pt2) "
+                        "without CUDA (with CUDA they always are; each takes a C++ compile, minutes on a small CPU)")
     parser.add_argument("--budget-minutes", type=float, help="from the start of the run: steps and benchmark "
                         "lengths not started by then are skipped with a note (default: no limit)")
     arguments = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """The benchmark step: forward only, batch 1, random token ids, nothing masked; our eager PyTorch, ONNX Runtime
 (on CUDA twice: the default graph, and as "onnxruntime-fused" the graph with ONNX Runtime's fused attention),
-TorchScript and transformers' Reformer (the reference, same weights and config) on the same device and
+TorchScript, the AOTInductor package ("aoti": with CUDA, or --aoti) and transformers' Reformer (the reference, same weights and config) on the same device and
 precision, each first compared with eager at the timed shape, then timed the same way."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from benchmarks.gpu_checks.exports import ExportKey, Exports, export_key
 from benchmarks.gpu_checks.plan import Plan
 from benchmarks.gpu_checks.runners import (
+    AotiRunner,
     OrtRunner,
     TorchRunner,
     TransformersRunner,
@@ -43,6 +44,8 @@ def benchmark_graphs(name: str, mode: str, plan: Plan) -> dict[str, ExportKey]:
     those of the plan's ONNX Runtime rows (Plan.onnx_runtimes)."""
     dtype = "fp16" if mode == "fp16" else "fp32"
     graphs = {"torchscript": export_key(name, "torchscript", dtype, plan.device)}
+    if plan.aoti:
+        graphs["aoti"] = export_key(name, "aoti", dtype, plan.device)
     for runtime, custom_ops in plan.onnx_runtimes().items():
         graphs[runtime] = export_key(name, "onnx", dtype, plan.device, custom_ops=custom_ops)
     return graphs
@@ -87,6 +90,9 @@ def benchmark_mode(name, model, spec, mode: str, plan: Plan, exports: Exports, r
     open_runtime("transformers", lambda: TransformersRunner(reference_model(eager_model), device))  # as eager's
     open_runtime("torchscript", lambda: TorchRunner(
         torch.jit.load(str(exports.get(graphs["torchscript"], model, spec)), map_location=device), device))
+    if plan.aoti:
+        open_runtime("aoti", lambda: AotiRunner(exports.get(graphs["aoti"], model, spec), device,
+                                                runners["eager"].weight_bytes))
     if device == "cuda":
         warm_up_torch(runners, model.config.vocab_size, mode)
     # CUDA: each ONNX Runtime session's device memory, what the free memory dropped while it opened and while it

@@ -15,9 +15,14 @@ if TYPE_CHECKING:
     from benchmarks.gpu_checks.report import Results
 
 
+# File suffix of each format.
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "aoti": ".pt2"}
+
+
 def export_device(fmt: str, dtype: str, device: str) -> str:
     """Where a graph is exported: fp32 ONNX on the CPU (the file serves both execution providers), fp16 on
-    CUDA (its runtime); TorchScript on the device that runs it (a trace records its device)."""
+    CUDA (its runtime); TorchScript and AOTInductor packages on the device that runs them (a trace records its
+    device; a package is compiled for one)."""
     if fmt == "onnx":
         return "cuda" if dtype == "fp16" else "cpu"
     return device
@@ -54,7 +59,7 @@ class Exports:
     def path_for(self, key: ExportKey) -> Path:
         lowering = "" if key.custom_ops == "auto" else f"-{key.custom_ops}"
         return self.folder / (f"{key.name}-{key.dtype}-{key.device}{lowering}{'-twin' if key.replay else ''}"
-                              f".{'onnx' if key.fmt == 'onnx' else 'pt'}")
+                              f"{SUFFIXES[key.fmt]}")
 
     def record(self, key: ExportKey, seconds: float) -> None:
         path = self.path_for(key)
@@ -102,12 +107,15 @@ class Exports:
 
 
 def export_file(model, spec, key: ExportKey, path: Path) -> None:
+    from exporters.aoti import export_aoti
     from exporters.onnx import export_onnx
     from exporters.torchscript import export_torchscript
 
     if key.fmt == "onnx":
         export_onnx(model, spec, path, dtype=key.dtype, device=key.device, replay=key.replay,
                     custom_ops=key.custom_ops)
+    elif key.fmt == "aoti":
+        export_aoti(model, spec, str(path), dtype=key.dtype, device=key.device, replay=key.replay)
     else:
         export_torchscript(model, spec, path, dtype=key.dtype, device=key.device, replay=key.replay)
 

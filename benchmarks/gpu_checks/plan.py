@@ -33,6 +33,7 @@ class Plan:
     max_runs: int
     generation_repeats: int
     threads: int | None  # intra-op threads of torch and the benchmark's ONNX Runtime sessions (None: theirs)
+    aoti: bool = False  # AOTInductor packages (.pt2) verified and timed too: with CUDA, or asked for with --aoti
     budget_minutes: float | None = None  # steps and benchmark lengths not started by then are skipped (steps.py)
     notes: list[str] = field(default_factory=list)
 
@@ -71,4 +72,4 @@ def make_plan(arguments, cuda: bool) -> Plan:
         warmup, max_runs, repeats = (3, 20, 3) if cuda else (2, 20, 2)
     modes = ("fp32", "tf32", "fp16") if cuda else ("fp32",)
     return Plan("cuda" if cuda else "cpu", models, arguments.checks, lengths, modes, warmup, max_runs, repeats,
-                arguments.threads, arguments.budget_minutes, notes)
+                arguments.threads, cuda or arguments.aoti, arguments.budget_minutes, notes)

@@ -17,8 +17,9 @@ from benchmarks.graph_cost import GIB
 from benchmarks.tables import markdown_table
 
 BENCHMARKED_RUNTIMES = ("eager", "onnxruntime", "torchscript", "transformers")
-# Runtimes with a summary column only when a run timed them (the fused ONNX Runtime graph is timed on CUDA only).
-OPTIONAL_RUNTIMES = (FUSED_ONNX_RUNTIME,)
+# Runtimes with a summary column only when a run timed them (the fused ONNX Runtime graph is timed on CUDA only,
+# AOTInductor packages with CUDA or --aoti).
+OPTIONAL_RUNTIMES = (FUSED_ONNX_RUNTIME, "aoti")
 
 
 @dataclass
@@ -118,9 +119,10 @@ def gib(value_bytes: int) -> str:
 
 
 def summary_runtimes(results: Results) -> tuple[str, ...]:
-    """The summary's runtime columns: BENCHMARKED_RUNTIMES, then those of OPTIONAL_RUNTIMES the run timed."""
-    timed = {row["runtime"] for row in results.benchmarks}
-    return BENCHMARKED_RUNTIMES + tuple(runtime for runtime in OPTIONAL_RUNTIMES if runtime in timed)
+    """The summary's runtime columns: BENCHMARKED_RUNTIMES, then those of OPTIONAL_RUNTIMES the run timed or
+    verified."""
+    ran = {row["runtime"] for row in (*results.benchmarks, *results.verification)}
+    return BENCHMARKED_RUNTIMES + tuple(runtime for runtime in OPTIONAL_RUNTIMES if runtime in ran)
 
 
 def summary_header(results: Results) -> tuple[str, ...]:
@@ -140,11 +142,10 @@ def summary_rows(results: Results) -> list[tuple]:
     for row in results.verification:
         groups.setdefault((row["model"], row["device"], row["precision"]), []).append(row)
     for (model, device, precision), members in groups.items():
-        by_runtime = {runtime: [row for row in members if row["runtime"] == runtime]
-                      for runtime in ("onnxruntime", "torchscript")}
-        rows.append(summary_row("verify", model, shape_span(members), f"{precision} {device}", (
-            "reference", verification_cell(by_runtime["onnxruntime"]), verification_cell(by_runtime["torchscript"])),
-            results.card(device)))
+        cells = ["reference" if runtime == "eager" else verification_cell(
+            [row for row in members if row["runtime"] == runtime]) for runtime in runtimes]
+        rows.append(summary_row("verify", model, shape_span(members), f"{precision} {device}", cells,
+                                results.card(device)))
     shapes: dict[tuple, dict[str, dict]] = {}
     for row in results.benchmarks:
         shapes.setdefault((row["model"], row["length"], row["precision"], row["device"]), {})[row["runtime"]] = row

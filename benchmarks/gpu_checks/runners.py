@@ -85,6 +85,20 @@ class TorchRunner:
         return lambda: self.forward(input_ids, attention_mask)
 
 
+class AotiRunner(TorchRunner):
+    """An AOTInductor package (exporters.aoti.load_package) with TorchRunner's interface. The package holds its
+    own copy of the weights, resident before any run like a module's; `weight_bytes` are those of the eager
+    module it was exported from (the same tensors), so that its peak counts them as eager's does."""
+
+    def __init__(self, path: Path, device: str, weight_bytes: int):
+        from exporters.aoti import load_package
+
+        self.module = load_package(str(path))
+        self.device = device
+        self.providers = []
+        self.weight_bytes = weight_bytes
+
+
 class TransformersRunner(TorchRunner):
     """transformers' ReformerModelWithLMHead (benchmarks.models.reference_model), forward only: no cache, and
     its logits, which is what our causal-lm graphs return."""

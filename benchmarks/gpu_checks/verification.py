@@ -15,13 +15,17 @@ if TYPE_CHECKING:
 CPU_VERIFY_MAX_LENGTH = 4096
 
 
-def verification_cases(cuda: bool) -> list[tuple[str, str, str]]:
+def verification_cases(cuda: bool, aoti: bool) -> list[tuple[str, str, str]]:
     """(format, dtype, runtime) to verify. fp32 ONNX is one file for both execution providers; TorchScript
-    runs where it was traced; fp16 is for CUDA only."""
+    runs where it was traced; fp16 is for CUDA only. AOTInductor packages (`aoti`) run where they were
+    compiled: on CUDA in fp16 only (each package is a compile, and the run has 8 minutes; the benchmark
+    compares the fp32 package with eager free-running), otherwise in fp32 on the CPU."""
     cases = [("onnx", "fp32", "onnxruntime-cpu"), ("torchscript", "fp32", "torchscript-cpu")]
     if cuda:
         cases += [("onnx", "fp32", "onnxruntime-cuda"), ("torchscript", "fp32", "torchscript-cuda"),
                   ("onnx", "fp16", "onnxruntime-cuda"), ("torchscript", "fp16", "torchscript-cuda")]
+    if aoti:
+        cases.append(("aoti", "fp16", "aoti-cuda") if cuda else ("aoti", "fp32", "aoti-cpu"))
     return cases
 
 
@@ -38,7 +42,7 @@ def verification_shapes(config, device: str):
 
 def verification_plan(name: str, plan: Plan) -> list[tuple[str, str, str, bool]]:
     """(format, dtype, runtime, tf32) to verify for a model."""
-    cases = [(fmt, dtype, runtime, False) for fmt, dtype, runtime in verification_cases(plan.device == "cuda")]
+    cases = [(fmt, dtype, runtime, False) for fmt, dtype, runtime in verification_cases(plan.device == "cuda", plan.aoti)]
     if plan.device == "cuda":
         cases.append(("onnx", "fp32", "onnxruntime-cuda", True))
     # `large` on the CPU runtimes would take minutes per row at 65,536 tokens; the CPU runs verify enwik8.
