@@ -59,6 +59,7 @@ import json
 import logging
 import platform
 import time
+import zipfile
 
 import torch
 import torch._inductor
@@ -151,6 +152,9 @@ def cpu_march(native_isa: bool) -> str:
     if platform.machine() not in X86_MACHINES:
         raise ExportError(f"the portable instruction set ({PORTABLE_MARCH}) is for x86-64 machines, this is "
                           f"{platform.machine()}: build for this machine's own with --native-isa")
+    if not hasattr(torch._inductor.config.cpp, "march"):  # torch 2.11 has no such option; 2.13 has
+        raise ExportError(f"this torch ({torch.__version__}) cannot choose the compiler's target, so its packages "
+                          "need this machine's instruction set: build with --native-isa, or use torch 2.13")
     return PORTABLE_MARCH
 
 
@@ -191,9 +195,17 @@ def program_ops(program: torch.export.ExportedProgram) -> dict[str, int]:
 
 
 def package_metadata(path: str, model_name: str = MODEL_NAME) -> dict[str, str]:
-    """Every metadata entry of one model of the package (see the module docstring), without loading it."""
+    """Every metadata entry of one model of the package (see the module docstring), without loading it: through
+    torch's reader where it has one, else (torch 2.11) from the archive's `<model>/...wrapper_metadata.json`,
+    where packages of both versions keep it."""
     try:
-        return dict(torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path), model_name))
+        loader = torch._C._aoti.AOTIModelPackageLoader
+        if hasattr(loader, "load_metadata_from_package"):
+            return dict(loader.load_metadata_from_package(str(path), model_name))
+        with zipfile.ZipFile(path) as archive:
+            member = next(name for name in archive.namelist()
+                          if f"/data/aotinductor/{model_name}/" in name and name.endswith("wrapper_metadata.json"))
+            return json.loads(archive.read(member))
     except Exception as error:  # a file that is not a package, or lacks the model
         raise ExportError(f"cannot read the metadata of {model_name} in {path}: {first_line(error)}") from None
 

@@ -115,7 +115,8 @@ def export_file(model, spec, key: ExportKey, path: Path) -> None:
         export_onnx(model, spec, path, dtype=key.dtype, device=key.device, replay=key.replay,
                     custom_ops=key.custom_ops)
     elif key.fmt == "aoti":
-        export_aoti(model, spec, str(path), dtype=key.dtype, device=key.device, replay=key.replay)
+        # Compiled for the machine that runs it (and torch 2.11 has no portable target: exporters.aoti.cpu_march).
+        export_aoti(model, spec, str(path), dtype=key.dtype, device=key.device, replay=key.replay, native_isa=True)
     else:
         export_torchscript(model, spec, path, dtype=key.dtype, device=key.device, replay=key.replay)
 

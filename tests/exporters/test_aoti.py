@@ -178,6 +178,24 @@ def test_portable_target_is_refused_off_x86(monkeypatch):
     assert aoti.cpu_march(native_isa=True) == aoti.NATIVE_MARCH
 
 
+def test_without_the_compilers_target_option_only_the_native_target_is_offered(monkeypatch):
+    """torch 2.11 (the GPU machines' version) has no Inductor option for the compiler's target."""
+    monkeypatch.delattr(torch._inductor.config.cpp, "march")
+    with pytest.raises(ExportError, match="--native-isa, or use torch 2.13"):
+        aoti.cpu_march(native_isa=False)
+    assert aoti.cpu_march(native_isa=True) == aoti.NATIVE_MARCH
+
+
+def test_metadata_is_read_from_the_archive_where_torch_has_no_reader(shared_package, monkeypatch):
+    """torch 2.11's loader has no load_metadata_from_package: the archive's own metadata file gives the same."""
+    _, path = shared_package
+    expected = package_metadata(path)
+    monkeypatch.delattr(torch._C._aoti.AOTIModelPackageLoader, "load_metadata_from_package")
+    assert package_metadata(path) == expected and METADATA_NAME in expected
+    with pytest.raises(ExportError, match="cannot read the metadata of step"):
+        package_metadata(path, "step")
+
+
 @pytest.mark.parametrize("package_isa,dropped", [("AVX2", True), ("INVALID_VEC_ISA", True), ("NO_SUCH_ISA", False)])
 def test_isa_mismatch_warning_is_dropped_only_for_an_isa_this_cpu_runs(package_isa, dropped):
     import logging
