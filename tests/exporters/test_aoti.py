@@ -9,10 +9,11 @@ so unlike TorchScript the package is not bitwise equal to eager; measured differ
 1e-6. Per-position outputs are compared where the mask keeps the position (tests/reformer/test_parity.py);
 buckets must agree exactly there (no near-ties at these inputs: the verifier's twin covers those, tested below).
 
-Cost: one compile takes 30 to 100 s on 2 shared cores (Inductor's C++ code generation simplifies the symbolic
-index expressions of the dynamic shapes; pytorch/pytorch#186319). The default run compiles two packages: one
-config with LSH and local layers (task base), shared by every test through a module-scoped fixture, and its
-verification twin. Every other (task, config) pair of the table is marked slow: 29 more compiles."""
+Cost: one compile takes 15 to 150 s on 2 cores, more with more LSH layers and rounds (Inductor's C++ code
+generation simplifies the symbolic index expressions of the dynamic shapes; pytorch/pytorch#186319). The default
+run compiles two packages: one config with LSH and local layers (task base), shared by every test through a
+module-scoped fixture, and its verification twin (about 65 s in all on an idle 2-core machine). Every other
+(task, config) pair of the table is marked slow: 29 more compiles, 30 minutes."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from tiny_configs import build, make_inputs, task_configs
 ATOL = 1e-5
 SHARED = ("base", "lm_mixed")  # task and config of the package the default run compiles (LSH and local layers)
 TABLE = [pytest.param(task, name, values, id=f"{task}-{name}",
-                      # Slow: a compile each (30 to 100 s); the shared package covers the default run.
+                      # Slow: a compile each (15 to 150 s); the shared package covers the default run.
                       marks=() if (task, name) == SHARED else pytest.mark.slow)
          for task in TASKS for name, values in task_configs(task)]
 
