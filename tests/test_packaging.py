@@ -43,7 +43,8 @@ def build_wheel(folder: Path) -> Path:
     return wheel
 
 
-@pytest.mark.slow  # 1 to 2.5 minutes on 2 shared cores: build, fresh venv with torch and the CPU runtime, export
+# In the default run (CI), though 1 to 2.5 minutes on 2 shared cores: build, fresh venv with torch and the CPU
+# runtime, export.
 def test_wheel_in_a_fresh_venv_finds_its_models_beside_a_foreign_models_package(tmp_path):
     wheel = build_wheel(tmp_path)
     shipped = set(zipfile.ZipFile(wheel).namelist())

@@ -275,7 +275,6 @@ def test_library_versions_name_the_installed_libraries():
 
 # ----- the full-size built-in model -----
 
-@pytest.mark.slow
 def test_enwik8_shape_exports_with_random_weights(tmp_path):
     """The public enwik8 Reformer's shape (models/enwik8/config.json, about 149M parameters), at a reduced
     maximum length so that it exports in seconds: traced at 2 x 385 tokens, checked at 1 x 300."""

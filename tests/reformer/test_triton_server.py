@@ -50,12 +50,9 @@ def server_unavailable() -> str | None:
 
 
 UNAVAILABLE = server_unavailable()
-pytestmark = [
-    pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE)),
-    # 70 to 90 s on 2 cores, most of it exporting and verifying the default model's task and generation graphs
-    # before the server starts; it runs in CI (the test extra has nvidia-pytriton's server).
-    pytest.mark.slow,
-]
+# In the default run (CI): 50 to 90 s on 2 cores, most of it exporting and verifying the default model's task
+# and generation graphs before the server starts (the test extra has nvidia-pytriton's server).
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
 
 @pytest.fixture(scope="module")
