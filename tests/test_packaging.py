@@ -10,7 +10,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent

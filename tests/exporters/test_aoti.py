@@ -32,6 +32,7 @@ from exporters.errors import ExportError
 from exporters.specs import TASKS, example_length
 from exporters.torchscript import METADATA_NAME
 from exporters.verify import verify_export
+from graph_checks import assert_graph_matches_eager
 from tiny_configs import build, make_inputs, task_configs
 
 ATOL = 1e-5
@@ -60,28 +61,11 @@ def shared_package(tmp_path_factory, checked_shapes):
 
 
 def assert_matches_eager(task: str, model, path: str) -> None:
-    spec, config = TASKS[task], model.config
-    loaded = load_package(path)
+    config = model.config
     exported_length = example_length(config.padding_multiple, config.max_position_embeddings)
     shapes = [(1, 1), (3, 1), (1, 3), (3, 11), (4, config.max_position_embeddings)]
     assert all(shape != (2, exported_length) for shape in shapes)
-    eager = spec.wrap(model, with_buckets=True)
-    for batch, length in shapes:
-        input_ids, attention_mask = make_inputs(batch, length, config.vocab_size, seed=length)
-        with torch.no_grad():
-            expected, actual = eager(input_ids, attention_mask), loaded(input_ids, attention_mask)
-        assert len(actual) == len(spec.output_names) + config.attn_layers.count("lsh")
-        keep = attention_mask.bool()
-        for index, (want, got) in enumerate(zip(expected, actual)):
-            label = f"output {index} at {batch}x{length}"
-            assert got.shape == want.shape and got.dtype == want.dtype, label
-            if index >= len(spec.output_names):  # buckets, B, H, N, L
-                assert torch.equal(want.movedim(-1, 1)[keep], got.movedim(-1, 1)[keep]), label
-                continue
-            if spec.per_position(spec.output_names[index]):
-                want, got = want[keep], got[keep]
-            difference = (want - got).abs().max().item()
-            assert difference <= ATOL, f"{label}: max abs diff {difference:.3g}"
+    assert_graph_matches_eager(TASKS[task], model, load_package(path), shapes, ATOL)
 
 
 @pytest.mark.parametrize("task,name,values", TABLE)

@@ -17,6 +17,7 @@ import reformer
 from exporters.specs import TASKS
 from exporters.specs import example_inputs, example_length
 from exporters.torchscript import export_torchscript, load_metadata, non_host_ops
+from graph_checks import assert_graph_matches_eager
 from tiny_configs import CONFIGS_PER_TASK, build, make_inputs, task_configs
 
 ATOL = 1e-5
@@ -41,23 +42,7 @@ def test_traced_module_matches_eager_at_other_shapes(task, name, values, tmp_pat
     traced_length = example_length(config.padding_multiple, config.max_position_embeddings)
     shapes = [(1, 3), (3, 11), (4, config.max_position_embeddings)]
     assert all(shape != (2, traced_length) for shape in shapes)
-    eager = spec.wrap(model, with_buckets=True)
-    for batch, length in shapes:
-        input_ids, attention_mask = make_inputs(batch, length, config.vocab_size, seed=length)
-        with torch.no_grad():
-            expected, actual = eager(input_ids, attention_mask), loaded(input_ids, attention_mask)
-        assert len(actual) == len(spec.output_names) + config.attn_layers.count("lsh")
-        keep = attention_mask.bool()
-        for index, (want, got) in enumerate(zip(expected, actual)):
-            label = f"output {index} at {batch}x{length}"
-            assert got.shape == want.shape, label
-            if index >= len(spec.output_names):  # buckets, B, H, N, L
-                assert torch.equal(want.movedim(-1, 1)[keep], got.movedim(-1, 1)[keep]), label
-                continue
-            if task != "sequence-classification":
-                want, got = want[keep], got[keep]
-            difference = (want - got).abs().max().item()
-            assert difference <= ATOL, f"{label}: max abs diff {difference:.3g}"
+    assert_graph_matches_eager(spec, model, loaded, shapes, ATOL)
 
 
 def test_metadata_describes_the_graph(tmp_path):
