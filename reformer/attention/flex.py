@@ -13,8 +13,10 @@ speed (torch warns once when it runs).
 torch.export (torch 2.13) does not take this path with a dynamic length yet: tracing score_mod fails on every
 tensor it captures whose size derives from the padded length (K = (L + C - 1) // C chunks; "... is not tracked
 with proxy"), in non-strict and in strict mode alike, whatever the layout (folding chunks into the head axis
-instead makes the head count dynamic, which FlexAttention forbids). The exporters therefore refuse models set
-to it (exporters.specs), and torch.compile on the CPU finds no kernel for it at the test table's sizes."""
+instead makes the head count dynamic, which FlexAttention forbids); at a static shape torch.export takes it
+but the AOTInductor compile fails ("Attempting to use FunctionalTensor on its own"). The exporters therefore
+refuse models set to it (exporters.specs), and torch.compile on the CPU finds no kernel for it at the test
+table's sizes."""
 
 from __future__ import annotations
 
