@@ -253,7 +253,9 @@ def load_report(path) -> dict:
         return json.load(handle)
 
 
-@pytest.mark.parametrize("format_,suffix", [("onnx", ".onnx"), ("torchscript", ".pt")])
+# aoti: two compiles (the package and its twin), 1.5 to 4 minutes on 2 cores; in the default run, since the
+# default model's package passing verification is what `--format aoti` promises.
+@pytest.mark.parametrize("format_,suffix", [("onnx", ".onnx"), ("aoti", ".pt2"), ("torchscript", ".pt")])
 def test_default_model_exports_verifies_and_reports(format_, suffix, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cli(["--format", format_, "--report", "report.json"])
@@ -267,12 +269,13 @@ def test_default_model_exports_verifies_and_reports(format_, suffix, tmp_path, m
     assert report["verification"]["path"] == output  # not the staging folder it was verified in
     assert STAGING_PREFIX not in (tmp_path / "report.json").read_text()
     assert report["size_bytes"] == os.path.getsize(tmp_path / output)
-    onnx_settings = {"opset": 18, "custom_ops": "auto"} if format_ == "onnx" else {}
+    format_settings = {"onnx": {"opset": 18, "custom_ops": "auto"}, "aoti": {"cpu_march": "x86-64-v3"}}
     assert report["settings"] == {"format": format_, "dtype": "fp32", "device": "cpu", "max_length": 1024,
-                                  **onnx_settings}
+                                  **format_settings.get(format_, {})}
     assert_versions_recorded(report["versions"])
     assert "passed" in result.stdout and output in result.stdout
     export_line = {"onnx": "onnx, fp32, cpu, max length 1024, opset 18, custom ops auto",
+                   "aoti": "aoti, fp32, cpu, max length 1024, CPU target x86-64-v3",
                    "torchscript": "torchscript, fp32, cpu, max length 1024"}[format_]
     assert f"export        {export_line}\n" in result.stdout
 
