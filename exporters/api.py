@@ -23,7 +23,8 @@ from .precision import DEVICES, DTYPES, check_device
 from .runtimes import require_runtime
 from .specs import DEFAULT_OPSET, resolve_max_length
 
-FORMATS = {"onnx": ".onnx", "aoti": ".pt2", "torchscript": ".pt", "triton": ""}  # triton: a model repository (exporters/triton.py)
+# Each format's file suffix; triton writes a model repository, a directory (exporters/triton.py).
+FORMATS = {"onnx": ".onnx", "aoti": ".pt2", "torchscript": ".pt", "triton": ""}
 # Not an exporters.specs task: a directory of two graphs for generation with a cache (exporters/decoder.py).
 GENERATION_TASK = "causal-lm-with-past"
 # In the staging folder: the verification twin (exporters.specs.ExportWrapper), which is never shipped.
@@ -41,7 +42,7 @@ class ExportRequestError(ExportError):
 class ExportRequest:
     """What to export and how. Field meanings follow the CLI options of the same names."""
 
-    format: str  # "onnx", "aoti" or "torchscript"
+    format: str  # "onnx", "aoti", "torchscript" or "triton"
     model: str | None = None  # checkpoint directory or built-in model name (None: exporters.models.DEFAULT_MODEL)
     task: str | None = None  # None: the checkpoint's own task (exporters.models.default_task)
     output: str | None = None  # None: <model name>-<task>.onnx / .pt2 / .pt in the current directory

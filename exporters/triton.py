@@ -243,8 +243,10 @@ def onnx_tensors(path: str) -> tuple[dict, tuple[Tensor, ...], tuple[Tensor, ...
     infos; the first axis must be the dynamic batch axis (it is left out of dims)."""
     import onnx
 
+    from .onnx import METADATA_PREFIX
+
     model = onnx.load(path, load_external_data=False)
-    description = {prop.key.removeprefix("reformer_export."): json_or_text(prop.value) for prop in model.metadata_props}
+    description = {prop.key.removeprefix(METADATA_PREFIX): json_or_text(prop.value) for prop in model.metadata_props}
 
     def tensors(values) -> tuple[Tensor, ...]:
         described = []
@@ -263,10 +265,11 @@ def torchscript_tensors(path: str) -> tuple[dict, tuple[Tensor, ...], tuple[Tens
     token, their dims -1 on the axes its description calls dynamic."""
     import torch
 
-    from .torchscript import load_metadata
+    from .torchscript import legacy_jit, load_metadata
 
     description = load_metadata(path)
-    module = torch.jit.load(path, map_location="cpu")
+    with legacy_jit():
+        module = torch.jit.load(path, map_location="cpu")
     example = torch.ones(1, 1, dtype=torch.long)
     with torch.no_grad():
         outputs = module(example, example)

@@ -6,7 +6,6 @@ a model into its cache once, and reads the cache from then on (offline too, with
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import pickle

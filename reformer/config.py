@@ -62,7 +62,7 @@ class ReformerConfig:
     problem_type: loss of sequence classification (None: picked from `num_labels` and the label dtype).
     use_reversible_backward: train through the memory-saving reversible backward (False: plain autograd).
     attn_implementation: how chunk attention runs, "eager" (matrix products and a softmax) or "flex_attention"
-        (torch's FlexAttention, reformer/attention/flex.py: one fused kernel per layer where compiled). A
+        (torch's FlexAttention, reformer/attention/flex.py; the same numbers, no faster yet). A
         choice of this installation, not of the checkpoint: config.json never records it (transformers'
         Reformer has no FlexAttention).
     """

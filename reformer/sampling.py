@@ -94,10 +94,14 @@ class Prompts:
         return Prompts(np.concatenate([self.ids, tokens], axis=1), self.lengths + tokens.shape[1])
 
     def check_vocabulary(self, vocab_size: int) -> None:
-        tokens = self.ids[self.prompt_positions(self.ids.shape[1], self.lengths)]
-        outside = tokens[(tokens < 0) | (tokens >= vocab_size)]
-        if len(outside):
-            raise ValueError(f"token id {outside[0]} is outside the vocabulary: ids must be 0 to {vocab_size - 1}")
+        check_in_vocabulary(self.ids[self.prompt_positions(self.ids.shape[1], self.lengths)], vocab_size)
+
+
+def check_in_vocabulary(tokens: np.ndarray, vocab_size: int) -> None:
+    """ValueError naming the first token id outside 0 .. vocab_size - 1."""
+    outside = tokens[(tokens < 0) | (tokens >= vocab_size)]
+    if outside.size:
+        raise ValueError(f"token id {outside[0]} is outside the vocabulary: ids must be 0 to {vocab_size - 1}")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .runtime import CPU, CUDA, OnnxGenerator, OnnxModel
-from .sampling import TokenChooser, check_generation_length
+from .sampling import TokenChooser, check_generation_length, check_in_vocabulary
 
 TASK_GRAPH = "model.onnx"  # in the version folder: the graph, or a folder holding it and its external data
 GENERATION_GRAPHS = "graphs"  # in the version folder: the causal-lm-with-past directory
@@ -78,9 +78,10 @@ def check_token_ids(input_ids: np.ndarray, vocab_size: int, max_length: int) -> 
         raise BadRequest(f"input_ids is empty (shape {list(input_ids.shape)}): send at least one token")
     if length > max_length:
         raise BadRequest(f"input_ids has {length} tokens; this model serves at most {max_length}")
-    outside = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
-    if outside.size:
-        raise BadRequest(f"token id {outside[0]} is outside the vocabulary: ids must be 0 to {vocab_size - 1}")
+    try:
+        check_in_vocabulary(input_ids, vocab_size)
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
 
 
 def check_attention_mask(attention_mask: np.ndarray | None, input_ids: np.ndarray) -> np.ndarray:

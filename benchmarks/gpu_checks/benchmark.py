@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from benchmarks.gpu_checks.exports import ExportKey, Exports, export_key
 from benchmarks.gpu_checks.plan import Plan
 from benchmarks.gpu_checks.runners import (
-    AotiRunner,
     OrtRunner,
     TorchRunner,
     TransformersRunner,
@@ -91,8 +90,10 @@ def benchmark_mode(name, model, spec, mode: str, plan: Plan, exports: Exports, r
     open_runtime("torchscript", lambda: TorchRunner(
         torch.jit.load(str(exports.get(graphs["torchscript"], model, spec)), map_location=device), device))
     if plan.aoti:
-        open_runtime("aoti", lambda: AotiRunner(exports.get(graphs["aoti"], model, spec), device,
-                                                runners["eager"].weight_bytes))
+        from exporters.aoti import load_package
+
+        open_runtime("aoti", lambda: TorchRunner(load_package(str(exports.get(graphs["aoti"], model, spec))), device,
+                                                 runners["eager"].weight_bytes))
     if device == "cuda":
         warm_up_torch(runners, model.config.vocab_size, mode)
     # CUDA: each ONNX Runtime session's device memory, what the free memory dropped while it opened and while it

@@ -64,15 +64,18 @@ class OrtRunner:
 
 
 class TorchRunner:
-    """Eager PyTorch (the export wrapper) or a loaded TorchScript module, with OrtRunner's interface."""
+    """Eager PyTorch (the export wrapper), a loaded TorchScript module or a loaded AOTInductor package, with
+    OrtRunner's interface."""
 
-    def __init__(self, module, device: str):
+    def __init__(self, module, device: str, weight_bytes: int | None = None):
+        """weight_bytes: the module's weights, counted in its CUDA peak (the runs' rise in allocated memory leaves
+        out the weights resident before); None: its parameters and buffers. A package has none to count, but
+        holds a copy of the weights of the module it was exported from: give those."""
         self.module = module
         self.device = device
         self.providers = []
-        # Counted in its CUDA peak: the runs' rise in allocated memory leaves out the weights resident before.
-        self.weight_bytes = sum(tensor.numel() * tensor.element_size()
-                                for tensor in (*module.parameters(), *module.buffers()))
+        self.weight_bytes = weight_bytes if weight_bytes is not None else sum(
+            tensor.numel() * tensor.element_size() for tensor in (*module.parameters(), *module.buffers()))
 
     def forward(self, input_ids, attention_mask):
         return self.module(input_ids, attention_mask)
@@ -83,20 +86,6 @@ class TorchRunner:
 
     def timed_call(self, input_ids, attention_mask):
         return lambda: self.forward(input_ids, attention_mask)
-
-
-class AotiRunner(TorchRunner):
-    """An AOTInductor package (exporters.aoti.load_package) with TorchRunner's interface. The package holds its
-    own copy of the weights, resident before any run like a module's; `weight_bytes` are those of the eager
-    module it was exported from (the same tensors), so that its peak counts them as eager's does."""
-
-    def __init__(self, path: Path, device: str, weight_bytes: int):
-        from exporters.aoti import load_package
-
-        self.module = load_package(str(path))
-        self.device = device
-        self.providers = []
-        self.weight_bytes = weight_bytes
 
 
 class TransformersRunner(TorchRunner):

@@ -49,7 +49,7 @@ def flex_chunk_attend(
     """softmax(score_with_mask(scale * q k^T)) v within chunks: query B, H, K, C, D; key and value B, H, K, W, D.
     Returns out B, H, K, C, D and, when asked, the log-sum-exp of the masked scores B, H, K, C (natural log,
     fp32), which LSH combines hashing rounds with."""
-    batch, heads, chunks, chunk_length, head_size = query.shape
+    batch, heads, chunks, _, head_size = query.shape
     # Batch item and chunk of each folded item as tensors: score_mod may capture tensors, not symbolic sizes.
     folded_items = torch.arange(batch * chunks, device=query.device)
     item_of, chunk_of = folded_items // chunks, folded_items % chunks
