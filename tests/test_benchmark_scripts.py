@@ -22,7 +22,7 @@ from benchmarks.gpu_checks.benchmark import benchmark_exports, benchmark_mode  #
 from benchmarks.gpu_checks.exports import Exports  # noqa: E402
 from benchmarks.gpu_checks.plan import Plan, make_plan  # noqa: E402
 from benchmarks.gpu_checks.report import Results, summary_header, summary_rows  # noqa: E402
-from benchmarks.gpu_checks.timing import MIN_RUNS  # noqa: E402
+from benchmarks.gpu_checks.timing import MIN_RUNS, time_interleaved  # noqa: E402
 from benchmarks.gpu_checks.verification import verification_exports  # noqa: E402
 from benchmarks.graph_cost import Cost, GraphCost  # noqa: E402
 from benchmarks.models import build_model  # noqa: E402
@@ -69,6 +69,16 @@ def test_quick_cpu_run_prints_the_table_and_writes_the_results(tmp_path):
     assert cost["onnxruntime_peak_bytes"] > 0 and cost["eager_peak_bytes"] > 0
     report = (tmp_path / "results.md").read_text()
     assert "## Benchmarks" in report and "| tiny | 32 | fp32 | transformers |" in report and "## Graph cost" in report
+
+
+def test_runtimes_take_turns_between_warm_ups_and_timed_runs():
+    calls = []
+    runtimes = {name: (lambda name=name: calls.append(name)) for name in ("eager", "onnxruntime", "transformers")}
+    times = time_interleaved(runtimes, "cpu", warmup=2, max_runs=5, min_runs=MIN_RUNS)
+    # Every warm-up comes first, runtime by runtime; then each round runs every runtime once, in turn.
+    assert calls[:6] == ["eager"] * 2 + ["onnxruntime"] * 2 + ["transformers"] * 2
+    assert calls[6:] == ["eager", "onnxruntime", "transformers"] * 5
+    assert all(len(runs) == 5 and all(ms >= 0 for ms in runs) for runs in times.values())
 
 
 def test_summary_names_the_card_on_every_row(tmp_path):

@@ -23,13 +23,14 @@
    fused MultiHeadAttention; on the CPU it does not pay, exporters/ops/attention.py), and with CUDA (or
    `--aoti`) the AOTInductor package as "aoti", compiled for the device and precision. Each runtime's
    output is first compared with eager's at the timed shape, free-running (max abs and bucket flips, as
-   information: the verdict is the verification step's). Timing (timing.py): `warm-up` runs, then runs until
-   `max runs` or about 5 s; every run is bracketed by a device synchronisation and a clock read (CUDA events
-   would miss ONNX Runtime's own stream); medians are reported. ONNX Runtime on CUDA runs through IO binding
-   with inputs and outputs on the device, as eager's stay (runners.py). Peak memory on CUDA: for eager,
-   transformers and TorchScript, the runtime's own weights plus how far `torch.cuda.max_memory_allocated`
-   rose during the timed runs; for each ONNX Runtime session, how far the device's free memory dropped while it
-   was made and while it ran (its arena, which holds the most any length so far needed;
+   information: the verdict is the verification step's). Timing (timing.py): `warm-up` runs, then the
+   runtimes take turns, one run each per round, until `max runs` rounds or about 5 s per runtime; every run
+   is bracketed by a device synchronisation and a clock read (CUDA events would miss ONNX Runtime's own
+   stream); medians are reported. ONNX Runtime on CUDA runs through IO binding with inputs and outputs on the
+   device, as eager's stay (runners.py). Peak memory on CUDA: for eager, transformers and TorchScript, the
+   runtime's own weights plus how far `torch.cuda.max_memory_allocated` rose during one forward before the
+   timed ones; for each ONNX Runtime session, how far the device's free memory dropped while it was made and
+   while it ran (its arena, which holds the most any length so far needed;
    `arena_extend_strategy` kSameAsRequested keeps it close to need). Without transformers its rows are skipped
    with a note.
 4. Generation (generation.py; issue 4): tokens/s of `reformer.runtime.OnnxGenerator` against eager

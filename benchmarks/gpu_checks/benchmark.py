@@ -1,7 +1,8 @@
 """The benchmark step: forward only, batch 1, random token ids, nothing masked; our eager PyTorch, ONNX Runtime
 (on CUDA twice: the default graph, and as "onnxruntime-fused" the graph with ONNX Runtime's fused attention),
-TorchScript, the AOTInductor package ("aoti": with CUDA, or --aoti) and transformers' Reformer (the reference, same weights and config) on the same device and
-precision, each first compared with eager at the timed shape, then timed the same way."""
+TorchScript, the AOTInductor package ("aoti": with CUDA, or --aoti) and transformers' Reformer (the reference,
+same weights and config) on the same device and precision, each first compared with eager at the timed shape,
+then all timed taking turns (`timing.time_interleaved`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from benchmarks.gpu_checks.timing import (
     free_device_bytes,
     peak_allocation_since,
     start_peak_allocation,
-    time_runs,
+    time_interleaved,
 )
 from benchmarks.models import reference_model
 
@@ -111,14 +112,21 @@ def benchmark_mode(name, model, spec, mode: str, plan: Plan, exports: Exports, r
         input_ids, attention_mask = (tensor.to(device) for tensor in benchmark_inputs(length, model.config.vocab_size))
         with torch.no_grad(), tf32_matmuls(mode == "tf32"):
             expected = [tensor.cpu() for tensor in runners["eager"].outputs(input_ids, attention_mask)]
+            rows = {}
             for runtime, runner in runners.items():
                 free_before = free_device_bytes() if runtime in ort_device_bytes else None
-                row = benchmark_row(runtime, runner, expected, spec, input_ids, attention_mask, plan, mode)
+                rows[runtime] = untimed_row(runtime, runner, expected, spec, input_ids, attention_mask, plan)
                 if free_before is not None:  # its arena keeps the most any length so far needed
                     ort_device_bytes[runtime] += free_before - free_device_bytes()
-                    row["ort_device_gib"] = ort_device_bytes[runtime] / 2**30
-                results.add_benchmark(name, length, mode, device, row)
-                results.save()
+                    rows[runtime]["ort_device_gib"] = ort_device_bytes[runtime] / 2**30
+            log(f"timing {', '.join(runners)} {mode} at {length} tokens, taking turns ...")
+            times = time_interleaved({runtime: runner.timed_call(input_ids, attention_mask)
+                                      for runtime, runner in runners.items()}, device, plan.warmup, plan.max_runs)
+        for runtime, row in rows.items():
+            row.update(median_ms=statistics.median(times[runtime]), min_ms=min(times[runtime]),
+                       runs=len(times[runtime]))
+            results.add_benchmark(name, length, mode, device, row)
+        results.save()
     runners.clear()
     gc.collect()
     if device == "cuda":
@@ -136,18 +144,16 @@ def warm_up_torch(runners: dict, vocab_size: int, mode: str) -> None:
             runner.outputs(input_ids, attention_mask)
 
 
-def benchmark_row(runtime, runner, expected, spec, input_ids, attention_mask, plan: Plan, mode) -> dict:
-    device = plan.device
+def untimed_row(runtime, runner, expected, spec, input_ids, attention_mask, plan: Plan) -> dict:
+    """A runtime's row but for its times: its providers, its free-running difference from eager at the timed
+    shape (information), and, for torch runtimes on CUDA, their peak memory over one forward."""
     row = {"runtime": runtime, "providers": runner.providers}
-    if runtime != "eager":  # free-running against eager at the timed shape, as information
+    if runtime != "eager":
         row.update(free_running_difference(runner, expected, spec, input_ids, attention_mask))
-    if device == "cuda":
+    if plan.device == "cuda" and runtime not in plan.onnx_runtimes():  # ORT's arenas: from the device's free memory
         allocated_before = start_peak_allocation()
-    log(f"timing {runtime} {mode} at {input_ids.shape[1]} tokens ...")
-    times = time_runs(runner.timed_call(input_ids, attention_mask), device, plan.warmup, plan.max_runs)
-    row.update(median_ms=statistics.median(times), min_ms=min(times), runs=len(times))
-    if device == "cuda" and runtime not in plan.onnx_runtimes():  # ORT's arenas: from the device's free memory
-        # Its own weights plus the most its runs held on top of everything resident before them.
+        runner.timed_call(input_ids, attention_mask)()
+        # Its own weights plus the most its run held on top of everything resident before it.
         row["peak_gib"] = (peak_allocation_since(allocated_before) + runner.weight_bytes) / 2**30
     return row
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
-SECONDS_PER_RUNTIME = 5.0  # timed runs stop after about this long (once MIN_RUNS are done)
+SECONDS_PER_RUNTIME = 5.0  # timed rounds stop after about this long per runtime (once MIN_RUNS are done)
 MIN_RUNS = 3
 
 
@@ -15,19 +16,29 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_runs(call, device: str, warmup: int, max_runs: int, min_runs: int = MIN_RUNS) -> list[float]:
-    """Milliseconds of each timed run, after `warmup` untimed ones: at least min_runs, then more until
-    max_runs or about SECONDS_PER_RUNTIME. Each run lies between a device synchronisation and a clock read:
-    CUDA events would miss ONNX Runtime's own stream."""
-    for _ in range(warmup):
-        call()
+def time_interleaved(calls: dict[str, Callable[[], object]], device: str, warmup: int, max_runs: int,
+                     min_runs: int = MIN_RUNS) -> dict[str, list[float]]:
+    """Milliseconds of each timed run of each call, after `warmup` untimed runs of each: the calls take turns,
+    one run each per round, for at least min_runs rounds, then more until max_runs or about
+    SECONDS_PER_RUNTIME per call. Taking turns puts every runtime through the same spells of a shared
+    machine's load; timing one runtime after another let a busy spell land on one of them alone (our eager's
+    median at 4,096 tokens on the 2-core CPU moved by 15% between such runs). Each run lies between a device
+    synchronisation and a clock read: CUDA events would miss ONNX Runtime's own stream."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
     synchronize(device)
-    times = []
-    while len(times) < max_runs and (len(times) < min_runs or sum(times) < SECONDS_PER_RUNTIME * 1e3):
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
+    times = {name: [] for name in calls}
+    budget_ms = SECONDS_PER_RUNTIME * 1e3 * len(calls)
+    rounds, elapsed_ms = 0, 0.0
+    while rounds < max_runs and (rounds < min_runs or elapsed_ms < budget_ms):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+            elapsed_ms += times[name][-1]
+        rounds += 1
     return times
 
 

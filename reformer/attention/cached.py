@@ -42,16 +42,6 @@ def project_per_head(states: torch.Tensor, linear: torch.nn.Linear) -> torch.Ten
     return projected.view(batch, heads, rounds, slots, -1)
 
 
-def hash_new_vectors(attention: LSHSelfAttention, query: torch.Tensor) -> torch.Tensor:
-    """query B, H, 1, D -> buckets B, H, N, 1. Hashing is per vector, so the batch is hashed as one row of
-    B + 1 positions (a zero vector appended): torch.export proves B + 1 != 1, where B alone would make the
-    hashing einsum specialise the graph to batch sizes other than 1."""
-    rows = torch.cat([query.transpose(0, 2), torch.zeros_like(query[:1])], dim=2)  # 1, H, B+1, D
-    no_padding = torch.ones_like(rows[0, 0, :, 0], dtype=torch.bool).unsqueeze(0)  # 1, B+1
-    buckets = attention.hash_vectors(rows, no_padding)  # 1, H, N, B+1
-    return buckets[..., :-1].permute(3, 1, 2, 0)
-
-
 def lsh_window(attention: LSHSelfAttention) -> int:
     """W: the positions of bucket order a new token attends to in each round."""
     return attention.chunk_length * (1 + attention.chunks_before + attention.chunks_after)
@@ -81,8 +71,9 @@ def lsh_attention_step(
     padding = left_padding[:, None, None, None]  # B, 1, 1, 1
     row_length = new_position + 1 - padding  # B, 1, 1, 1: the row's own positions
 
-    query = split_heads(attention.query_key(hidden_states), heads, attention.head_size)  # B, H, 1, D
-    new_buckets = hash_new_vectors(attention, query)  # B, H, N, 1
+    projected = attention.query_key(hidden_states)  # B, 1, H*D
+    query = split_heads(projected, heads, attention.head_size)  # B, H, 1, D
+    new_buckets = attention.hash_vectors(projected, torch.ones_like(projected[..., 0], dtype=torch.bool))  # B, H, N, 1
     sorted_positions = ops.sort_by_bucket(torch.cat([past_buckets, new_buckets], dim=-1))  # B, H, N, L
     new_rank = torch.argmax((sorted_positions == new_position).to(torch.int32), dim=-1)  # B, H, N
     window_start = (torch.div(new_rank, chunk_length, rounding_mode="floor") - attention.chunks_before) * chunk_length

@@ -106,8 +106,17 @@ def mask_scores(scores: torch.Tensor, allowed: torch.Tensor, not_self: torch.Ten
     return torch.where(not_self, scores, SELF_MASK_VALUE[dtype])
 
 
-def mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """0 where allowed, the mask value elsewhere: a mask to add to scores. Adding gives the reference's
-    softmax exactly in every row with an allowed key (exp(mask value + score - row maximum) is 0 either way),
-    and is one broadcast add where masking is a select."""
-    return torch.where(allowed, 0.0, MASK_VALUE[dtype]).to(dtype)
+def mask_bias(allowed: torch.Tensor, dtype: torch.dtype, is_self: torch.Tensor | None = None) -> torch.Tensor:
+    """A mask to add to scores: 0 where allowed, the mask value elsewhere, and, where is_self is given, the
+    self-mask value where a key is the query itself. Adding gives the reference's softmax exactly in every row
+    with an allowed key or with itself (exp(mask value + score - row maximum) is 0 either way), and is one
+    broadcast add where masking is a select.
+    Built by multiplying 0/1 casts of the masks, not by selecting: ONNX Runtime CPU runs `Where` on one thread
+    (for `small` at 4,096 tokens and 2 threads, 1.8 to 2.9 ms for each full-size select of an LSH layer, where
+    a cast or a product takes about 0.3 ms). Exact: 1 * value is the value, 0 * value is -0.0, which adds
+    nothing, and each position gets at most one mask value."""
+    blocked = ~allowed if is_self is None else ~(allowed | is_self)
+    bias = blocked.to(dtype).mul_(MASK_VALUE[dtype])  # in place: eager holds one full-size float, not two
+    if is_self is None:
+        return bias
+    return bias.add_(is_self.to(dtype) * SELF_MASK_VALUE[dtype])

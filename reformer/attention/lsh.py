@@ -10,8 +10,8 @@ from torch import nn
 from .. import ops
 from ..config import ReformerConfig
 from .chunking import (
-    SELF_MASK_VALUE, length_as_tensor, length_normalize, look_adjacent, mask_bias, mask_scores, masked_softmax_attend,
-    split_chunks, split_heads,
+    length_as_tensor, length_normalize, look_adjacent, mask_bias, mask_scores, masked_softmax_attend,
+    split_chunks,
 )
 from .flex import flex_applies, flex_chunk_attend
 
@@ -60,7 +60,7 @@ class LSHSelfAttention(nn.Module):
         batch, length, _ = hidden_states.shape
         query_key = self.query_key(hidden_states)  # B, L, H*D
         value = self.value(hidden_states)  # B, L, H*D
-        buckets = self.hash_vectors(split_heads(query_key.detach(), self.num_heads, self.head_size), attention_mask)
+        buckets = self.hash_vectors(query_key.detach(), attention_mask)
         used_buckets = buckets if forced_buckets is None else forced_buckets
         sorted_positions = ops.sort_by_bucket(used_buckets)  # B, H, N, L
         out, log_normalizer = self.attend_sorted(query_key, value, sorted_positions, attention_mask, lsh_unchunked)
@@ -72,12 +72,19 @@ class LSHSelfAttention(nn.Module):
         return out.reshape(batch, length, -1), buckets
 
     def hash_vectors(self, vectors: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """B, H, L, D -> buckets B, H, N, L. Padding gets its own bucket, after all others.
+        """B, L, H*D as projected -> buckets B, H, N, L. Padding gets its own bucket, after all others.
+        Every head's vectors go through that head's rotations in one matrix product against the block-diagonal
+        of the rotations: no transposed copy of the vectors, and a plain MatMul in ONNX, where the per-head
+        einsum was an Einsum that ONNX Runtime CPU runs on one thread (5.7 of 193 profiled ms for `small` at
+        4,096 tokens and 2 threads). The zero blocks add exact zeros; the extra multiplications are H times a
+        product of width N*R/2, small beside the projections.
         Half-precision vectors are hashed in fp32: rounding the rotated projections to fp16 before the argmax
         made ~40% more bucket flips against ONNX Runtime (which projects in fp32) on the `small` benchmark
         model at 4,096 tokens (367 against 226 over 10 inputs), and moved eager further from the exact hash."""
-        vectors = vectors.float()
-        rotated = torch.einsum("bhld,hdnr->bhnlr", vectors, self.rotations.float())  # B, H, N, L, R/2
+        batch, length, _ = vectors.shape
+        rotations = self.rotations.float().flatten(2)  # H, D, N*R/2
+        rotated = torch.matmul(vectors.float(), torch.block_diag(*rotations.unbind(0)))  # B, L, H*N*R/2
+        rotated = rotated.view(batch, length, self.num_heads, self.num_hashes, -1)  # B, L, H, N, R/2
         buckets = None
         for start, half, stride in bucket_factor_slices(self.bucket_factors):
             part = rotated[..., start : start + half]
@@ -87,6 +94,7 @@ class LSHSelfAttention(nn.Module):
             positive_wins = torch.amax(part, dim=-1) >= -torch.amin(part, dim=-1)
             factor_buckets = torch.where(positive_wins, torch.argmax(part, dim=-1), torch.argmin(part, dim=-1) + half)
             buckets = factor_buckets if buckets is None else buckets + stride * factor_buckets
+        buckets = buckets.permute(0, 2, 3, 1)  # B, H, N, L
         return buckets.masked_fill(~attention_mask[:, None, None, :], self.padding_bucket)
 
     def attend_sorted(
@@ -126,46 +134,62 @@ class LSHSelfAttention(nn.Module):
         with_log_normalizer = self.num_hashes > 1
         if flex_applies(self.attn_implementation, self.training):
             def score_with_mask(score, b, h, k, c, w):
-                allowed, not_self = self.masks(key_allowed[b, h, k, w], in_window[w], query_positions[b, h, k, c],
-                                               key_positions[b, h, k, w])
-                return mask_scores(score, allowed, not_self, sorted_query.dtype)
+                query_position, key_position = query_positions[b, h, k, c], key_positions[b, h, k, w]
+                allowed = self.allowed(key_allowed[b, h, k, w], in_window[w], query_position, key_position)
+                return mask_scores(score, allowed, self.not_self(in_window[w], query_position, key_position),
+                                   sorted_query.dtype)
 
             out, log_normalizer = flex_chunk_attend(sorted_query, sorted_key, sorted_value, score_with_mask, scale=1.0,
                                                     with_log_normalizer=with_log_normalizer)
         else:
-            allowed, not_self = self.masks(key_allowed.unsqueeze(-2), in_window, query_positions.unsqueeze(-1),
-                                           key_positions.unsqueeze(-2))  # B, H, N*K, 1 or C, W; B, H, N*K, C, W
-            out, log_normalizer = self.eager_attend(sorted_query, sorted_key, sorted_value, allowed, not_self,
-                                                    dropout, with_log_normalizer)
+            query_position, key_position = query_positions.unsqueeze(-1), key_positions.unsqueeze(-2)
+            allowed = self.allowed(key_allowed.unsqueeze(-2), in_window, query_position,
+                                   key_position)  # B, H, N*K, C, W
+            if with_log_normalizer:
+                not_self = self.not_self(in_window, query_position, key_position)  # B, H, N*K, C, W
+                out, log_normalizer = masked_softmax_attend(sorted_query, sorted_key, sorted_value, allowed, not_self,
+                                                            dropout, dropout > 0, with_log_normalizer=True)
+            else:
+                # Without a log-sum-exp the fused attention op applies, with the masks as one added bias. That is
+                # exact: every row keeps its own position (at the self-mask value), so a masked key's probability
+                # is 0 and a row that sees only itself gives it probability 1, as masking gives.
+                is_self = self.single_round_self(window_slots, in_window,
+                                                 length_as_tensor(query_positions, 2))  # C, W
+                bias = mask_bias(allowed, sorted_query.dtype, is_self)
+                out, log_normalizer = ops.attend(sorted_query, sorted_key, sorted_value, bias, scale=1.0,
+                                                 dropout=dropout), None
         out = out.view(batch, heads, rounds, length, self.head_size)
         if log_normalizer is None:
             return out, None
         return out, log_normalizer.view(batch, heads, rounds, length)
 
-    def masks(self, key_allowed: torch.Tensor, in_window: torch.Tensor, query_position: torch.Tensor,
-              key_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which keys each query may attend to (not padding, inside the window, and in a causal model not after
-        the query), and which keys are not the query itself. Broadcasts, from whole windows (eager) down to
-        single scores (FlexAttention's score_mod)."""
+    def allowed(self, key_allowed: torch.Tensor, in_window: torch.Tensor, query_position: torch.Tensor,
+                key_position: torch.Tensor) -> torch.Tensor:
+        """Which keys each query may attend to: not padding, inside the window, and in a causal model not after
+        the query. Broadcasts, from whole windows (eager) down to single scores (FlexAttention's score_mod)."""
         allowed = key_allowed & in_window
         if self.is_decoder:
             allowed = allowed & (query_position >= key_position)
-        # Copies of the query outside the window must stay masked, not fall back to the self-mask value.
-        not_self = (query_position != key_position) | ~in_window
-        return allowed, not_self
+        return allowed
 
-    def eager_attend(self, query, key, value, allowed, not_self, dropout: float, with_log_normalizer: bool):
-        """Chunk attention as matrix products and a softmax: query B, H, N*K, C, D; key and value
-        B, H, N*K, W, D -> out B, H, N*K, C, D and, when asked, log-normalisers B, H, N*K, C."""
-        if with_log_normalizer:
-            return masked_softmax_attend(query, key, value, allowed, not_self, dropout, dropout > 0,
-                                         with_log_normalizer=True)
-        # Without a log-sum-exp the fused attention op applies, with the masks as one added bias. That is
-        # exact: every row keeps its own position (at the self-mask value), so a masked key's probability is 0
-        # and a row that sees only itself gives it probability 1, as masking gives.
-        bias = torch.where(not_self, mask_bias(allowed, query.dtype), SELF_MASK_VALUE[query.dtype])
-        return ops.attend(query, key, value, bias, scale=1.0, dropout=dropout), None
+    @staticmethod
+    def not_self(in_window: torch.Tensor, query_position: torch.Tensor, key_position: torch.Tensor) -> torch.Tensor:
+        """Which keys are not the query itself. Copies of the query outside the window must stay masked, not
+        fall back to the self-mask value."""
+        return (query_position != key_position) | ~in_window
 
+    def single_round_self(self, window_slots: torch.Tensor, in_window: torch.Tensor, chunk_count: torch.Tensor
+                          ) -> torch.Tensor:
+        """`~not_self` for one hashing round, without comparing positions: C, W, the same for every chunk.
+        Bucket order is then a permutation of the positions, so query c of chunk k meets its own position in
+        window slot w exactly where slot w lies in a copy of chunk k (its chunk offset is a multiple of the
+        chunk count K, which happens more than once when K is smaller than the window) at row c. Saves a
+        full-size comparison and the select it fed."""
+        rows = torch.arange(self.chunk_length, device=window_slots.device)  # C
+        chunk_offset = torch.div(window_slots, self.chunk_length, rounding_mode="floor") - self.chunks_before  # W
+        own_copy = torch.remainder(chunk_offset, chunk_count) == 0  # W
+        same_row = torch.remainder(window_slots, self.chunk_length) == rows[:, None]  # C, W
+        return same_row & own_copy & in_window
 
 def bucket_factor_slices(factors: list[int]) -> list[tuple[int, int, int]]:
     """For each factor of a (factorised) bucket count: where its rotations start in the R/2 axis, how many it
