@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 import onnx
 import onnx_ir as ir
 import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnxscript.optimizer import fold_constants
 
 from reformer.files import publish, staging_folder
 
@@ -108,9 +110,25 @@ def to_onnx_model(
         custom_translation_table=ops.translation_table(mode), verbose=False,
     )
     lowerings = ops.apply_lowerings(onnx_program.model, mode, context)
+    fold_constant_layouts(onnx_program.model)
     if not trace_metadata:
         strip_trace_metadata(onnx_program.model)
     return onnx_program.model, lowerings
+
+
+def fold_constant_layouts(model: ir.Model) -> None:
+    """Fold, in place, what the inlined lowerings compute from constants alone: small shape arithmetic as the
+    exporter's own optimizer does, and every Reshape or Transpose of a constant that nothing else reads (a
+    weight regrouped per head), whatever its size, since the folded copy replaces the original in the file.
+    ONNX Runtime would fold them when it loads the graph; folding here keeps the file's node list to what runs."""
+    def relayouts_a_constant(node: ir.Node) -> bool | None:
+        data = node.inputs[0] if node.inputs else None
+        if node.op_type in ("Reshape", "Transpose") and data is not None and len(data.uses()) == 1:
+            return True  # the folder calls this only once every input is constant
+        return None  # the folder's own rules, with its size limits
+
+    fold_constants(model, should_fold=relayouts_a_constant)
+    RemoveUnusedNodesPass()(model)
 
 
 def strip_trace_metadata(model: ir.Model) -> None:

@@ -34,3 +34,15 @@ def attend(
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale + bias
     probs = torch.nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=dropout > 0)
     return torch.matmul(probs, value)
+
+
+def project_heads_into_chunks(hidden_states: torch.Tensor, weight: torch.Tensor, num_heads: int, chunk_length: int
+                              ) -> torch.Tensor:
+    """hidden_states B, L, hidden through a bias-free projection (weight H*D, hidden), split into heads and
+    chunks: B, H, K, C, D (L a multiple of C). Eager views the projection; ONNX has no views, so its lowering
+    multiplies by each head's rows at once instead of transposing the projection afterwards."""
+    batch, head_size = hidden_states.shape[0], weight.shape[0] // num_heads
+    projected = torch.nn.functional.linear(hidden_states, weight)  # B, L, H*D
+    # Splitting before transposing keeps every view of a contiguous tensor, which torch.export can check for
+    # any K.
+    return projected.view(batch, -1, chunk_length, num_heads, head_size).permute(0, 3, 1, 2, 4)

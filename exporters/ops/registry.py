@@ -78,10 +78,12 @@ class RegisteredOp:
 class CustomOp(RegisteredOp):
     """name: the function's name in `reformer.ops`; onnx_name: the op's name in the custom domain;
     lowerings: functions of the LoweringContext giving the op's ONNX function body. Every registered op returns
-    one tensor of its first input's dtype and shape; the model passes its non-tensor arguments by keyword,
-    and they become the node's attributes."""
+    one tensor of its first input's dtype, and of its first input's shape unless `output_shape` (given the
+    op's inputs and attributes) says otherwise; the model passes its non-tensor arguments by keyword, and they
+    become the node's attributes."""
 
     onnx_name: str = ""
+    output_shape: Callable[..., tuple] | None = None
 
     @property
     def eager(self) -> Callable[..., torch.Tensor]:
@@ -92,10 +94,11 @@ class CustomOp(RegisteredOp):
     def placeholder(self, *inputs: torch.Tensor, **attributes) -> torch.Tensor:
         """The custom-domain node, with the function's keyword arguments as its attributes."""
         first = inputs[0]
+        shape = first.shape if self.output_shape is None else self.output_shape(*inputs, **attributes)
         # torch.onnx.ops.symbolic's fake result is made on the CPU whatever its input's device; a CUDA export
         # then fails on the first op that mixes it with a CUDA tensor. Moving it adds no node on the CPU.
         return torch.onnx.ops.symbolic(
-            f"{DOMAIN}::{self.onnx_name}", inputs, attributes, dtype=first.dtype, shape=first.shape,
+            f"{DOMAIN}::{self.onnx_name}", inputs, attributes, dtype=first.dtype, shape=shape,
             version=DOMAIN_VERSION,
         ).to(first.device)
 

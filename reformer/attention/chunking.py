@@ -32,13 +32,6 @@ def split_chunks(x: torch.Tensor, chunk_length: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], -1, chunk_length, *x.shape[3:])
 
 
-def split_heads_into_chunks(x: torch.Tensor, num_heads: int, head_size: int, chunk_length: int) -> torch.Tensor:
-    """B, L, H*D -> B, H, K, C, D. Splitting before transposing keeps every view of a contiguous tensor,
-    which torch.export can check for any K."""
-    batch = x.shape[0]
-    return x.view(batch, -1, chunk_length, num_heads, head_size).permute(0, 3, 1, 2, 4)
-
-
 def length_as_tensor(x: torch.Tensor, dim: int) -> torch.Tensor:
     """x.shape[dim] as a 1-element int64 tensor: exporters lower tensor arithmetic on it (e.g. tensor %
     tensor), not on a SymInt."""

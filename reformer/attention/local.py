@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import ReformerConfig
 from .. import ops
-from .chunking import look_adjacent, mask_bias, merge_heads, split_chunks, split_heads_into_chunks
+from .chunking import look_adjacent, mask_bias, merge_heads, split_chunks
 from .flex import flex_applies, flex_chunk_attend
 
 
@@ -31,10 +31,9 @@ class LocalSelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """hidden_states B, L, hidden with L a multiple of C; attention_mask B, L (bool) -> B, L, H*D."""
-        shape = (self.num_heads, self.head_size, self.chunk_length)
-        query = split_heads_into_chunks(self.query(hidden_states), *shape)  # B, H, K, C, D
-        key = split_heads_into_chunks(self.key(hidden_states), *shape)
-        value = split_heads_into_chunks(self.value(hidden_states), *shape)
+        query, key, value = (ops.project_heads_into_chunks(hidden_states, projection.weight, num_heads=self.num_heads,
+                                                          chunk_length=self.chunk_length)
+                             for projection in (self.query, self.key, self.value))  # B, H, K, C, D
         key = look_adjacent(key, self.chunks_before, self.chunks_after)  # B, H, K, W, D
         value = look_adjacent(value, self.chunks_before, self.chunks_after)  # B, H, K, W, D
 

@@ -1,11 +1,11 @@
 """Every registered op under every lowering, exported alone to ONNX and run in ONNX Runtime (CPU) against
 its eager implementation, on shapes other than the export's: length 1, odd lengths, ties in buckets.
 
-Tolerances: the index ops must match exactly (they are permutations). logsumexp: 2 ulps of the dtype relative
-to the value (eager and the lowering both reduce in fp32 and round once; fp32 sums of up to 16 terms differ by
-an ulp or so in order of summation). attend: 8 ulps of the dtype, relative and absolute (outputs are convex
-combinations of values of size ~1: the lowerings sum the same products in other orders, and the fused kernel
-scales the product instead of the keys)."""
+Tolerances: the index ops must match exactly (they are permutations). logsumexp and
+project_heads_into_chunks: 2 ulps of the dtype relative to the value (eager and the lowering both reduce in
+fp32 and round once; fp32 sums of up to 16 terms differ by an ulp or so in order of summation). attend: 8
+ulps of the dtype, relative and absolute (outputs are convex combinations of values of size ~1: the lowerings
+sum the same products in other orders, and the fused kernel scales the product instead of the keys)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,17 @@ def attention_inputs(shape, generator, dtype):
     return query, key, value, bias
 
 
+PROJECTION_CHUNK = 4
+
+
+def projection_inputs(shape, generator, dtype):
+    """hidden states B, L, 12 with L = 4 * (shape's length), and a bias-free projection's weight for 3 heads
+    of 2 dimensions (6, 12)."""
+    batch, _, _, chunks = shape
+    hidden_states = torch.randn(batch, chunks * PROJECTION_CHUNK, 12, generator=generator)
+    return hidden_states.to(dtype), torch.randn(6, 12, generator=generator).to(dtype)
+
+
 def masked_scores(shape, generator, dtype):
     scores = 4 * torch.randn(shape, generator=generator)
     masked = torch.rand(shape, generator=generator) < 0.3
@@ -58,14 +69,18 @@ def masked_scores(shape, generator, dtype):
     return scores.to(dtype)
 
 
-# op name -> (input maker, dtypes, keyword arguments); a maker returns a tensor or a tuple of them, each with its
-# batch on axis 0 and its length (or chunks) on axis 3 (one tensor) or 2 (several), the exported dynamic axes.
-# A registered op missing here fails test_every_op_has_inputs.
+# op name -> (input maker, dtypes, keyword arguments[, dynamic axes]); a maker returns a tensor or a tuple of
+# them. Dynamic axes, per input: {axis: "batch", "length" or "chunks" (a length of whole chunks)}; by default
+# each input has its batch on axis 0 and its length (or chunks) on axis 3 (one tensor) or 2 (several). A
+# registered op missing here fails test_every_op_has_inputs.
 INPUTS = {
     "sort_by_bucket": (buckets_with_ties, [torch.int64], {}),
     "invert_permutation": (random_permutations, [torch.int64], {}),
     "logsumexp": (masked_scores, [torch.float32, torch.float16], {}),
     "attend": (attention_inputs, [torch.float32, torch.float16], {"scale": 0.4, "dropout": 0.0}),
+    "project_heads_into_chunks": (projection_inputs, [torch.float32, torch.float16],
+                                  {"num_heads": 3, "chunk_length": PROJECTION_CHUNK},
+                                  [{0: "batch", 1: "chunks"}, {}]),
 }
 
 
@@ -93,6 +108,7 @@ class OneOp(nn.Module):
         super().__init__()
         self.op = op
         self.keywords = INPUTS[op.name][2]
+        self.dynamic_axes = INPUTS[op.name][3] if len(INPUTS[op.name]) > 3 else None
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.op.eager(*inputs, **self.keywords)
@@ -123,9 +139,13 @@ def check_lowering(op, lowering, context, dtype, tmp_path, opset):
     module = OneOp(op)
     example = make_inputs(op, EXPORT_SHAPE, dtype)
     names = [f"x{index}" for index in range(len(example))]
-    length_axis = 3 if len(example) == 1 else 2
     batch, length = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=1, max=64)
-    dims = tuple({0: batch, length_axis: length} for _ in example)
+    if module.dynamic_axes is None:
+        length_axis = 3 if len(example) == 1 else 2
+        dims = tuple({0: batch, length_axis: length} for _ in example)
+    else:
+        named = {"batch": batch, "length": length, "chunks": PROJECTION_CHUNK * length}
+        dims = tuple({axis: named[name] for axis, name in axes.items()} for axes in module.dynamic_axes)
     model, chosen = to_onnx_model(
         lambda: torch.export.export(module, example, dynamic_shapes=(dims,)),  # one entry: forward(*inputs)
         lowering, context, opset=opset, output_names=["y"], input_names=names,
