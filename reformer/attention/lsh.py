@@ -156,8 +156,8 @@ class LSHSelfAttention(nn.Module):
                 is_self = self.single_round_self(window_slots, in_window,
                                                  length_as_tensor(query_positions, 2))  # C, W
                 bias = mask_bias(allowed, sorted_query.dtype, is_self)
-                out, log_normalizer = ops.attend(sorted_query, sorted_key, sorted_value, bias, scale=1.0,
-                                                 dropout=dropout), None
+                out = ops.attend(sorted_query, sorted_key, sorted_value, bias, scale=1.0, dropout=dropout)
+                log_normalizer = None
         out = out.view(batch, heads, rounds, length, self.head_size)
         if log_normalizer is None:
             return out, None
@@ -190,6 +190,7 @@ class LSHSelfAttention(nn.Module):
         own_copy = torch.remainder(chunk_offset, chunk_count) == 0  # W
         same_row = torch.remainder(window_slots, self.chunk_length) == rows[:, None]  # C, W
         return same_row & own_copy & in_window
+
 
 def bucket_factor_slices(factors: list[int]) -> list[tuple[int, int, int]]:
     """For each factor of a (factorised) bucket count: where its rotations start in the R/2 axis, how many it
