@@ -21,9 +21,10 @@ def time_interleaved(calls: dict[str, Callable[[], object]], device: str, warmup
     """Milliseconds of each timed run of each call, after `warmup` untimed runs of each: the calls take turns,
     one run each per round, for at least min_runs rounds, then more until max_runs or about
     SECONDS_PER_RUNTIME per call. Taking turns puts every runtime through the same spells of a shared
-    machine's load; timing one runtime after another let a busy spell land on one of them alone (our eager's
-    median at 4,096 tokens on the 2-core CPU moved by 15% between such runs). Each run lies between a device
-    synchronisation and a clock read: CUDA events would miss ONNX Runtime's own stream."""
+    machine's load; timing one runtime after another let a busy spell land on one of them alone (on the
+    shared 2-core CPU, our eager's one-thread median at 4,096 tokens ranged from 312 to 397 ms over one day's
+    runs). Each run lies between a device synchronisation and a clock read: CUDA events would miss ONNX
+    Runtime's own stream."""
     for call in calls.values():
         for _ in range(warmup):
             call()
