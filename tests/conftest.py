@@ -23,9 +23,30 @@ KNOWN_WARNINGS = (
 )
 
 
+# Where set, every ONNX Runtime session the tests open without choosing its intra-op threads gets this many
+# (benchmarks/kernel_sweep.py runs the suite with 1 and with 2).
+ORT_THREADS_VARIABLE = "REFORMER_TEST_ORT_THREADS"
+
+
 def pytest_configure(config):
     for line in KNOWN_WARNINGS:
         config.addinivalue_line("filterwarnings", line)
+    if os.environ.get(ORT_THREADS_VARIABLE):
+        pin_onnx_runtime_threads(int(os.environ[ORT_THREADS_VARIABLE]))
+
+
+def pin_onnx_runtime_threads(threads: int) -> None:
+    import onnxruntime
+
+    opened = onnxruntime.InferenceSession.__init__
+
+    def open_with_threads(self, path_or_bytes, sess_options=None, *args, **kwargs):
+        options = sess_options or onnxruntime.SessionOptions()
+        if not options.intra_op_num_threads:
+            options.intra_op_num_threads = threads
+        opened(self, path_or_bytes, options, *args, **kwargs)
+
+    onnxruntime.InferenceSession.__init__ = open_with_threads
 
 
 def pytest_collection_modifyitems(config, items):

@@ -58,11 +58,13 @@ def test_quick_cpu_run_prints_the_table_and_writes_the_results(tmp_path):
     assert all(row["length"] == 32 and row["runs"] >= MIN_RUNS and row["median_ms"] > 0
                for row in benchmarks.values())
     assert benchmarks["onnxruntime"]["providers"] == ["CPUExecutionProvider"]
-    # Free-running at the timed shape, as information (the verification rows carry the verdict).
-    assert benchmarks["onnxruntime"]["max_abs"] <= 1e-5 and benchmarks["torchscript"]["max_abs"] == 0
+    # Free-running at the timed shape, as information (the verification rows carry the verdict): within the
+    # verifier's own fp32 tolerance, and TorchScript bitwise (eager's own kernels in the same process).
+    tolerance = min(row["tolerance"] for row in results["verification"])
+    assert benchmarks["onnxruntime"]["max_abs"] <= tolerance and benchmarks["torchscript"]["max_abs"] == 0
     assert benchmarks["onnxruntime"]["flips"] == benchmarks["torchscript"]["flips"] == "-"  # deployment graphs
     # transformers' Reformer with our weights and config: the same function, to float rounding at most.
-    assert benchmarks["transformers"]["max_abs"] <= 1e-5 and benchmarks["transformers"]["flips"] == "-"
+    assert benchmarks["transformers"]["max_abs"] <= tolerance and benchmarks["transformers"]["flips"] == "-"
     (cost,) = results["cost"]  # graph_cost's figures at the benchmarked shape
     assert (cost["model"], cost["length"], cost["threads"]) == ("tiny", 32, 1)
     assert cost["graph_nodes"] >= cost["executed_nodes"] > 0 and cost["bytes_written"] > 0

@@ -305,7 +305,9 @@ def test_exported_torchscript_matches_eager_of_the_named_model(tmp_path, monkeyp
     with torch.no_grad():
         expected = resolved.model(input_ids=input_ids, attention_mask=attention_mask).logits
         actual = torch.jit.load(str(tmp_path / "lm.pt"))(input_ids, attention_mask)[0]
-    assert (expected - actual).abs().max().item() <= 1e-5
+    # Bitwise: the traced graph calls eager's own ATen kernels on the same shapes in this process (torch aligns
+    # every buffer to 64 bytes, so MKL takes the same paths), and rounds exactly as eager does.
+    assert torch.equal(expected, actual), f"max abs diff {(expected - actual).abs().max().item():.3g}"
 
 
 def test_aoti_package_exports_verifies_and_reports_its_compile_time(tmp_path, monkeypatch):
@@ -372,15 +374,16 @@ def test_failed_verification_exits_non_zero(keep_failed, tmp_path, monkeypatch):
 
 def test_transformers_checkpoint_exports_through_the_cli_and_matches_the_reference(tmp_path, monkeypatch):
     """Acceptance 2: a directory written by transformers' save_pretrained, exported to ONNX by the CLI, against
-    the reference's eager output with the same hash_seed: max abs <= 1e-4 (our model matches the reference
-    within 1e-5, the graph matches our model within 1e-5; see tests/exporters/test_onnx.py)."""
+    the reference's eager output with the same hash_seed, within the first-order rounding bound of our model's
+    computation (the graph and the reference each evaluate the same math within half of it; tests/rounding.py)."""
     import onnxruntime
 
     from reference import reference_and_ours
+    from rounding import assert_within, rounding_bound
     from tiny_configs import CASES_BY_NAME, make_inputs
 
     case = CASES_BY_NAME["lm_mixed"]
-    reference, _ = reference_and_ours(case, tmp_path / "checkpoint")
+    reference, ours = reference_and_ours(case, tmp_path / "checkpoint")
     monkeypatch.chdir(tmp_path)
     result = run_cli(["--model", str(tmp_path / "checkpoint"), "--format", "onnx", "--output", "lm.onnx"])
     assert result.exit_code == 0, result.output
@@ -389,9 +392,8 @@ def test_transformers_checkpoint_exports_through_the_cli_and_matches_the_referen
     with torch.no_grad():
         expected = reference(input_ids=input_ids, attention_mask=attention_mask).logits
     actual = session.run(["logits"], {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]
-    keep = attention_mask.bool()
-    difference = (expected[keep] - torch.from_numpy(actual)[keep]).abs().max().item()
-    assert difference <= 1e-4, f"max abs diff {difference:.3g}"
+    bound = rounding_bound(lambda: ours(input_ids=input_ids, attention_mask=attention_mask).logits)
+    assert_within(actual, expected, bound, "logits", attention_mask.bool())
 
 
 def test_hub_id_exports_under_its_model_name(tmp_path, monkeypatch, hub_cache):

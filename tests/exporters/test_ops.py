@@ -1,11 +1,12 @@
 """Every registered op under every lowering, exported alone to ONNX and run in ONNX Runtime (CPU) against
 its eager implementation, on shapes other than the export's: length 1, odd lengths, ties in buckets.
 
-Tolerances: the index ops must match exactly (they are permutations). logsumexp and
-project_heads_into_chunks: 2 ulps of the dtype relative to the value (eager and the lowering both reduce in
-fp32 and round once; fp32 sums of up to 16 terms differ by an ulp or so in order of summation). attend: 8
-ulps of the dtype, relative and absolute (outputs are convex combinations of values of size ~1: the lowerings
-sum the same products in other orders, and the fused kernel scales the product instead of the keys)."""
+Tolerances: the index ops must match exactly (they are permutations). The float ops (logsumexp, attend,
+project_heads_into_chunks) within the first-order rounding bound of their eager computation, element by element
+(tests/rounding.py): sums and products bounded by n eps sum|terms|, not by the result, whose magnitude says
+nothing when terms cancel (a projection's sum of 12 products of size ~1 can be 1e-2). The lowerings sum the
+same products in other orders, with other kernels per processor, and the fused attention kernel scales the
+product instead of the keys."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 from exporters import ops
 from exporters.onnx import to_onnx_model
 from reformer.attention.chunking import MASK_VALUE, SELF_MASK_VALUE
+from rounding import assert_within, rounding_bound
 
 EXPORT_SHAPE = (2, 2, 3, 5)  # B, H, N, L; B and L dynamic
 RUN_SHAPES = [(1, 2, 3, 1), (2, 2, 3, 7), (3, 2, 3, 16)]
@@ -164,9 +166,7 @@ def check_lowering(op, lowering, context, dtype, tmp_path, opset):
         got = torch.from_numpy(session.run(None, {name: x.numpy() for name, x in zip(names, inputs)})[0])
         want = module(*inputs)
         if want.dtype.is_floating_point:
-            ulps = 8 if op.name == "attend" else 2
-            eps = torch.finfo(want.dtype).eps
-            torch.testing.assert_close(got.float(), want.float(), rtol=ulps * eps, atol=ulps * eps)
+            assert_within(got, want, rounding_bound(module, *inputs), f"{op.name} at shape {shape}")
         else:
             assert torch.equal(got, want), f"{op.name} differs at shape {shape}"
 
@@ -187,3 +187,15 @@ def test_placeholders_stay_on_their_input_device():
                                  example_inputs(config, 32, "meta"), 32)
     targets = {str(node.target) for node in program.graph.nodes}
     assert any("onnx_symbolic" in target for target in targets)  # the placeholders are in the graph
+
+
+@pytest.mark.parametrize("name", [name for name, (_, dtypes, *_) in INPUTS.items() if torch.float32 in dtypes])
+def test_the_bound_rejects_an_input_off_by_one_part_in_ten_thousand(name):
+    """The tolerance must still catch a wrong lowering: scaling the first input by 1 + 1e-4 (a lowering that
+    read a slightly wrong scale or weight) moves the outputs past the rounding bound."""
+    module = OneOp(ops.REGISTRY[name])
+    inputs = make_inputs(module.op, RUN_SHAPES[-1], torch.float32)
+    bound = rounding_bound(module, *inputs)
+    off = module(inputs[0] * (1 + 1e-4), *inputs[1:])
+    with pytest.raises(AssertionError, match="rounding bound"):
+        assert_within(off, module(*inputs), bound)
