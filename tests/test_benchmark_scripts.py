@@ -231,3 +231,23 @@ def test_serving_benchmark_refuses_fewer_requests_than_clients_in_one_line():
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [
         "serving.py: error: every --clients must be at least 1, and --requests at least the largest (see --help)"]
+
+
+def test_kernel_sweep_counts_moved_comparisons_and_planted_defects():
+    """benchmarks/kernel_sweep: a comparison moves when its largest gap differs from the first setting's; the
+    closest approach to a bound leaves out comparisons outside it, which are counted on their own."""
+    from benchmarks.kernel_sweep import tables
+
+    def run(setting, gaps_and_ratios):
+        records = [{"test": f"tests/test_{name}.py::case", "label": name, "gap": gap, "ratio": ratio}
+                   for name, (gap, ratio) in gaps_and_ratios.items()]
+        return {"setting": setting, "summary": "2 passed", "seconds": 1.0, "records": records}
+
+    first = run("as is", {"a": (1e-7, 0.1), "b": (0.0, 0.0), "planted": (1e-3, 50.0)})
+    other = run("aten default", {"a": (2e-7, 0.2), "b": (0.0, 0.0), "planted": (1e-3, 50.0)})
+    header, rows, _, module_rows = tables([first, other])
+    by_column = [dict(zip(header, row)) for row in rows]
+    assert [row["moved"] for row in by_column] == [0, 1] and by_column[1]["largest move"] == "1e-07"
+    assert [row["largest gap/bound within"] for row in by_column] == ["0.1", "0.2"]
+    assert [row["outside (planted)"] for row in by_column] == [1, 1]
+    assert dict(module_rows)["tests/test_a.py"] == "aten default" and dict(module_rows)["tests/test_b.py"] == "none"
