@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     print()
     print(text_table(module_header, module_rows))
     if options.out:
-        command = "python -m benchmarks.kernel_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = shlex.join(["python", "-m", "benchmarks.kernel_sweep", *(argv if argv is not None else sys.argv[1:])])
         Path(options.out).write_text(
             f"# The suite under kernel and thread settings\n\n`{command}`\n\n{machine}; load average "
             f"{load_average()} at the end.\n\n{markdown_table(header, rows)}\n\n"
