@@ -76,7 +76,8 @@ MULTIPLICATIONS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tens
                    torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__rtruediv__}
 IN_PLACE = {torch.Tensor.add_: torch.Tensor.add, torch.Tensor.sub_: torch.Tensor.sub,
             torch.Tensor.mul_: torch.Tensor.mul, torch.Tensor.div_: torch.Tensor.div}
-# Ops that do not round, as our model and the reference call them (dropout only in eval, the identity there).
+# Ops that do not round, as our model and the reference call them (dropout only in eval, the identity there;
+# detach, which cuts the derivatives, only where hashing reads the vectors, whose buckets are compared exactly).
 EXACT = {
     torch.Tensor.__getitem__, torch.Tensor.detach, torch.Tensor.expand, torch.Tensor.expand_as,
     torch.Tensor.flatten, torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.permute,
