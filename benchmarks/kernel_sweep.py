@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     parser = OneLineErrors(prog="python -m benchmarks.kernel_sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tests", nargs="*", default=["tests"], help="what pytest runs (default: the suite)")
     parser.add_argument("--settings", default=",".join(SETTINGS),
-                        help=f"comma-separated, the first is the one the others are compared with: {', '.join(SETTINGS)}")
+                        help="comma-separated, the first is the one the others are compared with: "
+                             + ", ".join(SETTINGS))
     parser.add_argument("--out", help="also write the tables, the machine and the command to this markdown file")
     options = parser.parse_args(argv)
     settings = [name.strip() for name in options.settings.split(",")]

@@ -94,7 +94,8 @@ def test_transcendental_functions_are_within_the_assumed_ulps(op):
     x = np.random.default_rng(0).uniform(low, high, 100_000).astype(np.float32)
     exact = exact_function(x.astype(np.float64))
     ulp = np.spacing(np.abs(exact.astype(np.float32))).astype(np.float64)
-    for runtime, got in [("onnxruntime", onnx_runtime_function(op)(x)), ("torch", torch_function(torch.from_numpy(x)).numpy())]:
+    results = {"onnxruntime": onnx_runtime_function(op)(x), "torch": torch_function(torch.from_numpy(x)).numpy()}
+    for runtime, got in results.items():
         error = (np.abs(got.astype(np.float64) - exact) / ulp).max()
         assert error <= rounding.ULPS_TRANSCENDENTAL / 2, f"{runtime} {op}: {error:.2f} ulps"
 

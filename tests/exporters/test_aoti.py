@@ -6,8 +6,9 @@ AOTI_RUNTIME_CHECK_INPUTS=1, so it also checks each input's shape against the ra
 
 Tolerance: the first-order rounding bound of eager's computation, element by element (tests/rounding.py).
 Inductor fuses and reorders float operations, so unlike TorchScript the package is not bitwise equal to eager;
-measured differences on these models are below 1e-6. Per-position outputs are compared where the mask keeps the position (tests/reformer/test_parity.py);
-buckets must agree exactly there (no near-ties at these inputs: the verifier's twin covers those, tested below).
+measured differences on these models are below 1e-6. Per-position outputs are compared where the mask keeps
+the position (tests/reformer/test_parity.py); buckets must agree exactly there (no near-ties at these inputs:
+the verifier's twin covers those, tested below).
 
 Cost: one compile takes 15 to 150 s on 2 cores, more with more LSH layers and rounds (Inductor's C++ code
 generation simplifies the symbolic index expressions of the dynamic shapes; pytorch/pytorch#186319). The default

@@ -3,8 +3,9 @@
 The trace is taken at batch 2 and one length (see exporters.specs.example_length); the loaded module is
 run at other batch sizes and at lengths shorter than one chunk, odd, and maximal, with padded masks.
 Tolerance: the first-order rounding bound of eager's computation, element by element (tests/rounding.py; in
-practice the traced graph runs the same kernels as eager, so the difference is 0). Per-position outputs are compared where the mask keeps the position (see
-tests/reformer/test_parity.py); buckets must agree exactly there."""
+practice the traced graph runs the same kernels as eager, so the difference is 0). Per-position outputs are
+compared where the mask keeps the position (see tests/reformer/test_parity.py); buckets must agree exactly
+there."""
 
 from __future__ import annotations
 

@@ -4,9 +4,10 @@ Each model is traced (and, once per model class, exported with dynamic batch and
 then run at batch sizes and lengths that cover: length 1, shorter than a chunk, not a multiple of the chunk
 length, and the maximum (32); with the masks of `make_inputs` (a hole and a padded tail) and with no
 padding. Tolerance: the first-order rounding bound of eager's computation, element by element
-(tests/rounding.py): graph and eager run the same ops, only kernel-level rounding separates them. Per-position outputs are compared where the mask keeps the position
-(see tests/reformer/test_parity.py for why masked positions are not defined); with an all-ones mask the
-graph is compared everywhere with eager called without any mask."""
+(tests/rounding.py): graph and eager run the same ops, only kernel-level rounding separates them.
+Per-position outputs are compared where the mask keeps the position (see tests/reformer/test_parity.py for
+why masked positions are not defined); with an all-ones mask the graph is compared everywhere with eager
+called without any mask."""
 
 import pytest
 import torch
