@@ -22,8 +22,9 @@ from .precision import model_as
 from .program import export_program
 from .specs import DEFAULT_OPSET, INPUT_NAMES, TaskSpec, graph_description, resolve_max_length, wrapper_example_inputs
 
-# ONNX Runtime runs every opset from 18 (torch.onnx's own lowest) up to 21 with the ops this graph uses.
-SUPPORTED_OPSETS = range(18, 22)
+# ONNX Runtime runs every opset from 18 (torch.onnx's own lowest) up to 23 (the first with ONNX's Attention op,
+# exporters.ops' "onnx-attention" lowering) with the ops this graph uses.
+SUPPORTED_OPSETS = range(18, 24)
 # A protobuf file cannot exceed 2 GiB; weights above this share (the graph needs the rest) go to a data file.
 EXTERNAL_DATA_THRESHOLD = int(0.9 * 2**31)
 METADATA_PREFIX = "reformer_export."
@@ -62,7 +63,7 @@ def export_onnx(
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported: choose {SUPPORTED_OPSETS[0]} to {SUPPORTED_OPSETS[-1]}")
     try:
-        ops.check_mode(custom_ops)
+        ops.check_mode(custom_ops, opset)
     except ValueError as error:
         raise ExportError(str(error)) from None
     path = Path(path)

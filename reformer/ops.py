@@ -46,3 +46,25 @@ def project_heads_into_chunks(hidden_states: torch.Tensor, weight: torch.Tensor,
     # Splitting before transposing keeps every view of a contiguous tensor, which torch.export can check for
     # any K.
     return projected.view(batch, -1, chunk_length, num_heads, head_size).permute(0, 3, 1, 2, 4)
+
+
+def attend_with_log_normalizer(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, not_self: torch.Tensor,
+    mask_value: float, self_mask_value: float, dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared query-key attention within chunks with the masks applied as the reference applies them, and the
+    log-sum-exp of each query's masked scores (LSH combines hashing rounds with it). query B, H, K, S, D; key
+    and value B, H, K, T, D (keys already scaled); allowed and not_self (bool) broadcast to B, H, K, S, T.
+    Scores take `mask_value` where a key is not allowed and `self_mask_value` where it is the query itself
+    (Reformer paper, section 2: a token attends to itself only when nothing else is allowed). Returns out
+    B, H, K, S, D and the log-sum-exp B, H, K, S.
+
+    The score tensor is the largest the model writes, so it is written as few times as possible: scores,
+    masked scores, probabilities (one softmax, an op runtimes have fast kernels for). The log-sum-exp comes
+    from what is already there, max(scores) - log(max(probabilities)), since the largest probability is
+    exp(max - log-sum-exp); it is at least 1/T, so its logarithm loses nothing."""
+    scores = torch.where(allowed, torch.matmul(query, key.transpose(-1, -2)), mask_value)
+    scores = torch.where(not_self, scores, self_mask_value)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(torch.nn.functional.dropout(probs, p=dropout, training=dropout > 0), value)
+    return out, torch.amax(scores, dim=-1) - torch.log(torch.amax(probs, dim=-1))

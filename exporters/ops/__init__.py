@@ -13,7 +13,9 @@ from . import attention, bucket_sort, logsumexp, permutation, projection  # noqa
 from .registry import (
     CUSTOM_OPS_MODES,
     DOMAIN,
+    KEPT_LOWERINGS,
     LOWERINGS,
+    MODE_MIN_OPSET,
     REGISTRY,
     AtenOverride,
     CustomOp,
@@ -25,6 +27,6 @@ from .registry import (
 )
 
 __all__ = [
-    "CUSTOM_OPS_MODES", "DOMAIN", "LOWERINGS", "REGISTRY", "AtenOverride", "CustomOp", "LoweringContext",
-    "apply_lowerings", "onnx_placeholders", "check_mode", "translation_table",
+    "CUSTOM_OPS_MODES", "DOMAIN", "KEPT_LOWERINGS", "LOWERINGS", "MODE_MIN_OPSET", "REGISTRY", "AtenOverride",
+    "CustomOp", "LoweringContext", "apply_lowerings", "onnx_placeholders", "check_mode", "translation_table",
 ]

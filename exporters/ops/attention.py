@@ -15,7 +15,9 @@ at 16,384 tokens (`python -m benchmarks.graph_cost --custom-ops ort`) it cut the
 from __future__ import annotations
 
 import onnxscript
+from onnxscript import FLOAT
 from onnxscript import opset18 as op
+from onnxscript import opset23 as op23
 
 from .registry import REFORMER_OPSET, CustomOp, register
 
@@ -47,9 +49,109 @@ def attend_multi_head_attention(query, key, value, bias, scale: float, dropout: 
     return op.Reshape(out, op.Shape(query))
 
 
+@onnxscript.script(opset=REFORMER_OPSET, default_opset=op23)
+def attend_onnx_attention(query, key, value, bias, scale: float, dropout: float):
+    rows, one_head = op23.Constant(value_ints=[-1]), op23.Constant(value_ints=[1])
+    queries, keys = op23.Shape(query, start=-2, end=-1), op23.Shape(key, start=-2, end=-1)
+    head_size = op23.Shape(query, start=-1)
+    # Every leading axis into Attention's batch, one head (B*, 1, S, D); the mask in full, float (added).
+    scores_shape = op23.Concat(op23.Shape(query, end=-1), keys, axis=0)
+    mask_rows = op23.Reshape(op23.Expand(bias, scores_shape), op23.Concat(rows, one_head, queries, keys, axis=0))
+    out = op23.Attention(
+        op23.Reshape(query, op23.Concat(rows, one_head, queries, head_size, axis=0)),
+        op23.Reshape(key, op23.Concat(rows, one_head, keys, head_size, axis=0)),
+        op23.Reshape(value, op23.Concat(rows, one_head, keys, head_size, axis=0)),
+        mask_rows, scale=scale,
+    )
+    return op23.Reshape(out, op23.Shape(query))
+
+
 register(CustomOp(
     name="attend",
     onnx_name="Attend",
-    lowerings={"standard": lambda context: attend_standard, "ort": lambda context: attend_multi_head_attention},
+    lowerings={"standard": lambda context: attend_standard, "ort": lambda context: attend_multi_head_attention,
+               "onnx-attention": lambda context: attend_onnx_attention},
     auto_lowering="standard",
+))
+
+
+@onnxscript.script(opset=REFORMER_OPSET, default_opset=op)
+def attend_with_log_normalizer_standard(query, key, value, allowed, not_self, mask_value: float,
+                                        self_mask_value: float, dropout: float):
+    scores = op.MatMul(query, op.Transpose(key, perm=[0, 1, 2, 4, 3]))
+    scores = op.Where(allowed, scores, op.CastLike(op.Constant(value_float=mask_value), query))
+    scores = op.Where(not_self, scores, op.CastLike(op.Constant(value_float=self_mask_value), query))
+    probs = op.Softmax(scores, axis=-1)
+    last = op.Constant(value_ints=[-1])
+    log_normalizer = op.Sub(op.ReduceMax(scores, last, keepdims=0), op.Log(op.ReduceMax(probs, last, keepdims=0)))
+    return op.MatMul(probs, value), log_normalizer
+
+
+@onnxscript.script(opset=REFORMER_OPSET, default_opset=op)
+def attend_with_log_normalizer_multi_head_attention(query, key, value, allowed, not_self, mask_value: float,
+                                                    self_mask_value: float, dropout: float):
+    raw_scores = op.MatMul(query, op.Transpose(key, perm=[0, 1, 2, 4, 3]))
+    scores = op.Where(allowed, raw_scores, op.CastLike(op.Constant(value_float=mask_value), query))
+    scores = op.Where(not_self, scores, op.CastLike(op.Constant(value_float=self_mask_value), query))
+    # The log-sum-exp of the masked scores, shifted by the row maximum (finite: the query's own key is at least
+    # the self-mask value) and in fp32 for every dtype, as torch's CPU softmax and logsumexp reduce fp16.
+    last = op.Constant(value_ints=[-1])
+    wide = op.Cast(scores, to=FLOAT.dtype)
+    row_max = op.ReduceMax(wide, last, keepdims=1)
+    log_normalizer = op.Add(op.Log(op.ReduceSum(op.Exp(op.Sub(wide, row_max)), last, keepdims=1)), row_max)
+    log_normalizer = op.CastLike(op.Squeeze(log_normalizer, last), query)
+    # The masks as the added bias: 0 exactly where a key is allowed (x - x), so the kernel's allowed scores are
+    # its own q k; elsewhere its scores land within an ulp of the mask values, which get probability 0 beside
+    # any allowed key, or share a row's probability among copies of the same self key (same value vector).
+    bias = op.Sub(scores, raw_scores)
+    rows = op.Constant(value_ints=[-1])
+    queries, keys = op.Shape(query, start=-2, end=-1), op.Shape(key, start=-2, end=-1)
+    head_size = op.Shape(query, start=-1)
+    out = MICROSOFT.MultiHeadAttention(
+        op.Reshape(query, op.Concat(rows, queries, head_size, axis=0)),
+        op.Reshape(key, op.Concat(rows, keys, head_size, axis=0)),
+        op.Reshape(value, op.Concat(rows, keys, head_size, axis=0)),
+        None, None, op.Reshape(bias, op.Concat(rows, op.Constant(value_ints=[1]), queries, keys, axis=0)),
+        num_heads=1, scale=1.0,
+    )
+    return op.Reshape(out, op.Shape(query)), log_normalizer
+
+
+@onnxscript.script(opset=REFORMER_OPSET, default_opset=op23)
+def attend_with_log_normalizer_onnx_attention(query, key, value, allowed, not_self, mask_value: float,
+                                              self_mask_value: float, dropout: float):
+    raw_scores = op23.MatMul(query, op23.Transpose(key, perm=[0, 1, 2, 4, 3]))
+    scores = op23.Where(allowed, raw_scores, op23.CastLike(op23.Constant(value_float=mask_value), query))
+    scores = op23.Where(not_self, scores, op23.CastLike(op23.Constant(value_float=self_mask_value), query))
+    # As in attend_with_log_normalizer_multi_head_attention.
+    last = op23.Constant(value_ints=[-1])
+    wide = op23.Cast(scores, to=FLOAT.dtype)
+    row_max = op23.ReduceMax(wide, last, keepdims=1)
+    log_normalizer = op23.Add(op23.Log(op23.ReduceSum(op23.Exp(op23.Sub(wide, row_max)), last, keepdims=1)), row_max)
+    log_normalizer = op23.CastLike(op23.Squeeze(log_normalizer, last), query)
+    bias = op23.Sub(scores, raw_scores)
+    rows, one_head = op23.Constant(value_ints=[-1]), op23.Constant(value_ints=[1])
+    queries, keys = op23.Shape(query, start=-2, end=-1), op23.Shape(key, start=-2, end=-1)
+    head_size = op23.Shape(query, start=-1)
+    out = op23.Attention(
+        op23.Reshape(query, op23.Concat(rows, one_head, queries, head_size, axis=0)),
+        op23.Reshape(key, op23.Concat(rows, one_head, keys, head_size, axis=0)),
+        op23.Reshape(value, op23.Concat(rows, one_head, keys, head_size, axis=0)),
+        op23.Reshape(bias, op23.Concat(rows, one_head, queries, keys, axis=0)), scale=1.0,
+    )
+    return op23.Reshape(out, op23.Shape(query)), log_normalizer
+
+
+def log_normalized_shapes(query, key, value, allowed, not_self, **attributes) -> list[tuple]:
+    return [(*query.shape[:-1], value.shape[-1]), tuple(query.shape[:-1])]
+
+
+register(CustomOp(
+    name="attend_with_log_normalizer",
+    onnx_name="AttendWithLogNormalizer",
+    lowerings={"standard": lambda context: attend_with_log_normalizer_standard,
+               "ort": lambda context: attend_with_log_normalizer_multi_head_attention,
+               "onnx-attention": lambda context: attend_with_log_normalizer_onnx_attention},
+    auto_lowering="standard",
+    output_shapes=log_normalized_shapes,
 ))

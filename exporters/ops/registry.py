@@ -13,11 +13,13 @@ model-local function when it has no kernel for the op; a host that registers a k
 `reformer::<OnnxName>` gets that kernel instead). TorchScript never sees the placeholders: it traces the
 eager functions as plain ATen ops.
 
-Lowerings: "standard" (every op has one, made of standard ONNX ops; a CustomOp's is inlined) and "ort" (only
-where it pays on ONNX Runtime; a CustomOp's stays a custom-domain node). Modes (`--custom-ops`): "standard"
-uses only standard lowerings; "ort" uses an op's "ort" lowering where it has one and its standard lowering
-otherwise; "auto" uses each op's `auto_lowering`: "ort" where that was measured to pay on ONNX Runtime (every
-runtime this project targets is ONNX Runtime, which runs model-local functions), "standard" where it did not.
+Lowerings: "standard" (every op has one, made of standard ONNX ops; a CustomOp's is inlined), "ort" (only
+where it may pay on ONNX Runtime; a CustomOp's stays a custom-domain node) and "onnx-attention" (the attention
+ops as the standard ONNX `Attention` op of opset 23, inlined like "standard": any runtime with opset 23 runs
+it). Modes (`--custom-ops`): "standard" uses only standard lowerings; "ort" and "onnx-attention" use an op's
+lowering of that name where it has one and its standard lowering otherwise; "auto" uses each op's
+`auto_lowering`: "ort" where that was measured to pay on ONNX Runtime (every runtime this project targets is
+ONNX Runtime, which runs model-local functions), "standard" where it did not.
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ DOMAIN = "reformer"
 DOMAIN_VERSION = 1
 # The opset that CustomOp lowerings (onnxscript functions) are written in.
 REFORMER_OPSET = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
-LOWERINGS = ("standard", "ort")
-CUSTOM_OPS_MODES = ("auto", "standard", "ort")
+LOWERINGS = ("standard", "ort", "onnx-attention")
+CUSTOM_OPS_MODES = ("auto", "standard", "ort", "onnx-attention")
+# Lowerings kept as custom-domain nodes with their function (the others are inlined into standard ONNX ops).
+KEPT_LOWERINGS = ("ort",)
+# The lowest ONNX opset of each mode that needs more than opset 18 (ONNX's Attention op is new in opset 23).
+MODE_MIN_OPSET = {"onnx-attention": 23}
 
 
 @dataclass(frozen=True)
@@ -77,13 +83,15 @@ class RegisteredOp:
 @dataclass(frozen=True)
 class CustomOp(RegisteredOp):
     """name: the function's name in `reformer.ops`; onnx_name: the op's name in the custom domain;
-    lowerings: functions of the LoweringContext giving the op's ONNX function body. Every registered op returns
+    lowerings: functions of the LoweringContext giving the op's ONNX function body. A registered op returns
     one tensor of its first input's dtype, and of its first input's shape unless `output_shape` (given the
-    op's inputs and attributes) says otherwise; the model passes its non-tensor arguments by keyword, and they
-    become the node's attributes."""
+    op's inputs and attributes) says otherwise; an op with several outputs gives `output_shapes` instead (one
+    shape per output, each of the first input's dtype) and returns a tuple. The model passes its non-tensor
+    arguments by keyword, and they become the node's attributes."""
 
     onnx_name: str = ""
     output_shape: Callable[..., tuple] | None = None
+    output_shapes: Callable[..., list[tuple]] | None = None
 
     @property
     def eager(self) -> Callable[..., torch.Tensor]:
@@ -91,9 +99,16 @@ class CustomOp(RegisteredOp):
         `onnx_placeholders` a call emits the placeholder."""
         return getattr(reformer.ops, self.name)
 
-    def placeholder(self, *inputs: torch.Tensor, **attributes) -> torch.Tensor:
+    def placeholder(self, *inputs: torch.Tensor, **attributes) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The custom-domain node, with the function's keyword arguments as its attributes."""
         first = inputs[0]
+        if self.output_shapes is not None:
+            shapes = self.output_shapes(*inputs, **attributes)
+            outputs = torch.onnx.ops.symbolic_multi_out(
+                f"{DOMAIN}::{self.onnx_name}", inputs, attributes, dtypes=[first.dtype] * len(shapes), shapes=shapes,
+                version=DOMAIN_VERSION,
+            )
+            return tuple(output.to(first.device) for output in outputs)
         shape = first.shape if self.output_shape is None else self.output_shape(*inputs, **attributes)
         # torch.onnx.ops.symbolic's fake result is made on the CPU whatever its input's device; a CUDA export
         # then fails on the first op that mixes it with a CUDA tensor. Moving it adds no node on the CPU.
@@ -128,10 +143,15 @@ def custom_ops_of(ops: dict[str, RegisteredOp] | None) -> dict[str, CustomOp]:
     return {name: op for name, op in (REGISTRY if ops is None else ops).items() if isinstance(op, CustomOp)}
 
 
-def check_mode(custom_ops: str) -> None:
-    """Raise ValueError unless custom_ops is one of CUSTOM_OPS_MODES."""
+def check_mode(custom_ops: str, opset: int | None = None) -> None:
+    """Raise ValueError unless custom_ops is one of CUSTOM_OPS_MODES and, where an opset is given, that mode's
+    ops exist in it."""
     if custom_ops not in CUSTOM_OPS_MODES:
         raise ValueError(f"custom_ops must be one of {', '.join(CUSTOM_OPS_MODES)}, not {custom_ops!r}")
+    min_opset = MODE_MIN_OPSET.get(custom_ops)
+    if opset is not None and min_opset is not None and opset < min_opset:
+        raise ValueError(f"custom ops {custom_ops} need opset {min_opset} or higher (ONNX's Attention op): "
+                         f"add --opset {min_opset}")
 
 
 @contextlib.contextmanager
@@ -169,13 +189,14 @@ def apply_lowerings(
         proto = op.lowerings[chosen[op.name]](context).to_function_proto()
         proto.name, proto.domain = op.onnx_name, DOMAIN
         # ONNX wants a function's default-domain version to equal the model's. The bodies use opset 18 ops
-        # whose semantics stay the same up to opset 21 (exporters.onnx.SUPPORTED_OPSETS).
+        # whose semantics stay the same up to opset 23 (exporters.onnx.SUPPORTED_OPSETS; later versions only
+        # add types), and the "onnx-attention" bodies opset 23's Attention, whose mode needs opset 23.
         for opset_import in proto.opset_import:
             if opset_import.domain == "":
                 opset_import.version = model.opset_imports[""]
         function = ir.serde.deserialize_function(proto)
         model.functions[function.identifier()] = function
-        if chosen[op.name] != "standard":
+        if chosen[op.name] in KEPT_LOWERINGS:
             kept.add(function.identifier())
     InlinePass(criteria=lambda function: function.identifier() not in kept)(model)
     RemoveUnusedOpsetsPass()(model)

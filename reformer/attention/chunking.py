@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
+
 # Mask values of the reference, per dtype: -1e9 does not fit in fp16.
 MASK_VALUE = {torch.float16: -1e4, torch.bfloat16: -1e9, torch.float32: -1e9, torch.float64: -1e9}
 SELF_MASK_VALUE = {torch.float16: -1e3, torch.bfloat16: -1e5, torch.float32: -1e5, torch.float64: -1e5}
@@ -73,18 +75,16 @@ def masked_softmax_attend(
     """Attention inside chunks, masks applied as the reference applies them (the masked scores take the mask
     values exactly). query B, H, K, C, D; key and value B, H, K, W, D; allowed (and not_self, for shared
     query-key attention) broadcast to B, H, K, C, W. Returns out B, H, K, C, D and, when asked (LSH combines
-    hashing rounds with it), the log-sum-exp of the scores B, H, K, C.
-
-    The score tensor is the largest the model writes, so it is written as few times as possible: scores,
-    masked scores, probabilities (one softmax, an op runtimes have fast kernels for). The log-sum-exp comes
-    from what is already there, max(scores) - log(max(probabilities)), since the largest probability is
-    exp(max - log-sum-exp); it is at least 1/W, so its logarithm loses nothing."""
-    scores = mask_scores(torch.matmul(query, key.transpose(-1, -2)), allowed, not_self, query.dtype)
+    hashing rounds with it; shared query-key attention only), the log-sum-exp of the scores B, H, K, C, from
+    the registered op `ops.attend_with_log_normalizer`, whose ONNX lowering the exporter chooses."""
+    dtype = query.dtype
+    if with_log_normalizer:
+        return ops.attend_with_log_normalizer(query, key, value, allowed, not_self, mask_value=MASK_VALUE[dtype],
+                                              self_mask_value=SELF_MASK_VALUE[dtype],
+                                              dropout=dropout if training else 0.0)
+    scores = mask_scores(torch.matmul(query, key.transpose(-1, -2)), allowed, not_self, dtype)
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(torch.nn.functional.dropout(probs, p=dropout, training=training), value)
-    if not with_log_normalizer:
-        return out, None
-    return out, torch.amax(scores, dim=-1) - torch.log(torch.amax(probs, dim=-1))
+    return torch.matmul(torch.nn.functional.dropout(probs, p=dropout, training=training), value), None
 
 
 def mask_scores(scores: torch.Tensor, allowed: torch.Tensor, not_self: torch.Tensor | None,

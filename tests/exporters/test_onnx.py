@@ -151,8 +151,9 @@ def test_metadata_and_custom_op_nodes(exported):
 @pytest.mark.parametrize("name", ["lm_mixed", "base_local_wide"])
 def test_fused_attention_lowering_matches_eager(name, tmp_path):
     """custom_ops="ort" writes chunked attention as ONNX Runtime's MultiHeadAttention in local layers and in LSH
-    layers with one hashing round (both cases here: every layer); outputs and buckets match eager at shapes
-    other than the export's, within the tolerance of the standard graph."""
+    layers with one hashing round (both cases here: every layer; several rounds have their own op, see
+    test_fused_lowerings_of_several_hashing_rounds_pass_verification); outputs and buckets match eager at
+    shapes other than the export's, within the tolerance of the standard graph."""
     case = CASES_BY_NAME[name]
     torch.manual_seed(0)
     model = getattr(reformer, case.model_class)(reformer.ReformerConfig(**case.config_values)).eval()
@@ -166,6 +167,38 @@ def test_fused_attention_lowering_matches_eager(name, tmp_path):
     compared = list(outputs_match_at_other_shapes(case.model_class, spec.wrap(model, with_buckets=True),
                                                   session_for(path)))
     assert len(compared) == len(SHAPES)
+
+
+# Fused op per lowering: the kept custom-domain node (ort), or the standard op it inlines to (onnx-attention).
+FUSED_LOWERINGS = {"ort": (18, ops.DOMAIN, "AttendWithLogNormalizer"), "onnx-attention": (23, "", "Attention")}
+
+
+@pytest.mark.parametrize("custom_ops", FUSED_LOWERINGS)
+@pytest.mark.parametrize("name", ["lm_lsh_factorised", "mlm_mixed_4_hashes"])
+def test_fused_lowerings_of_several_hashing_rounds_pass_verification(custom_ops, name, tmp_path):
+    """LSH layers with several hashing rounds (2, and 4 beside a local layer) under each fused lowering: the
+    graph holds one fused attention per attention layer, and the verifier (the twin's replay of eager's buckets,
+    then the free-running graph) passes."""
+    from exporters.verify import verify_export
+
+    opset, domain, fused_op = FUSED_LOWERINGS[custom_ops]
+    case = CASES_BY_NAME[name]
+    torch.manual_seed(0)
+    model = getattr(reformer, case.model_class)(reformer.ReformerConfig(**case.config_values)).eval()
+    assert model.config.num_hashes > 1
+    spec = TASKS[MODEL_CLASS_TO_TASK[case.model_class]]
+    path, twin = tmp_path / "model.onnx", tmp_path / "twin.onnx"
+    for target, replay in ((path, False), (twin, True)):
+        export_onnx(model, spec, target, opset=opset, custom_ops=custom_ops, with_buckets=True, replay=replay)
+    proto = onnx.load(str(path))
+    fused = [node for node in proto.graph.node if (node.domain, node.op_type) == (domain, fused_op)]
+    if custom_ops == "ort":  # local layers have their own node, Attend
+        assert len(fused) == model.config.attn_layers.count("lsh")
+    else:  # every op inlined into standard ONNX: one Attention per attention layer
+        assert len(fused) == len(model.config.attn_layers)
+        assert not any(node.domain for node in proto.graph.node)
+    report = verify_export(model, spec, path, "onnx", twin_path=twin, runtimes=["onnxruntime-cpu"])
+    assert report.passed, report.summary_table()
 
 
 def test_standard_ops_defaulted_seed_and_external_data(tmp_path):
@@ -228,6 +261,7 @@ def test_deployment_graph_names_its_dimensions_and_carries_no_trace_metadata(tmp
 
 @pytest.mark.parametrize("arguments, message", [
     (dict(custom_ops="fast"), "custom_ops must be one of"),
+    (dict(custom_ops="onnx-attention", opset=21), "custom ops onnx-attention need opset 23 or higher"),
     (dict(dtype="bf16"), "unknown dtype"),
     (dict(opset=13), "opset 13 is not supported"),
     (dict(max_length=33), "max_length 33 must be between 1 and"),
