@@ -1,7 +1,8 @@
 """What one forward of an exported graph costs on ONNX Runtime CPU: nodes, bytes written, time, peak memory.
 
     python -m benchmarks.graph_cost --model small --length 16384 [--dtype fp32] [--threads 2] [--out FILE.md]
-                                    [--onnx PATH] [--custom-ops auto]
+                                    [--onnx PATH] [--custom-ops auto] [--num-hashes N]
+                                    [--time-lowerings standard,ort,onnx-attention]
 
 (from the repository root). Exports the model (benchmarks/models.py; `--onnx` reuses a file exported with
 `trace_metadata=True`), then, each in a fresh process so that nothing else is in its memory:
@@ -18,6 +19,12 @@
 
 Bytes written is the memory traffic a GPU pays for too (the CPU-side proxy of the attention's memory-bound
 time), so it is the figure to watch when changing the model's hot paths.
+
+`--time-lowerings` times forwards instead: the model exported once per `--custom-ops` mode named (all at
+opset 23, the lowest that every mode accepts, so that only the lowering differs), one ONNX Runtime CPU session
+each in this process, taking turns one forward at a time (benchmarks.gpu_checks.timing.time_interleaved) so
+that a noisy spell of the machine lands on every mode. `--num-hashes` overrides the model's hashing rounds
+(`small` has one; with more its LSH layers run the several-round attention op).
 """
 
 from __future__ import annotations
@@ -246,6 +253,42 @@ def measure(model_name: str, length: int, dtype: str, threads: int, custom_ops: 
     return cost
 
 
+# Opset of every graph `--time-lowerings` times (exporters.ops.MODE_MIN_OPSET: onnx-attention needs 23).
+TIMING_OPSET = 23
+# At least TIMING_MIN_RUNS turns each: the shared 2-core machine's spells last longer than a few forwards.
+TIMING_WARMUP, TIMING_MIN_RUNS, TIMING_MAX_RUNS = 2, 10, 20
+
+
+def time_lowerings(model_name: str, length: int, dtype: str, threads: int, modes: list[str],
+                   num_hashes: int | None) -> dict[str, list[float]]:
+    """Milliseconds of each timed forward (batch 1, random ids, nothing masked) per mode, the modes' sessions
+    taking turns."""
+    from benchmarks.gpu_checks.timing import time_interleaved
+    from exporters.onnx import export_onnx
+    from reformer.runtime import CPU, open_session
+
+    model, spec = build_model(model_name, length, num_hashes=num_hashes)
+    forwards = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for mode in modes:
+            print(f"exporting {model_name} ({dtype}, max length {length}, custom ops {mode}) ...", file=sys.stderr)
+            path = Path(folder) / f"{mode}.onnx"
+            export_onnx(model, spec, path, opset=TIMING_OPSET, dtype=dtype, max_length=length, custom_ops=mode)
+            forwards[mode] = onnxruntime_forward(open_session(str(path), [CPU], threads=threads), length,
+                                                 model.config.vocab_size)
+        print(f"timing {', '.join(modes)} in turns ...", file=sys.stderr)
+        return time_interleaved(forwards, "cpu", TIMING_WARMUP, TIMING_MAX_RUNS, TIMING_MIN_RUNS)
+
+
+def timing_rows(times: dict[str, list[float]]) -> list[tuple]:
+    baseline = statistics.median(next(iter(times.values())))
+    return [(mode, len(runs), f"{statistics.median(runs):.1f}", f"{min(runs):.1f}", f"{max(runs):.1f}",
+             f"{statistics.median(runs) / baseline:.2f}") for mode, runs in times.items()]
+
+
+TIMING_HEADER = ("custom ops", "runs", "median ms", "min ms", "max ms", "median / first")
+
+
 def cost_rows(costs: dict[str, Cost], total: GraphCost, limit: int | None = None) -> list[tuple]:
     ordered = sorted(costs.items(), key=lambda item: -item[1].bytes_written)
     rows = [(name, cost.nodes, f"{cost.bytes_written / GIB:.3f}", f"{100 * cost.microseconds / total.microseconds:.1f}")
@@ -292,10 +335,27 @@ def parse_arguments(argv=None):
     parser.add_argument("--custom-ops", default="auto", help="lowerings, as reformer-export --custom-ops")
     parser.add_argument("--onnx", type=Path, help="profile this file (exported with trace_metadata=True for the "
                         "per-part table) instead of exporting")
+    parser.add_argument("--num-hashes", type=int, help="hashing rounds of the model's LSH layers (default: "
+                        "the model's)")
+    parser.add_argument("--time-lowerings", metavar="MODE[,MODE...]",
+                        help="time forwards of the graph under each of these --custom-ops modes, in turns, instead "
+                             "of profiling one")
     parser.add_argument("--out", type=Path, help="also write the tables as markdown to this file")
     arguments = parser.parse_args(argv)
     if arguments.length < 1 or arguments.threads < 1:
         parser.error("--length and --threads must be positive")
+    if arguments.num_hashes is not None and (arguments.num_hashes < 1 or arguments.model == "tiny"):
+        parser.error("--num-hashes must be positive, and applies to small and large only")
+    if arguments.time_lowerings is not None:
+        from exporters.ops import CUSTOM_OPS_MODES
+
+        arguments.time_lowerings = arguments.time_lowerings.split(",")
+        unknown = [mode for mode in arguments.time_lowerings if mode not in CUSTOM_OPS_MODES]
+        if unknown or len(set(arguments.time_lowerings)) < len(arguments.time_lowerings):
+            parser.error(f"--time-lowerings: name distinct modes among {', '.join(CUSTOM_OPS_MODES)}"
+                         + (f", not {', '.join(unknown)}" if unknown else ""))
+        if arguments.onnx is not None:
+            parser.error("--time-lowerings exports its own graphs: drop --onnx")
     if arguments.onnx is not None and not arguments.onnx.is_file():
         parser.error(f"--onnx {arguments.onnx}: no such file")
     return arguments
@@ -303,13 +363,24 @@ def parse_arguments(argv=None):
 
 def main(argv=None) -> int:
     arguments = parse_arguments(argv)
+    command = "python -m benchmarks.graph_cost " + " ".join(argv if argv is not None else sys.argv[1:])
+    if arguments.time_lowerings is not None:
+        times = time_lowerings(arguments.model, arguments.length, arguments.dtype, arguments.threads,
+                               arguments.time_lowerings, arguments.num_hashes)
+        hashes = "" if arguments.num_hashes is None else f", {arguments.num_hashes} hashing rounds"
+        title = (f"{arguments.model}{hashes} @ {arguments.length:,} tokens, batch 1, {arguments.dtype}, ONNX Runtime "
+                 f"CPU, {arguments.threads} threads, opset {TIMING_OPSET}, forwards in turns")
+        print(title + "\n\n" + text_table(TIMING_HEADER, timing_rows(times)))
+        if arguments.out:
+            arguments.out.write_text(f"# Forward time per lowering: {title}\n\n`{command}`\n\n"
+                                     + markdown_table(TIMING_HEADER, timing_rows(times)) + "\n")
+        return 0
     cost = measure(arguments.model, arguments.length, arguments.dtype, arguments.threads, arguments.custom_ops,
                    arguments.onnx)
     title = (f"{arguments.model} @ {arguments.length:,} tokens, batch 1, {arguments.dtype}, ONNX Runtime CPU, "
              f"{arguments.threads} threads")
     print(report(cost, title, text_table))
     if arguments.out:
-        command = "python -m benchmarks.graph_cost " + " ".join(argv if argv is not None else sys.argv[1:])
         arguments.out.write_text(report(cost, f"# Graph cost: {title}\n\n`{command}`", markdown_table))
     return 0
 

@@ -26,10 +26,10 @@ def axial_shape(length: int) -> list[int]:
     return [first, math.ceil(length / first)]
 
 
-def build_model(name: str, max_length: int):
+def build_model(name: str, max_length: int, num_hashes: int | None = None):
     """(model in eval mode on the CPU, fp32; its causal-lm spec). `small` and `large` get
     `max_position_embeddings` = max_length (so `num_buckets` follows the library's rule for that length) and
-    square axial positions."""
+    square axial positions; `num_hashes`, where given, replaces their hashing rounds."""
     import torch
 
     from exporters.models import RANDOM_WEIGHTS_SEED, resolve_model
@@ -39,7 +39,8 @@ def build_model(name: str, max_length: int):
     if name == "tiny":
         resolved = resolve_model("tiny", "causal-lm")
         return resolved.model, resolved.spec
-    config = ReformerConfig(**SHAPES[name], **COMMON_VALUES, max_position_embeddings=max_length,
+    shape = SHAPES[name] if num_hashes is None else {**SHAPES[name], "num_hashes": num_hashes}
+    config = ReformerConfig(**shape, **COMMON_VALUES, max_position_embeddings=max_length,
                             axial_pos_shape=axial_shape(max_length))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_WEIGHTS_SEED)

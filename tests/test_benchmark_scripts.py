@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,13 +21,14 @@ sys.path.insert(0, REPOSITORY_ROOT)  # `benchmarks` is a folder of scripts, not 
 import benchmarks.gpu_checks.steps  # noqa: E402
 from benchmarks.gpu_checks.__main__ import parse_arguments  # noqa: E402
 from benchmarks.gpu_checks.benchmark import benchmark_exports, benchmark_mode  # noqa: E402
-from benchmarks.gpu_checks.exports import Exports  # noqa: E402
+from benchmarks.gpu_checks.exports import Exports, export_file, export_key  # noqa: E402
 from benchmarks.gpu_checks.plan import Plan, make_plan  # noqa: E402
 from benchmarks.gpu_checks.report import Results, summary_header, summary_rows  # noqa: E402
 from benchmarks.gpu_checks.timing import MIN_RUNS, time_interleaved  # noqa: E402
 from benchmarks.gpu_checks.verification import verification_exports  # noqa: E402
 from benchmarks.graph_cost import Cost, GraphCost  # noqa: E402
 from benchmarks.models import build_model  # noqa: E402
+from exporters.verify import VerificationRow  # noqa: E402
 
 
 def run_script(*arguments: str) -> subprocess.CompletedProcess:
@@ -128,7 +131,8 @@ def test_a_cuda_plan_also_exports_and_times_the_fused_attention_graph_and_the_ao
     """Computed without a GPU: the runtimes and graphs the CUDA comparison's plan asks for."""
     arguments = parse_arguments(arguments_list(tmp_path))
     cuda, cpu = make_plan(arguments, cuda=True), make_plan(arguments, cuda=False)
-    assert cuda.onnx_runtimes() == {"onnxruntime": "auto", "onnxruntime-fused": "ort"}
+    assert cuda.onnx_runtimes() == {"onnxruntime": "auto", "onnxruntime-fused": "ort",
+                                    "onnxruntime-attention": "onnx-attention"}
     assert cpu.onnx_runtimes() == {"onnxruntime": "auto"}
     jobs = benchmark_exports(cuda)
     keys = {key for key, _ in jobs}
@@ -137,8 +141,9 @@ def test_a_cuda_plan_also_exports_and_times_the_fused_attention_graph_and_the_ao
     assert {(key.name, key.fmt, key.dtype, key.device, key.custom_ops) for key in keys} == {
         (name, fmt, dtype, device, custom_ops) for name in ("small", "large")
         for fmt, dtype, device, custom_ops in (
-            ("onnx", "fp32", "cpu", "auto"), ("onnx", "fp32", "cpu", "ort"), ("onnx", "fp16", "cuda", "auto"),
-            ("onnx", "fp16", "cuda", "ort"), ("torchscript", "fp32", "cuda", "auto"),
+            ("onnx", "fp32", "cpu", "auto"), ("onnx", "fp32", "cpu", "ort"), ("onnx", "fp32", "cpu", "onnx-attention"),
+            ("onnx", "fp16", "cuda", "auto"), ("onnx", "fp16", "cuda", "ort"), ("onnx", "fp16", "cuda", "onnx-attention"),
+            ("torchscript", "fp32", "cuda", "auto"),
             ("torchscript", "fp16", "cuda", "auto"), ("aoti", "fp32", "cuda", "auto"), ("aoti", "fp16", "cuda", "auto"))}
     assert not any(key.replay for key in keys) and {length for _, length in jobs} == {65536}
     exports = Exports(tmp_path, Results(tmp_path, "command", {"cuda_device": None}, {}))
@@ -162,6 +167,36 @@ def test_packages_are_verified_in_fp16_on_cuda_and_in_fp32_on_the_cpu(tmp_path):
                                                "--aoti"]), cuda=False)
     assert {(key.fmt, key.dtype, key.device, key.replay) for key, _ in verification_exports(with_packages)
             if key.fmt == "aoti"} == {("aoti", "fp32", "cpu", False), ("aoti", "fp32", "cpu", True)}
+
+
+def test_a_cuda_plan_verifies_both_fused_lowerings_in_fp16_and_labels_their_rows(tmp_path, monkeypatch):
+    arguments = parse_arguments(["--out", str(tmp_path), "--checks", "verify", "--models", "small"])
+    fused = {(key.fmt, key.dtype, key.device, key.replay, key.custom_ops) for key, _ in verification_exports(
+        make_plan(arguments, cuda=True)) if key.custom_ops != "auto"}
+    assert fused == {("onnx", "fp16", "cuda", replay, custom_ops) for replay in (False, True)
+                     for custom_ops in ("ort", "onnx-attention")}
+    assert not [key for key, _ in verification_exports(make_plan(arguments, cuda=False)) if key.custom_ops != "auto"]
+    # The ONNX Attention graphs are exported at opset 23, the others at the default opset.
+    opsets = {}
+    monkeypatch.setattr("exporters.onnx.export_onnx",
+                        lambda *_, custom_ops, opset, **__: opsets.__setitem__(custom_ops, opset))
+    for custom_ops in ("auto", "ort", "onnx-attention"):
+        export_file(None, None, export_key("small", "onnx", "fp16", "cuda", custom_ops=custom_ops), tmp_path / "x")
+    assert opsets == {"auto": 18, "ort": 18, "onnx-attention": 23}
+    results = Results(tmp_path, "command", {"cuda_device": "NVIDIA H200"}, {})
+    row = VerificationRow("onnxruntime-cuda", "cuda", (1, 4096), "fp16", passed=True)
+    for custom_ops in ("auto", "onnx-attention"):
+        results.add_verification("small", "fp16", SimpleNamespace(rows=[row], skipped=[]), custom_ops)
+    assert [summary[3] for summary in summary_rows(results)] == ["fp16 cuda", "fp16 cuda custom_ops=onnx-attention"]
+
+
+def test_graph_cost_times_lowerings_only_for_known_distinct_modes(tmp_path):
+    for arguments, message in ((["--time-lowerings", "standard,fast"], "not fast"),
+                               (["--time-lowerings", "ort,ort"], "name distinct modes"),
+                               (["--model", "tiny", "--num-hashes", "2"], "applies to small and large only")):
+        result = subprocess.run([sys.executable, "-m", "benchmarks.graph_cost", *arguments], cwd=REPOSITORY_ROOT,
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_spent_time_budget_skips_every_check_with_a_note(tmp_path):

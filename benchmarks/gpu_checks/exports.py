@@ -112,8 +112,11 @@ def export_file(model, spec, key: ExportKey, path: Path) -> None:
     from exporters.torchscript import export_torchscript
 
     if key.fmt == "onnx":
-        export_onnx(model, spec, path, dtype=key.dtype, device=key.device, replay=key.replay,
-                    custom_ops=key.custom_ops)
+        from exporters.ops import MODE_MIN_OPSET
+        from exporters.specs import DEFAULT_OPSET
+
+        export_onnx(model, spec, path, opset=MODE_MIN_OPSET.get(key.custom_ops, DEFAULT_OPSET), dtype=key.dtype,
+                    device=key.device, replay=key.replay, custom_ops=key.custom_ops)
     elif key.fmt == "aoti":
         # Compiled for the machine that runs it (and torch 2.11 has no portable target: exporters.aoti.cpu_march).
         export_aoti(model, spec, str(path), dtype=key.dtype, device=key.device, replay=key.replay, native_isa=True)

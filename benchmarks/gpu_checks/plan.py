@@ -18,8 +18,9 @@ GPU_LENGTHS = {"tiny": (256,), "small": (4096, 65536), "large": (16384, 65536)}
 CPU_LENGTHS = {"tiny": (256,), "small": (1024, 4096)}
 # Used when a model is verified but not benchmarked, or --lengths leaves it without a length.
 DEFAULT_MAX_LENGTH = {"small": 4096, "large": 16384}
-# The benchmark row of ONNX Runtime on the graph with fused attention (Plan.onnx_runtimes).
-FUSED_ONNX_RUNTIME = "onnxruntime-fused"
+# The benchmark rows of ONNX Runtime on the graphs with fused attention (Plan.onnx_runtimes), each with the
+# `custom_ops` of its graph: ONNX Runtime's MultiHeadAttention, and ONNX's Attention op (opset 23).
+FUSED_ONNX_RUNTIMES = {"onnxruntime-fused": "ort", "onnxruntime-attention": "onnx-attention"}
 
 
 @dataclass
@@ -43,12 +44,13 @@ class Plan:
 
     def onnx_runtimes(self) -> dict[str, str]:
         """The benchmark's ONNX Runtime rows and the `custom_ops` of the graph each runs (exporters.onnx): each
-        op's default lowering; with CUDA also chunked attention as ONNX Runtime's fused MultiHeadAttention
-        (exporters/ops/attention.py: it did not pay on ONNX Runtime CPU; on CUDA it is a fused memory-efficient
-        kernel, which may)."""
+        op's default lowering; with CUDA also every chunk attention as ONNX Runtime's MultiHeadAttention and as
+        ONNX's Attention (FUSED_ONNX_RUNTIMES; exporters/ops/attention.py: neither paid on ONNX Runtime CPU; on
+        CUDA a float mask runs on the fused memory-efficient kernel, which may, and `auto` for CUDA waits for
+        these rows)."""
         runtimes = {"onnxruntime": "auto"}
         if self.device == "cuda":
-            runtimes[FUSED_ONNX_RUNTIME] = "ort"
+            runtimes.update(FUSED_ONNX_RUNTIMES)
         return runtimes
 
 

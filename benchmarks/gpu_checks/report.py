@@ -12,14 +12,14 @@ from pathlib import Path
 
 from benchmarks.gpu_checks.environment import card_name, load_average
 from benchmarks.gpu_checks.generation import GENERATION_NEW_TOKENS, GENERATION_PROMPT
-from benchmarks.gpu_checks.plan import FUSED_ONNX_RUNTIME
+from benchmarks.gpu_checks.plan import FUSED_ONNX_RUNTIMES
 from benchmarks.graph_cost import GIB
 from benchmarks.tables import markdown_table
 
 BENCHMARKED_RUNTIMES = ("eager", "onnxruntime", "torchscript", "transformers")
-# Runtimes with a summary column only when a run timed them (the fused ONNX Runtime graph is timed on CUDA only,
-# AOTInductor packages with CUDA or --aoti).
-OPTIONAL_RUNTIMES = (FUSED_ONNX_RUNTIME, "aoti")
+# Runtimes with a summary column only when a run timed them (the fused ONNX Runtime graphs are timed on CUDA
+# only, AOTInductor packages with CUDA or --aoti).
+OPTIONAL_RUNTIMES = (*FUSED_ONNX_RUNTIMES, "aoti")
 
 
 @dataclass
@@ -46,10 +46,11 @@ class Results:
     def card(self, device: str) -> str:
         return card_name(device, self.environment)
 
-    def add_verification(self, model: str, precision: str, report) -> None:
+    def add_verification(self, model: str, precision: str, report, custom_ops: str = "auto") -> None:
+        """custom_ops: the lowering of the verified ONNX graph (exporters.onnx.export_onnx), "auto" otherwise."""
         for row in report.rows:
             self.verification.append({"model": model, "precision": precision, "card": self.card(row.device),
-                                      **dataclasses.asdict(row)})
+                                      "custom_ops": custom_ops, **dataclasses.asdict(row)})
         self.notes += [f"verify {model} {precision}: skipped {reason}" for reason in report.skipped]
 
     def add_benchmark(self, model: str, length: int, mode: str, device: str, row: dict) -> None:
@@ -87,6 +88,12 @@ def write_atomically(path: Path, text: str) -> None:
     from reformer.files import atomic_write
 
     atomic_write(str(path), lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
+def runtime_label(row: dict) -> str:
+    """A verification row's runtime, with its graph's lowering where that is not the default."""
+    custom_ops = row.get("custom_ops", "auto")  # results.json of runs before the fused lowerings have none
+    return row["runtime"] if custom_ops == "auto" else f"{row['runtime']} custom_ops={custom_ops}"
 
 
 def verification_cell(rows: list[dict]) -> str:
@@ -140,11 +147,13 @@ def summary_rows(results: Results) -> list[tuple]:
     rows = []
     groups: dict[tuple, list[dict]] = {}
     for row in results.verification:
-        groups.setdefault((row["model"], row["device"], row["precision"]), []).append(row)
-    for (model, device, precision), members in groups.items():
+        groups.setdefault((row["model"], row["device"], row["precision"], row.get("custom_ops", "auto")),
+                          []).append(row)
+    for (model, device, precision, custom_ops), members in groups.items():
         cells = ["reference" if runtime == "eager" else verification_cell(
             [row for row in members if row["runtime"] == runtime]) for runtime in runtimes]
-        rows.append(summary_row("verify", model, shape_span(members), f"{precision} {device}", cells,
+        lowering = "" if custom_ops == "auto" else f" custom_ops={custom_ops}"
+        rows.append(summary_row("verify", model, shape_span(members), f"{precision} {device}{lowering}", cells,
                                 results.card(device)))
     shapes: dict[tuple, dict[str, dict]] = {}
     for row in results.benchmarks:
@@ -186,8 +195,9 @@ def markdown_report(results: Results) -> str:
         "## Summary",
         ("Verification cells: verdict, worst replayed error, certified near-ties of all bucket disagreements, "
          "free-running flips. Benchmark cells: median ms (transformers: its Reformer with the same weights, the "
-         "reference; onnxruntime-fused, on CUDA: the graph with chunked attention as ONNX Runtime's fused "
-         "MultiHeadAttention, custom_ops \"ort\"). Cost cells: ONNX Runtime CPU bytes written per forward, nodes "
+         "reference; on CUDA, onnxruntime-fused: the graph with chunk attention as ONNX Runtime's fused "
+         "MultiHeadAttention, custom_ops \"ort\", and onnxruntime-attention: as ONNX's Attention op, custom_ops "
+         "\"onnx-attention\", opset 23). Cost cells: ONNX Runtime CPU bytes written per forward, nodes "
          "run, peak resident memory."),
         "",
         markdown_table(summary_header(results), summary_rows(results)),
@@ -196,7 +206,7 @@ def markdown_report(results: Results) -> str:
         markdown_table(("model", "runtime", "device", "shape", "precision", "replay max abs", "tolerance",
                         "near-ties certified", "worst margin / bound", "free-running max abs", "free-running flips",
                         "first LSH layer flips", "result", "note", "card"), [
-            (row["model"], row["runtime"], row["device"], f"{row['shape'][0]}x{row['shape'][1]}", row["precision"],
+            (row["model"], runtime_label(row), row["device"], f"{row['shape'][0]}x{row['shape'][1]}", row["precision"],
              f"{row['replay_max_abs']:.2e}", f"{row['tolerance']:.2g}", f"{row['certified']}/{row['disagreements']}",
              "-" if row["worst_margin"] is None else f"{abs(row['worst_margin']):.2e} / {row['worst_bound']:.2e}",
              f"{row['max_abs']:.2e}", f"{row['flipped_buckets']}/{row['total_buckets']}",

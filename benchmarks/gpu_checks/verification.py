@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from benchmarks.gpu_checks.exports import ExportKey, Exports, export_device, export_key
-from benchmarks.gpu_checks.plan import VERIFIED_MODELS, Plan
+from benchmarks.gpu_checks.plan import FUSED_ONNX_RUNTIMES, VERIFIED_MODELS, Plan
 from benchmarks.gpu_checks.steps import log, run_step
 
 if TYPE_CHECKING:
@@ -40,20 +40,26 @@ def verification_shapes(config, device: str):
     return [(1 if length == max_length else batch, length) for batch, length in default_shapes(config, max_length)]
 
 
-def verification_plan(name: str, plan: Plan) -> list[tuple[str, str, str, bool]]:
-    """(format, dtype, runtime, tf32) to verify for a model."""
-    cases = [(fmt, dtype, runtime, False) for fmt, dtype, runtime in verification_cases(plan.device == "cuda", plan.aoti)]
+def verification_plan(name: str, plan: Plan) -> list[tuple[str, str, str, bool, str]]:
+    """(format, dtype, runtime, tf32, custom_ops) to verify for a model. With CUDA also the benchmark's graphs
+    with fused attention (FUSED_ONNX_RUNTIMES) in fp16 on ONNX Runtime CUDA, where its memory-efficient kernel
+    runs them (the tests verify both lowerings in fp32 on ONNX Runtime CPU; in fp32 and TF32 on CUDA the
+    benchmark compares them with eager free-running); fp16 only, to keep the run within its 8 minutes."""
+    cases = [(fmt, dtype, runtime, False, "auto")
+             for fmt, dtype, runtime in verification_cases(plan.device == "cuda", plan.aoti)]
     if plan.device == "cuda":
-        cases.append(("onnx", "fp32", "onnxruntime-cuda", True))
+        cases.append(("onnx", "fp32", "onnxruntime-cuda", True, "auto"))
+        cases += [("onnx", "fp16", "onnxruntime-cuda", False, custom_ops)
+                  for custom_ops in FUSED_ONNX_RUNTIMES.values()]
     # `large` on the CPU runtimes would take minutes per row at 65,536 tokens; the CPU runs verify enwik8.
     return [case for case in cases if name != "large" or case[2].endswith("cuda")]
 
 
 def verification_exports(plan: Plan) -> list[tuple[ExportKey, int]]:
     """(key, max length) of every graph and twin the verification of the plan's models needs."""
-    return [(export_key(name, fmt, dtype, runtime.split("-")[1], replay), plan.max_length(name))
+    return [(export_key(name, fmt, dtype, runtime.split("-")[1], replay, custom_ops), plan.max_length(name))
             for name in plan.models if name in VERIFIED_MODELS
-            for fmt, dtype, runtime, _ in verification_plan(name, plan) for replay in (False, True)]
+            for fmt, dtype, runtime, _, custom_ops in verification_plan(name, plan) for replay in (False, True)]
 
 
 def verify_model(name: str, model, spec, plan: Plan, exports: Exports, results: Results) -> None:
@@ -61,18 +67,20 @@ def verify_model(name: str, model, spec, plan: Plan, exports: Exports, results: 
 
     if plan.device != "cuda":
         results.notes.append(f"{name}: CUDA runtimes, TF32 and fp16 not verified (torch sees no CUDA device)")
-    for fmt, dtype, runtime, tf32 in verification_plan(name, plan):
+    for fmt, dtype, runtime, tf32, custom_ops in verification_plan(name, plan):
         runtime_device = runtime.split("-")[1]
         device = export_device(fmt, dtype, runtime_device)
         precision = "tf32" if tf32 else dtype
+        lowering = "" if custom_ops == "auto" else f" custom_ops={custom_ops}"
 
         def verify(fmt=fmt, dtype=dtype, runtime=runtime, runtime_device=runtime_device, device=device, tf32=tf32,
-                   precision=precision):
-            path = exports.get(export_key(name, fmt, dtype, runtime_device), model, spec)
-            twin = exports.get(export_key(name, fmt, dtype, runtime_device, replay=True), model, spec)
-            log(f"verifying {name} {fmt} {precision} on {runtime} ...")
+                   precision=precision, custom_ops=custom_ops, lowering=lowering):
+            path = exports.get(export_key(name, fmt, dtype, runtime_device, custom_ops=custom_ops), model, spec)
+            twin = exports.get(export_key(name, fmt, dtype, runtime_device, replay=True, custom_ops=custom_ops),
+                               model, spec)
+            log(f"verifying {name} {fmt} {precision}{lowering} on {runtime} ...")
             report = verify_export(model, spec, path, fmt, twin_path=twin, dtype=dtype, device=device, tf32=tf32,
                                    runtimes=[runtime], shapes=verification_shapes(model.config, runtime_device))
-            results.add_verification(name, precision, report)
+            results.add_verification(name, precision, report, custom_ops)
 
-        run_step(results, f"verify {name} {fmt} {precision} {runtime}", verify, plan)
+        run_step(results, f"verify {name} {fmt} {precision}{lowering} {runtime}", verify, plan)

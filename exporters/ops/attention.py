@@ -1,16 +1,40 @@
-"""`attend`: softmax(scale * q k^T + bias) v within chunks (query B, H, K, S, D; see reformer.ops.attend).
+"""Chunk attention (see reformer.ops): `attend`, softmax(scale * q k^T + bias) v within chunks (query
+B, H, K, S, D), for local attention and for LSH attention with one hashing round; `attend_with_log_normalizer`,
+for LSH attention with several rounds: the masks applied as selects (the masked scores take the mask values
+exactly) and each query's log-sum-exp, by which the rounds are combined.
 
-standard: MatMul, Mul, Add, Softmax, MatMul, as torch.export writes eager's ops (ONNX Runtime folds the key
-transpose and the scale into its FusedMatMul).
-ort: ONNX Runtime's contrib `com.microsoft.MultiHeadAttention` with the leading axes folded into its batch and
-one head, the bias as its `attention_bias`: the score matrix stays inside the kernel, which ONNX Runtime
-CUDA can run as a fused attention (not measured yet: `benchmarks/gpu_checks` times it as "onnxruntime-fused").
-Not the default (`auto_lowering`): on ONNX Runtime CPU it does not pay.
-Measured with onnxruntime 1.32 on this project's 2-core CPU: alone (256 chunks of 64 queries by 128 keys,
-2 heads of 128, fp32) it ran 31 ms like the plain graph, with equal results; in the `small` benchmark model
-at 16,384 tokens (`python -m benchmarks.graph_cost --custom-ops ort`) it cut the bytes written per forward from
-2.53 to 2.35 GiB but raised ONNX Runtime's peak memory from 0.37 to 0.55 GiB and the profiled node time from
-613 to 716 ms. `attention_bias` exists from onnxruntime 1.20 on."""
+Lowerings of both ops:
+- standard: eager's ops as torch.export writes them (MatMul, Mul or Where, Softmax, MatMul; the log-sum-exp as
+  max(scores) - log(max(probabilities))). ONNX Runtime folds the key transpose and the scale into FusedMatMul.
+- ort: ONNX Runtime's contrib `com.microsoft.MultiHeadAttention` (its 4-D `attention_bias` exists from
+  onnxruntime 1.20 on), kept as a custom-domain node.
+- onnx-attention: ONNX's `Attention` (opset 23), inlined. The bias goes in as its float `attn_mask`, which is
+  added: a boolean mask would become -10000 on ONNX Runtime CUDA, not the model's mask values.
+Both fused lowerings fold every leading axis into the op's batch with one head (B*H*K, S, D), and pass the
+bias in full, one per batch row: the score matrix stays inside the kernel, which ONNX Runtime CUDA can run as
+its memory-efficient attention. Neither op returns a log-sum-exp, so `attend_with_log_normalizer`'s fused
+lowerings also write the masked scores (MatMul, two Where, as standard) for an exact one: shifted by the row
+maximum, which is finite (a query's own key is at least the self-mask value), and reduced in fp32, so nothing
+underflows; the fused op gets the masks as the bias masked - raw scores, exactly 0 at every allowed key.
+They skip only the probabilities and the product by the values, so they can pay only where the fused kernel
+saves more than the extra score products and bias it reads.
+
+`auto_lowering` is "standard" for both: neither fused op pays on ONNX Runtime CPU. Measured with onnxruntime
+1.32 on this project's 2-core AMD EPYC, one thread, the `small` benchmark model at opset 23, the three graphs'
+forwards taking turns (`python -m benchmarks.graph_cost --threads 1 --time-lowerings
+standard,ort,onnx-attention`, results/cpu-2026-12-02-attention-lowerings.md), median ms:
+                             4,096 tokens                      16,384 tokens
+                             standard  ort  onnx-attention    standard  ort   onnx-attention
+  one round (`attend`)       427       450  425               1843      1938  1826
+  2 rounds (--num-hashes 2)  576       645  613               2126      2429  2256
+(10 to 12 forwards each; load average 2.1 to 2.4 on the 2 cores, shared: a few percent is noise, ort's
+slowdown with two rounds is not.)
+Earlier, at 2 threads, `attend` alone (256 chunks of 64 queries by 128 keys, 2 heads of 128, fp32) ran 31 ms
+as MultiHeadAttention like the plain graph, and in `small` at 16,384 tokens (`python -m benchmarks.graph_cost
+--custom-ops ort`) it cut the bytes written per forward from 2.53 to 2.35 GiB but raised ONNX Runtime's peak
+memory from 0.37 to 0.55 GiB and the profiled node time from 613 to 716 ms. On CUDA `benchmarks/gpu_checks`
+times both fused lowerings beside the standard one ("onnxruntime-fused" and "onnxruntime-attention", `large`
+at 65,536 tokens in fp32, TF32 and fp16); `auto` for CUDA is left to that run's numbers (not run yet)."""
 
 from __future__ import annotations
 

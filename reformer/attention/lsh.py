@@ -150,7 +150,7 @@ class LSHSelfAttention(nn.Module):
                 out, log_normalizer = masked_softmax_attend(sorted_query, sorted_key, sorted_value, allowed, not_self,
                                                             dropout, dropout > 0, with_log_normalizer=True)
             else:
-                # Without a log-sum-exp the fused attention op applies, with the masks as one added bias. That is
+                # Without a log-sum-exp `ops.attend` applies, with the masks as one added bias. That is
                 # exact: every row keeps its own position (at the self-mask value), so a masked key's probability
                 # is 0 and a row that sees only itself gives it probability 1, as masking gives.
                 is_self = self.single_round_self(window_slots, in_window,

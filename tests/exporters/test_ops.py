@@ -2,7 +2,7 @@
 its eager implementation, on shapes other than the export's: length 1, odd lengths, ties in buckets.
 
 Tolerances: the index ops must match exactly (they are permutations). The float ops (logsumexp, attend,
-project_heads_into_chunks) within the first-order rounding bound of their eager computation, element by element
+attend_with_log_normalizer, project_heads_into_chunks) within the first-order rounding bound of their eager computation, element by element
 (tests/rounding.py): sums and products bounded by n eps sum|terms|, not by the result, whose magnitude says
 nothing when terms cancel (a projection's sum of 12 products of size ~1 can be 1e-2). The lowerings sum the
 same products in other orders, with other kernels per processor, and the fused attention kernel scales the
@@ -94,9 +94,9 @@ def masked_scores(shape, generator, dtype):
 
 
 # op name -> (input maker, dtypes, keyword arguments (or a function of the dtype giving them)[, dynamic
-# axes]); a maker returns a tensor or a tuple of them. Dynamic axes, per input: {axis: "batch", "length" or "chunks" (a length of whole chunks)}; by default
-# each input has its batch on axis 0 and its length (or chunks) on axis 3 (one tensor) or 2 (several). A
-# registered op missing here fails test_every_op_has_inputs.
+# axes]); a maker returns a tensor or a tuple of them. Dynamic axes, per input: {axis: "batch", "length" or
+# "chunks" (a length of whole chunks)}; by default each input has its batch on axis 0 and its length (or
+# chunks) on axis 3 (one tensor) or 2 (several). A registered op missing here fails test_every_op_has_inputs.
 INPUTS = {
     "sort_by_bucket": (buckets_with_ties, [torch.int64], {}),
     "invert_permutation": (random_permutations, [torch.int64], {}),
