@@ -19,8 +19,10 @@
 3. Benchmarks (benchmark.py; forward only, batch 1, random weights, random token ids, no padding): eager
    PyTorch, ONNX Runtime, TorchScript and, as the reference, transformers' Reformer with the same weights and
    config, on the same device and precision (CUDA: fp32 strict, tf32, fp16; CPU: fp32); on CUDA also ONNX
-   Runtime as "onnxruntime-fused", the graph exported with custom_ops "ort" (chunked attention as ONNX Runtime's
-   fused MultiHeadAttention; on the CPU it does not pay, exporters/ops/attention.py), and with CUDA (or
+   Runtime as "onnxruntime-fused", the graph exported with custom_ops "ort" (every chunk attention as ONNX
+   Runtime's fused MultiHeadAttention), and as "onnxruntime-attention", with custom_ops "onnx-attention" (as
+   ONNX's Attention op, opset 23; on the CPU neither pays, exporters/ops/attention.py; both also verified in
+   fp16 on ONNX Runtime CUDA in step 2), and with CUDA (or
    `--aoti`) the AOTInductor package as "aoti", compiled for the device and precision. Each runtime's
    output is first compared with eager's at the timed shape, free-running (max abs and bucket flips, as
    information: the verdict is the verification step's). Timing (timing.py): `warm-up` runs, then the

@@ -1,8 +1,8 @@
 """The benchmark step: forward only, batch 1, random token ids, nothing masked; our eager PyTorch, ONNX Runtime
-(on CUDA twice: the default graph, and as "onnxruntime-fused" the graph with ONNX Runtime's fused attention),
-TorchScript, the AOTInductor package ("aoti": with CUDA, or --aoti) and transformers' Reformer (the reference,
-same weights and config) on the same device and precision, each first compared with eager at the timed shape,
-then all timed taking turns (`timing.time_interleaved`)."""
+(on CUDA three times: the default graph, and as "onnxruntime-fused" and "onnxruntime-attention" the graphs
+with fused attention, plan.FUSED_ONNX_RUNTIMES), TorchScript, the AOTInductor package ("aoti": with CUDA, or
+--aoti) and transformers' Reformer (the reference, same weights and config) on the same device and precision,
+each first compared with eager at the timed shape, then all timed taking turns (`timing.time_interleaved`)."""
 
 from __future__ import annotations
 

@@ -39,6 +39,7 @@ at 65,536 tokens in fp32, TF32 and fp16); `auto` for CUDA is left to that run's 
 from __future__ import annotations
 
 import onnxscript
+import torch
 from onnxscript import FLOAT
 from onnxscript import opset18 as op
 from onnxscript import opset23 as op23
@@ -128,17 +129,22 @@ def attend_with_log_normalizer_multi_head_attention(query, key, value, allowed, 
     # its own q k; elsewhere its scores land within an ulp of the mask values, which get probability 0 beside
     # any allowed key, or share a row's probability among copies of the same self key (same value vector).
     bias = op.Sub(scores, raw_scores)
-    rows = op.Constant(value_ints=[-1])
+    # The inputs expanded to the scores' leading axes (the decoder step's single query serves every round),
+    # then folded into the batch.
+    leading, rows = op.Shape(scores, end=-2), op.Constant(value_ints=[-1])
     queries, keys = op.Shape(query, start=-2, end=-1), op.Shape(key, start=-2, end=-1)
-    head_size = op.Shape(query, start=-1)
+    head_size, value_size = op.Shape(query, start=-1), op.Shape(value, start=-1)
     out = MICROSOFT.MultiHeadAttention(
-        op.Reshape(query, op.Concat(rows, queries, head_size, axis=0)),
-        op.Reshape(key, op.Concat(rows, keys, head_size, axis=0)),
-        op.Reshape(value, op.Concat(rows, keys, head_size, axis=0)),
+        op.Reshape(op.Expand(query, op.Concat(leading, queries, head_size, axis=0)),
+                   op.Concat(rows, queries, head_size, axis=0)),
+        op.Reshape(op.Expand(key, op.Concat(leading, keys, head_size, axis=0)),
+                   op.Concat(rows, keys, head_size, axis=0)),
+        op.Reshape(op.Expand(value, op.Concat(leading, keys, value_size, axis=0)),
+                   op.Concat(rows, keys, value_size, axis=0)),
         None, None, op.Reshape(bias, op.Concat(rows, op.Constant(value_ints=[1]), queries, keys, axis=0)),
         num_heads=1, scale=1.0,
     )
-    return op.Reshape(out, op.Shape(query)), log_normalizer
+    return op.Reshape(out, op.Concat(leading, queries, value_size, axis=0)), log_normalizer
 
 
 @onnxscript.script(opset=REFORMER_OPSET, default_opset=op23)
@@ -154,20 +160,28 @@ def attend_with_log_normalizer_onnx_attention(query, key, value, allowed, not_se
     log_normalizer = op23.Add(op23.Log(op23.ReduceSum(op23.Exp(op23.Sub(wide, row_max)), last, keepdims=1)), row_max)
     log_normalizer = op23.CastLike(op23.Squeeze(log_normalizer, last), query)
     bias = op23.Sub(scores, raw_scores)
+    leading = op23.Shape(scores, end=-2)
     rows, one_head = op23.Constant(value_ints=[-1]), op23.Constant(value_ints=[1])
     queries, keys = op23.Shape(query, start=-2, end=-1), op23.Shape(key, start=-2, end=-1)
-    head_size = op23.Shape(query, start=-1)
+    head_size, value_size = op23.Shape(query, start=-1), op23.Shape(value, start=-1)
     out = op23.Attention(
-        op23.Reshape(query, op23.Concat(rows, one_head, queries, head_size, axis=0)),
-        op23.Reshape(key, op23.Concat(rows, one_head, keys, head_size, axis=0)),
-        op23.Reshape(value, op23.Concat(rows, one_head, keys, head_size, axis=0)),
+        op23.Reshape(op23.Expand(query, op23.Concat(leading, queries, head_size, axis=0)),
+                     op23.Concat(rows, one_head, queries, head_size, axis=0)),
+        op23.Reshape(op23.Expand(key, op23.Concat(leading, keys, head_size, axis=0)),
+                     op23.Concat(rows, one_head, keys, head_size, axis=0)),
+        op23.Reshape(op23.Expand(value, op23.Concat(leading, keys, value_size, axis=0)),
+                     op23.Concat(rows, one_head, keys, value_size, axis=0)),
         op23.Reshape(bias, op23.Concat(rows, one_head, queries, keys, axis=0)), scale=1.0,
     )
-    return op23.Reshape(out, op23.Shape(query)), log_normalizer
+    return op23.Reshape(out, op23.Concat(leading, queries, value_size, axis=0)), log_normalizer
 
 
 def log_normalized_shapes(query, key, value, allowed, not_self, **attributes) -> list[tuple]:
-    return [(*query.shape[:-1], value.shape[-1]), tuple(query.shape[:-1])]
+    """out and log-sum-exp: the inputs broadcast (the decoder step's one query meets every round's keys)."""
+    leading = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2], allowed.shape[:-2],
+                                     not_self.shape[:-2])
+    queries = query.shape[-2]
+    return [(*leading, queries, value.shape[-1]), (*leading, queries)]
 
 
 register(CustomOp(
