@@ -12,16 +12,17 @@ import signal
 import click
 
 # The library's choices, spelled out here so that `--help` needs no torch import; tests/cli/test_cli.py checks
-# that they agree with exporters.specs, exporters.api, exporters.precision, exporters.ops, exporters.onnx and
-# exporters.models.
+# that they agree with exporters.specs, exporters.api, exporters.precision, exporters.ops, exporters.onnx,
+# exporters.quantize and exporters.models.
 TASKS = ("base", "causal-lm", "masked-lm", "sequence-classification", "question-answering", "causal-lm-with-past")
 FORMATS = ("onnx", "aoti", "torchscript", "triton")
 TRITON_BACKENDS = ("python", "onnxruntime", "pytorch")
 DTYPES = ("fp32", "fp16")
 DEVICES = ("cpu", "cuda")
-CUSTOM_OPS_MODES = ("auto", "standard", "ort")
+CUSTOM_OPS_MODES = ("auto", "standard", "ort", "onnx-attention")
 DEFAULT_CUSTOM_OPS = "auto"
-OPSETS = (18, 21)  # lowest and highest supported
+QUANTIZATIONS = ("int8",)
+OPSETS = (18, 23)  # lowest and highest supported
 DEFAULT_OPSET = 18
 BUILT_IN_MODELS = ("byte-lm", "tiny", "enwik8")
 DEFAULT_MODEL = "byte-lm"
@@ -59,8 +60,13 @@ DEFAULT_MODEL = "byte-lm"
               help="Longest sequence the graph must serve. Default: the model's max_position_embeddings.")
 @click.option("--custom-ops", type=click.Choice(CUSTOM_OPS_MODES), default=None,
               help="ONNX lowering of the custom ops: standard ONNX ops only, ONNX Runtime-specialised ones "
-                   "(contrib MultiHeadAttention, float sort keys), or auto: each op's choice measured on ONNX "
+                   "(contrib MultiHeadAttention, float sort keys), onnx-attention (standard ops with the chunk "
+                   "attention as ONNX's Attention op; needs --opset 23), or auto: each op's choice measured on ONNX "
                    f"Runtime (--format onnx only). Default: {DEFAULT_CUSTOM_OPS}.")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
+              help="int8: dynamic int8 weights and activations for ONNX Runtime on the CPU (ONNX graphs only, "
+                   "fp32 CPU exports), verified by task: bits per token and top-1 agreement for LM heads, argmax "
+                   "agreement and relative error for the others (see the README). Default: none (fp32).")
 @click.option("--atol", type=float, default=None,
               help="Absolute tolerance for the replayed outputs (max abs difference from eager with eager's LSH "
                    "buckets forced; --verify only). Default: 1e-5 (fp32) or 1e-2 (fp16) of the output scale.")
@@ -77,7 +83,7 @@ DEFAULT_MODEL = "byte-lm"
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Also write the summary, every verification row and the versions of the libraries used as "
                    "JSON to this file.")
-def main(model, task, format_, output, opset, dtype, device, max_length, custom_ops, atol, with_buckets,
+def main(model, task, format_, output, opset, dtype, device, max_length, custom_ops, quantize, atol, with_buckets,
          verify, keep_failed, native_isa, report, triton_backend):
     """Export a Reformer model to ONNX, an AOTInductor package, TorchScript or a Triton model repository and
     verify it against eager PyTorch.
@@ -88,7 +94,7 @@ def main(model, task, format_, output, opset, dtype, device, max_length, custom_
             result = export(model=model, task=task, format=format_, output=output, opset=opset, dtype=dtype,
                             device=device, max_length=max_length, custom_ops=custom_ops, atol=atol,
                             with_buckets=with_buckets, verify=verify, keep_failed=keep_failed, report=report,
-                            native_isa=native_isa, triton_backend=triton_backend)
+                            native_isa=native_isa, triton_backend=triton_backend, quantize=quantize)
     except KeyboardInterrupt as interrupt:
         signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
         error = click.ClickException(f"interrupted by {signal.Signals(signum).name}")

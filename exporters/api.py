@@ -58,6 +58,7 @@ class ExportRequest:
     report: str | None = None  # path of a JSON report (None: no report)
     triton_backend: str | None = None  # format triton only (None: exporters.triton.DEFAULT_TRITON_BACKEND)
     native_isa: bool = False  # aoti only: build for this machine's CPU instruction set, not the portable one
+    quantize: str | None = None  # ONNX graphs only: "int8" (exporters.quantize), None for fp32
 
 
 @dataclass
@@ -101,6 +102,8 @@ class ExportResult:
             options += f", opset {settings['opset']}, custom ops {settings['custom_ops']}"
         if settings["format"] == "aoti":
             options += f", CPU target {settings['cpu_march']}"
+        if settings.get("quantize"):
+            options += f", {settings['quantize']} (dynamic, per tensor; LSH hashing in fp32)"
         if settings.get("with_buckets"):
             options += ", with bucket outputs"
         if self.verification is None:
@@ -163,8 +166,11 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
             from .verify import default_shapes, verify_export
 
             shapes = default_shapes(resolved.model.config, settings["max_length"])
+            quantized = "quantize" in settings
+            held_out = resolved.held_out_windows(settings["max_length"]) if quantized else None
             verification = verify_export(resolved.model, resolved.spec, staged, request.format, twin_path=twin,
-                                         dtype=request.dtype, device=request.device, atol=request.atol, shapes=shapes)
+                                         dtype=request.dtype, device=request.device, atol=request.atol, shapes=shapes,
+                                         quantized=quantized, held_out=held_out)
             verification.path = output  # where the graph goes, not the staging folder it was verified in
             seconds["verify"] = time.perf_counter() - timer
         keep = verification is None or verification.passed or request.keep_failed
@@ -194,6 +200,9 @@ def run_generation_export(request: ExportRequest, progress: Callable[[str], None
     format_settings = {name: settings[name] for name in ("opset", "custom_ops") if name in settings}
     if request.format == "aoti":
         format_settings["native_isa"] = request.native_isa
+    if request.quantize is not None:
+        format_settings["quantize"] = request.quantize
+        format_settings["held_out"] = resolved.held_out_windows(settings["max_length"]) if request.verify else None
     try:
         _, verification = export_causal_lm_with_past(
             resolved.model, output, request.format, **format_settings, max_length=settings["max_length"],
@@ -226,6 +235,8 @@ def applied_settings(request: ExportRequest, config) -> dict:
         settings["cpu_march"] = cpu_march(request.native_isa)
     if request.with_buckets:  # refused for causal-lm-with-past (check_options)
         settings["with_buckets"] = True
+    if request.quantize:
+        settings["quantize"] = request.quantize
     return settings
 
 
@@ -272,6 +283,13 @@ def check_options(request: ExportRequest) -> None:
     if request.custom_ops is not None and request.custom_ops not in CUSTOM_OPS_MODES:
         raise ExportRequestError(f"unknown custom ops {request.custom_ops!r}: "
                                  f"choose one of {', '.join(CUSTOM_OPS_MODES)}")
+    if graph_format == "onnx" and request.custom_ops is not None:
+        from .ops import check_mode
+
+        try:
+            check_mode(request.custom_ops, DEFAULT_OPSET if request.opset is None else request.opset)
+        except ValueError as error:
+            raise ExportRequestError(str(error)) from None
     if graph_format != "onnx":
         for option, value in (("--opset", request.opset), ("--custom-ops", request.custom_ops)):
             if value is not None:
@@ -282,6 +300,8 @@ def check_options(request: ExportRequest) -> None:
         if request.opset not in SUPPORTED_OPSETS:
             raise ExportRequestError(f"opset {request.opset} is not supported: choose {SUPPORTED_OPSETS[0]} to "
                                      f"{SUPPORTED_OPSETS[-1]}")
+    if request.quantize is not None:
+        check_quantize_options(request, graph_format)
     if request.format != "aoti" and request.native_isa:
         raise ExportRequestError(f"--native-isa applies to aoti only: drop it for --format {request.format}")
     if request.format == "aoti" and request.output and request.task != GENERATION_TASK:
@@ -318,6 +338,22 @@ def check_options(request: ExportRequest) -> None:
             raise ExportRequestError(f"cannot write the {what} {path}: {folder} is not a directory")
 
 
+def check_quantize_options(request: ExportRequest, graph_format: str) -> None:
+    from .quantize import QUANTIZATIONS, onnxruntime_distribution
+
+    if request.quantize not in QUANTIZATIONS:
+        raise ExportRequestError(f"unknown quantization {request.quantize!r}: choose {', '.join(QUANTIZATIONS)}")
+    if graph_format != "onnx":
+        raise ExportRequestError(f"--quantize applies to ONNX graphs only: drop it for {graph_format} graphs")
+    if request.device != "cpu" or request.dtype != "fp32":
+        raise ExportRequestError(f"--quantize {request.quantize} makes graphs for ONNX Runtime on the CPU from fp32: "
+                                 "drop --device and --dtype")
+    try:
+        onnxruntime_distribution()
+    except ExportError as error:
+        raise ExportRequestError(str(error)) from None
+
+
 def export(settings: dict, resolved, path: str, replay: bool = False) -> dict[str, float]:
     """The graph `settings` describe (applied_settings), or (`replay`) its verification twin, through the
     same exporter. Returns the seconds of each step where the exporter has several (aoti: export, compile),
@@ -326,9 +362,13 @@ def export(settings: dict, resolved, path: str, replay: bool = False) -> dict[st
     if settings["format"] == "onnx":
         from .onnx import export_onnx
 
-        export_onnx(resolved.model, resolved.spec, path, opset=settings["opset"], custom_ops=settings["custom_ops"],
-                    dtype=settings["dtype"], device=settings["device"], max_length=settings["max_length"],
-                    with_buckets=settings.get("with_buckets", False), replay=replay, metadata=metadata)
+        from .quantize import quantized_into
+
+        with quantized_into(path, settings.get("quantize")) as fp32_path:
+            export_onnx(resolved.model, resolved.spec, fp32_path, opset=settings["opset"],
+                        custom_ops=settings["custom_ops"], dtype=settings["dtype"], device=settings["device"],
+                        max_length=settings["max_length"], with_buckets=settings.get("with_buckets", False),
+                        replay=replay, metadata=metadata)
     elif settings["format"] == "aoti":
         from .aoti import NATIVE_MARCH, export_aoti
 

@@ -144,7 +144,7 @@ def example_prompt(config, max_length: int, batch: int = 2) -> torch.Tensor:
 def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, opset: int = DEFAULT_OPSET,
                                custom_ops: str = "auto", max_length: int | None = None, verify: bool = True,
                                atol: float | None = None, keep_failed: bool = False, metadata: dict | None = None,
-                               native_isa: bool = False):
+                               native_isa: bool = False, quantize: str | None = None, held_out=None):
     """Write the prefill and decoder-step graphs of a causal `ReformerModelWithLMHead` (fp32, CPU) and
     decoder_config.json into output_dir, which must not exist yet. max_length: the longest sequence, prompt
     plus generated tokens, the graphs must serve (2 to max_position_embeddings, the default); runtimes refuse
@@ -152,11 +152,15 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, ops
     end, after verification (exporters.verify.verify_decoder), so a failure leaves nothing (a failed
     verification leaves the graphs with `keep_failed`). ONNX graphs go through the op registry like the task
     graphs (`opset`, `custom_ops`); an AOTInductor package targets the portable CPU instruction set unless
-    `native_isa` (exporters.aoti.cpu_march). Returns (the description written to decoder_config.json plus `metadata`,
+    `native_isa` (exporters.aoti.cpu_march). `quantize` "int8": both ONNX graphs quantized (exporters.quantize;
+    decoder_config.json records how under "quantization"), verified by their task verdict, with bits per token
+    on `held_out` windows where given (exporters.verify.verify_decoder). Returns (the description written to decoder_config.json plus `metadata`,
     the VerificationReport or None). Raises ExportError (VerificationError, carrying the report, when
     verification failed and the graphs were not kept)."""
     if fmt not in FILES:
         raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(FILES)}")
+    if quantize is not None and fmt != "onnx":
+        raise ExportError(f"quantized decoder graphs are ONNX graphs: drop the quantization for {fmt}")
     if not getattr(model.config, "is_decoder", False) or not hasattr(model, "lm_head"):
         raise ExportError("causal-lm-with-past needs a causal LM (ReformerModelWithLMHead, is_decoder true)")
     output_dir = os.path.abspath(output_dir)
@@ -179,7 +183,8 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, ops
             warnings.simplefilter("ignore")  # tracer and exporter chatter; the verification below is the check
             if fmt == "onnx":
                 description["opset"] = opset
-                description["lowerings"] = export_onnx_graphs(decoder, folder, description, opset, custom_ops)
+                description["lowerings"] = export_onnx_graphs(decoder, folder, description, opset, custom_ops,
+                                                              quantize)
             elif fmt == "aoti":
                 export_aoti_package(decoder, folder, description, native_isa)
             else:
@@ -188,7 +193,8 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, ops
         if verify:
             from .verify import verify_decoder
 
-            report = verify_decoder(model, folder, fmt, atol=atol)
+            quantized = {} if quantize is None else {"quantized": True, "held_out": held_out}
+            report = verify_decoder(model, folder, fmt, atol=atol, **quantized)
             report.path = output_dir
             if not report.passed and not keep_failed:
                 raise VerificationError(report.failure_message(), report)
@@ -197,12 +203,14 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, ops
 
 
 def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: dict, opset: int,
-                       custom_ops: str) -> dict[str, str]:
-    """Both graphs through exporters.onnx.to_onnx_model (the registry's lowerings); the lowering per op."""
+                       custom_ops: str, quantize: str | None = None) -> dict[str, str]:
+    """Both graphs through exporters.onnx.to_onnx_model (the registry's lowerings), and quantized when asked
+    (the description gains "quantization"); the lowering per op."""
     from .onnx import save_atomically, to_onnx_model
+    from .quantize import quantized_into
 
     try:
-        ops.check_mode(custom_ops)
+        ops.check_mode(custom_ops, opset)
     except ValueError as error:
         raise ExportError(str(error)) from None
     context = ops.LoweringContext.from_config(decoder.config, description["max_length"])
@@ -213,7 +221,13 @@ def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: di
                                              description[name]["outputs"], description[name]["inputs"])
         except Exception as error:  # the exporters raise many kinds; the caller needs one, with the reason
             raise ExportError(f"ONNX export of the {name} graph failed: {first_line(error)}") from error
-        save_atomically(model, Path(folder) / FILES["onnx"][name], external_data=False)
+        path = os.path.join(folder, FILES["onnx"][name])
+        with quantized_into(path, quantize) as fp32_path:
+            save_atomically(model, Path(fp32_path), external_data=False)
+    if quantize is not None:
+        from .quantize import quantization_of
+
+        description["quantization"] = quantization_of(path)
     return lowerings
 
 

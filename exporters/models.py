@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import reformer
+from reformer import tokenizer
 from reformer.checkpoint import (
     PYTORCH_NAME,
     SAFETENSORS_INDEX_NAME,
@@ -47,6 +48,8 @@ MODELS_DIR = find_models_dir()
 DEFAULT_MODEL = "byte-lm"
 RANDOM_WEIGHTS_SEED = 0
 WEIGHT_FILES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME)
+# Text the model did not train on, UTF-8; a checkpoint directory may ship one.
+HELD_OUT_NAME = "held-out.txt"
 
 
 @dataclass
@@ -73,6 +76,18 @@ class ResolvedModel:
         """One line for people: where the model came from and whether its weights are random."""
         weights = "" if self.random_weights_seed is None else f"; random weights, seed {self.random_weights_seed}"
         return f"{self.name} ({self.source}{weights})"
+
+    def held_out_windows(self, length: int) -> torch.Tensor | None:
+        """The model's held-out text (HELD_OUT_NAME in its directory, for byte-vocabulary models: see
+        reformer/tokenizer.py), as every whole window of `length` tokens (W, length), None without one. A
+        quantized graph's task verdict measures bits per token on it (exporters.task_verdict)."""
+        path = os.path.join(self.directory, HELD_OUT_NAME)
+        if self.model.config.vocab_size != tokenizer.VOCAB_SIZE or not os.path.isfile(path):
+            return None
+        with open(path, "rb") as handle:
+            ids = torch.tensor(tokenizer.encode(handle.read()))
+        windows = len(ids) // length
+        return ids[:windows * length].view(windows, length) if windows else None
 
     def metadata(self) -> dict:
         """What an exported file records about its origin."""

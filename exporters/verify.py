@@ -41,6 +41,7 @@ from .errors import ExportError, first_line
 from .near_ties import PRECISIONS, Disagreement, certify, lsh_layers, recorded_hash_inputs
 from .precision import check_device, model_as
 from .specs import TaskSpec, example_length
+from .task_verdict import Sample, TaskVerdict, judge
 
 FORMATS = ("onnx", "aoti", "torchscript")
 RUNTIMES = {"onnx": ("onnxruntime-cpu", "onnxruntime-cuda"), "aoti": ("aoti-cpu", "aoti-cuda"),
@@ -100,15 +101,19 @@ class VerificationReport:
     skipped: list[str] = field(default_factory=list)  # runtimes not present, with the reason
     twin_extra_nodes: dict[str, int] = field(default_factory=dict)  # node kinds only the twin has
     twin_missing_nodes: dict[str, int] = field(default_factory=dict)  # shipped node kinds the twin lacks
+    # Quantized graphs only: one per runtime (exporters.task_verdict), judged instead of the rows' tolerance.
+    task_verdicts: list[TaskVerdict] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return bool(self.rows) and all(row.passed for row in self.rows) and not self.twin_missing_nodes
+        return (bool(self.rows) and all(row.passed for row in self.rows) and not self.twin_missing_nodes
+                and all(verdict.passed for verdict in self.task_verdicts))
 
     def to_dict(self) -> dict:
         return {"format": self.format, "path": self.path, "passed": self.passed,
                 "rows": [asdict(row) for row in self.rows], "skipped": list(self.skipped),
-                "twin_extra_nodes": dict(self.twin_extra_nodes), "twin_missing_nodes": dict(self.twin_missing_nodes)}
+                "twin_extra_nodes": dict(self.twin_extra_nodes), "twin_missing_nodes": dict(self.twin_missing_nodes),
+                "task_verdicts": [asdict(verdict) for verdict in self.task_verdicts]}
 
     def summary_table(self) -> str:
         header = ("runtime", "device", "shape", "dtype", "replay abs", "replay rel", "tolerance", "near-ties",
@@ -118,7 +123,8 @@ class VerificationReport:
             certified = f"{row.certified}/{row.disagreements}" if row.replayed else "-"
             worst = "-" if row.worst_margin is None else f"{abs(row.worst_margin):.1e}/{row.worst_bound:.1e}"
             lines.append((row.runtime, row.device, f"{row.shape[0]}x{row.shape[1]}", row.dtype,
-                          f"{row.replay_max_abs:.2e}", f"{row.replay_max_rel:.2e}", f"{row.tolerance:.2g}",
+                          f"{row.replay_max_abs:.2e}", f"{row.replay_max_rel:.2e}",
+                          f"{row.tolerance:.2g}" if row.tolerance == row.tolerance else "-",
                           certified, worst, f"{row.max_abs:.2e}", row.flips, "pass" if row.passed else "FAIL"))
         widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
         text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
@@ -126,6 +132,10 @@ class VerificationReport:
                  for row in self.rows if row.note]
         if self.twin_extra_nodes or self.twin_missing_nodes:
             text.append(f"verification twin: {twin_difference_text(self.twin_extra_nodes, self.twin_missing_nodes)}")
+        if self.task_verdicts:
+            text.append("int8 graph: its replayed and free-running errors and bucket disagreements (certified within "
+                        "fp32 rounding / all) are information; the task verdict judges it")
+        text += [verdict.summary() for verdict in self.task_verdicts]
         text += [f"skipped {reason}" for reason in self.skipped]
         return "\n".join(text)
 
@@ -134,6 +144,10 @@ class VerificationReport:
         if self.twin_missing_nodes:
             return f"the verification twin is not the shipped graph: {twin_difference_text({}, self.twin_missing_nodes)}"
         failing = [row for row in self.rows if not row.passed]
+        failing_verdicts = [verdict for verdict in self.task_verdicts if not verdict.passed]
+        if not failing and failing_verdicts:
+            verdict = failing_verdicts[0]
+            return f"the quantized graph fails its task on {verdict.runtime}: {verdict.note}"
         if not failing:
             return "" if self.rows else "verification ran on no runtime"
         worst = max(failing, key=lambda row: row.replay_max_abs / row.tolerance
@@ -172,13 +186,18 @@ def verify_export(
     atol: float | None = None,
     shapes: Sequence[tuple[int, int]] | None = None,
     runtimes: Sequence[str] | None = None,
+    quantized: bool = False,
+    held_out: torch.Tensor | None = None,
 ) -> VerificationReport:
     """Run the graph at `path` on every runtime present (or those named in `runtimes`, from RUNTIMES) at
     `shapes` (batch, length; default `default_shapes`) and compare with eager `model` on the same device in
     `dtype` (with `tf32`: CUDA runtimes and eager with TF32 matmuls, judged by the fp16 rule). `twin_path`:
     the graph's verification twin, needed when the model has LSH layers (else their rows fail, saying so).
     `device` is the device the graph was exported on (CUDA exports get a note when no CUDA runtime could
-    run them). Never raises for a failed comparison: the report carries it."""
+    run them). `quantized`: an int8 graph (exporters.quantize), judged by exporters.task_verdict instead of
+    the rows' tolerance and near-tie certificates, which its rows report as information; `held_out`: token
+    windows (W, L) for its LM metrics (exporters.models.held_out_windows; None: the verifier's inputs).
+    Never raises for a failed comparison: the report carries it."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     check_device(device)
@@ -198,10 +217,13 @@ def verify_export(
             continue
         twin = None if twin_path is None else open_runtime(name, fmt, str(twin_path), tf32)[0]
         eager = spec.wrap(model_as(model, dtype, runner.device), with_buckets=True)
+        samples = [] if quantized else None
         for batch, length in shapes:
             input_ids, attention_mask = verification_inputs(batch, length, config.vocab_size)
-            report.rows.append(compare(
-                runner, twin, eager, spec, input_ids, attention_mask, name.split("-")[0], dtype, tf32, atol))
+            report.rows.append(compare(runner, twin, eager, spec, input_ids, attention_mask, name.split("-")[0], dtype,
+                                       tf32, atol, samples))
+        if quantized:
+            report.task_verdicts.append(judge_quantized(runner, eager, spec, name, samples, held_out))
     if device == "cuda" and not any(row.device == "cuda" for row in report.rows):
         report.skipped.append("cuda: exported for CUDA, but no CUDA runtime could run it here")
     return report
@@ -317,9 +339,28 @@ def tf32_matmuls(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+def judge_quantized(runner: Runner, eager, spec: TaskSpec, runtime: str, samples: list[Sample],
+                    held_out: torch.Tensor | None) -> TaskVerdict:
+    """exporters.task_verdict.judge over the rows' runs (`samples`) and, when given, the held-out windows."""
+    if held_out is None:
+        return judge(spec.name, spec.output_names, spec.per_position, runtime, samples, samples,
+                     "the verifier's random inputs", held_out=False)
+    outputs, text_samples = len(spec.output_names), []
+    for window in held_out:
+        input_ids, attention_mask = window[None], torch.ones(1, held_out.shape[1], dtype=torch.long)
+        with torch.no_grad():
+            expected = eager(input_ids.to(runner.device), attention_mask.to(runner.device))[:outputs]
+        text_samples.append(Sample([tensor.cpu() for tensor in expected],
+                                   runner.run([input_ids, attention_mask])[:outputs], input_ids, attention_mask))
+    return judge(spec.name, spec.output_names, spec.per_position, runtime, samples + text_samples, text_samples,
+                 f"held-out text ({held_out.shape[0]} windows of {held_out.shape[1]} tokens)", held_out=True)
+
+
 def compare(runner: Runner, twin: Runner | None, eager, spec: TaskSpec, input_ids, attention_mask, runtime: str,
-            dtype: str, tf32: bool, atol: float | None) -> VerificationRow:
-    """One row: eager (recording each LSH layer's input), the shipped graph, and the twin with eager's buckets."""
+            dtype: str, tf32: bool, atol: float | None, samples: list[Sample] | None = None) -> VerificationRow:
+    """One row: eager (recording each LSH layer's input), the shipped graph, and the twin with eager's buckets.
+    `samples`: a quantized graph's, collecting each run for its task verdict; its row reports the replayed
+    error, the flips and the certificates without judging them (quantization moves more than rounding)."""
     precision = PRECISIONS["tf32" if tf32 else dtype]
     row = VerificationRow(runtime, runner.device, tuple(input_ids.shape), precision.name)
     device = runner.device
@@ -363,6 +404,13 @@ def compare(runner: Runner, twin: Runner | None, eager, spec: TaskSpec, input_id
     if shipped_buckets and layers:
         disagreements += certify(layers[0], 0, hash_inputs[0], eager_buckets[0], shipped_buckets[0], keep, precision)
     record_certificates(row, disagreements)
+    if samples is not None:
+        samples.append(Sample(eager_outputs, shipped[:outputs], input_ids, attention_mask))
+        row.passed = row.max_abs == row.max_abs and row.replay_max_abs == row.replay_max_abs  # NaN compares false
+        row.tolerance = float("nan")  # nothing here is judged against one
+        row.dtype = "int8"
+        row.note = "" if row.passed else "runtime output holds NaN"
+        return row
     row.passed = (row.replay_max_abs <= row.tolerance and row.certified == row.disagreements
                   and row.max_abs == row.max_abs)  # NaN compares false
     row.note = explain(row)
@@ -460,8 +508,8 @@ def explain(row: VerificationRow) -> str:
     return ""
 
 
-def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol: float | None = None
-                   ) -> VerificationReport:
+def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol: float | None = None,
+                   quantized: bool = False, held_out: torch.Tensor | None = None) -> VerificationReport:
     """The prefill and decoder-step graphs in `folder` (exporters.decoder) against eager
     `reformer.generation.IncrementalDecoder`, fp32 on the CPU, with the task graphs' protocol: output names,
     then shapes, then values, one row per prompt (batch, length): 3 one-token prompts (the LSH layers'
@@ -471,7 +519,11 @@ def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol:
     Replay: every step gets eager's cache as its past, so the runtime's own hashing of earlier positions
     cannot compound; the prefill and every step's logits are judged (fp32 rule). The prefill's bucket
     outputs are compared with eager's, and its first-LSH-layer disagreements must be certified near-ties;
-    the free-running decode (the runtime's own cache fed back) is reported as information."""
+    the free-running decode (the runtime's own cache fed back) is reported as information.
+
+    `quantized` graphs (exporters.quantize): the rows are information, and the task verdict
+    (exporters.task_verdict, causal-lm) judges the prefill's and the replayed steps' logits, with bits per token
+    and top-1 agreement measured by the prefill graph on `held_out` windows where given."""
     from .decoder import load_graphs
     from reformer.generation import IncrementalDecoder, cache_names
 
@@ -489,6 +541,7 @@ def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol:
     traced_length = example_length(config.padding_multiple, max_length - 1)  # exporters.decoder.example_prompt's
     runtime = "onnxruntime" if fmt == "onnx" else fmt
     report = VerificationReport(fmt, folder)
+    samples = []
     for batch, length in [(3, 1), (1, min(traced_length + 2, max_length - 1))]:
         row = VerificationRow(runtime, "cpu", (batch, length), "fp32", replayed=True)
         report.rows.append(row)
@@ -497,6 +550,7 @@ def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol:
             with torch.no_grad(), recorded_hash_inputs(model) as hash_inputs:
                 expected, cache = decoder.prefill(tokens)
             logits, present = run("prefill", tokens, [])
+            prefill_expected, prefill_logits = expected, logits
         except Exception as error:  # a runtime that cannot run a prompt fails that row, with its reason
             row.note = f"runtime error: {first_line(error)}"
             continue
@@ -519,6 +573,7 @@ def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol:
             with torch.no_grad():
                 expected, cache_after = decoder.step(next_tokens, cache)
             logits, _ = run("step", next_tokens, list(cache.tensors()))
+            samples.append(Sample([expected], [logits], next_tokens, torch.ones_like(next_tokens)))
             free_logits, free_present = run("step", next_tokens, free_present)
             replay_error = max(replay_error, (logits - expected).abs().max().item())
             free_error = max(free_error, (free_logits - expected).abs().max().item())
@@ -529,7 +584,31 @@ def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol:
         row.tolerance = atol if atol is not None else PRECISIONS["fp32"].relative_tolerance * scale
         row.passed = row.replay_max_abs <= row.tolerance and row.certified == row.disagreements
         row.note = explain(row) or f"prefill and {steps} greedy steps"
+        if quantized:
+            row.tolerance, row.dtype = float("nan"), "int8"
+            row.passed = row.max_abs == row.max_abs and row.replay_max_abs == row.replay_max_abs  # NaN fails
+            row.note = f"prefill and {steps} greedy steps" if row.passed else "runtime output holds NaN"
+            samples.append(Sample([prefill_expected], [prefill_logits], tokens, torch.ones_like(tokens)))
+    if quantized:
+        report.task_verdicts.append(judge_decoder(decoder, run, runtime, samples, held_out))
     return report
+
+
+def judge_decoder(decoder, run, runtime: str, samples: list[Sample], held_out: torch.Tensor | None) -> TaskVerdict:
+    """exporters.task_verdict.judge of quantized decoder graphs: `samples` (each prefill and replayed step) and
+    the prefill graph on the held-out windows, which give the LM metrics where the model ships them."""
+    text, lm_samples = "the verifier's prompts", [sample for sample in samples if sample.input_ids.shape[1] > 1]
+    if held_out is not None:
+        text = f"held-out text ({held_out.shape[0]} windows of {held_out.shape[1]} tokens)"
+        lm_samples = []
+        for window in held_out:
+            with torch.no_grad():
+                expected, _ = decoder.prefill(window[None])
+            logits, _ = run("prefill", window[None], [])
+            lm_samples.append(Sample([expected], [logits], window[None], torch.ones_like(window[None])))
+        samples = samples + lm_samples
+    return judge("causal-lm", ("logits",), lambda name: True, runtime, samples, lm_samples, text,
+                 held_out=held_out is not None)
 
 
 def decoder_mismatch(logits, present, expected, expected_cache, names) -> str:

@@ -141,7 +141,7 @@ BAD_INPUTS = [
              format="torchscript"),
     BadInput("fp16_on_cpu", lambda root: ["--dtype", "fp16"], "use device cuda"),
     BadInput("opset_below_range", lambda root: ["--opset", "17"], "Invalid value for '--opset'", 2),
-    BadInput("opset_above_range", lambda root: ["--opset", "22"], "Invalid value for '--opset'", 2),
+    BadInput("opset_above_range", lambda root: ["--opset", "24"], "Invalid value for '--opset'", 2),
     BadInput("opset_for_torchscript", lambda root: ["--opset", "18"], "--opset applies to ONNX only",
              format="torchscript"),
     BadInput("custom_ops_for_torchscript", lambda root: ["--custom-ops", "auto"], "--custom-ops applies to ONNX only",
@@ -211,7 +211,9 @@ def test_cli_choices_match_the_library():
     from exporters import aoti, models, precision, specs
     from exporters.ops import CUSTOM_OPS_MODES
     from exporters.onnx import SUPPORTED_OPSETS
+    from exporters.quantize import QUANTIZATIONS
 
+    assert cli_main.QUANTIZATIONS == QUANTIZATIONS
     assert cli_main.TASKS == (*TASKS, api.GENERATION_TASK)
     assert cli_main.FORMATS == tuple(api.FORMATS)
     assert cli_main.DTYPES == tuple(precision.DTYPES)
@@ -232,7 +234,7 @@ def test_help_names_the_built_in_models_defaults_and_opset_range():
     text = " ".join(result.output.split())  # click wraps lines
     assert "models/ (byte-lm, tiny, enwik8). Default: byte-lm." in text
     assert "exports the built-in byte-lm model" in text and "tiny model" not in text
-    assert "ONNX opset, 18 to 21 (--format onnx only). Default: 18. [18<=x<=21]" in text
+    assert "ONNX opset, 18 to 23 (--format onnx only). Default: 18. [18<=x<=23]" in text
 
 
 def test_every_option_has_help():

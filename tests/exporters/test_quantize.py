@@ -1,0 +1,189 @@
+"""`--quantize int8` (exporters.quantize) and the task verdict that judges a quantized graph
+(exporters.task_verdict): the shipped byte-lm passes with its held-out text, a planted defect fails, every task
+of a tiny model passes, and the metrics are what they say.
+
+Bounds: those of exporters.task_verdict (measured there); the tests add none of their own, except the file size
+(at most 45% of the fp32 file: int8 weights are a quarter of fp32's, plus scales and the fp32 graph around them)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from exporters import api, quantize
+from exporters.onnx import METADATA_PREFIX
+from exporters.task_verdict import Sample, judge
+from tiny_configs import build, task_configs
+
+REAL_QUANTIZER = quantize.quantize_onnx
+
+
+def with_planted_defect(defect, product):
+    """A quantizer that quantizes, then applies `defect` to one product's int8 weight and its scale, as a broken
+    quantizer would: the first feed-forward product's (`product` "feed-forward") or the output head's ("head")."""
+
+    def quantize_badly(source, destination):
+        description = REAL_QUANTIZER(source, destination)
+        graph = onnx.load(destination)
+        initializers = {tensor.name: tensor for tensor in graph.graph.initializer}
+        weights = [node.input[1] for node in graph.graph.node if node.op_type == "MatMulInteger"]
+        weight = weights[-1] if product == "head" else next(name for name in weights if "feed_forward" in name)
+        scale = weight.replace("_quantized", "_scale")
+        arrays = {name: numpy_helper.to_array(initializers[name]).copy() for name in (weight, scale)}
+        defect(arrays, weight, scale)
+        for name, array in arrays.items():
+            initializers[name].CopyFrom(numpy_helper.from_array(array, name))
+        onnx.save(graph, destination)
+        return description
+
+    return quantize_badly
+
+
+def double_scale(arrays, weight, scale):
+    arrays[scale] *= 2
+
+
+def swap_rows(arrays, weight, scale):
+    arrays[weight][[0, 1]] = arrays[weight][[1, 0]]
+
+
+@pytest.fixture(scope="module")
+def byte_lm_exports(tmp_path_factory):
+    """The default model exported to fp32 (unverified, for its size) and to int8 (verified)."""
+    folder = tmp_path_factory.mktemp("byte-lm")
+    fp32 = api.run_export(api.ExportRequest("onnx", output=str(folder / "fp32.onnx"), verify=False))
+    int8 = api.run_export(api.ExportRequest("onnx", output=str(folder / "int8.onnx"), quantize="int8",
+                                            report=str(folder / "report.json")))
+    return fp32, int8, folder
+
+
+def test_the_default_model_quantizes_and_passes_on_its_held_out_text(byte_lm_exports):
+    fp32, int8, folder = byte_lm_exports
+    assert int8.passed, int8.verification.failure_message()
+    assert int8.size_bytes <= 0.45 * fp32.size_bytes
+    verdict, = int8.verification.task_verdicts
+    assert verdict.text.startswith("held-out text (8 windows of 1024 tokens)")
+    assert abs(verdict.bits_per_token_change) <= 0.02 and verdict.top1_agreement >= 0.985
+    # The graph says it is quantized and how; the summary and the report too.
+    description = quantize.quantization_of(int8.output)
+    assert description["weights"] == "int8, symmetric, per tensor" and description["fp32_products"] == 2
+    graph = onnx.load(int8.output, load_external_data=False)
+    metadata = {entry.key: entry.value for entry in graph.metadata_props}
+    assert json.loads(metadata[METADATA_PREFIX + "task"]) == "causal-lm"  # the fp32 export's metadata is kept
+    assert "int8 (dynamic, per tensor" in int8.summary_table() and "task verdict: pass" in int8.summary_table()
+    report = json.loads((folder / "report.json").read_text())
+    assert report["settings"]["quantize"] == "int8" and report["verification"]["task_verdicts"][0]["passed"]
+    assert not [name for name in os.listdir(folder) if name.startswith("fp32-")]  # the scratch folder is gone
+
+
+def test_the_hashing_projections_stay_fp32(byte_lm_exports):
+    _, int8, _ = byte_lm_exports
+    graph = onnx.load(int8.output, load_external_data=False)
+    hashing = quantize.hashing_products(graph)
+    assert len(hashing) == 2  # byte-lm's two LSH layers, still float MatMuls
+    assert {node.op_type for node in graph.graph.node if node.name in hashing} == {"MatMul"}
+
+
+@pytest.mark.parametrize("defect, product, tiny_model", [
+    (double_scale, "feed-forward", False), (swap_rows, "feed-forward", False), (double_scale, "head", True)])
+def test_a_planted_defect_fails_the_verdict(defect, product, tiny_model, tmp_path, monkeypatch):
+    """On the default model (its held-out text) and on a tiny random one (the verifier's inputs). A random model's
+    layers add little to its residual stream (measured: a doubled feed-forward scale moved the tiny model's
+    logits by 1.08% against 1.06% without a defect), so the tiny model's defect is in its output head."""
+    model = None
+    if tiny_model:
+        name, values = task_configs("causal-lm")[0]
+        build("causal-lm", values).save_pretrained(tmp_path / name)
+        model = str(tmp_path / name)
+    monkeypatch.setattr(quantize, "quantize_onnx", with_planted_defect(defect, product))
+    output = tmp_path / "int8.onnx"
+    result = api.run_export(api.ExportRequest("onnx", model=model, output=str(output), quantize="int8"))
+    assert not result.passed and not output.exists()
+    verdict, = result.verification.task_verdicts
+    assert not verdict.passed and "fails its task" in result.verification.failure_message()
+
+
+@pytest.mark.parametrize("task", ["base", "causal-lm", "masked-lm", "sequence-classification", "question-answering"])
+def test_every_task_quantizes_and_passes(task, tmp_path):
+    name, values = task_configs(task)[0]
+    build(task, values).save_pretrained(tmp_path / name)
+    result = api.run_export(api.ExportRequest("onnx", model=str(tmp_path / name), task=task,
+                                              output=str(tmp_path / "int8.onnx"), quantize="int8"))
+    assert result.passed, result.verification.summary_table()
+    verdict, = result.verification.task_verdicts
+    assert verdict.text == "the verifier's random inputs"
+
+
+@pytest.mark.parametrize("request_values, message", [
+    (dict(format="torchscript"), "--quantize applies to ONNX graphs only: drop it for torchscript graphs"),
+    (dict(format="onnx", device="cuda"), "drop --device and --dtype"),
+    (dict(format="onnx", quantize="int4"), "unknown quantization 'int4': choose int8"),
+])
+def test_quantize_options_are_refused_in_one_line(request_values, message):
+    with pytest.raises(api.ExportRequestError, match=message):
+        api.check_options(api.ExportRequest(**{"quantize": "int8", **request_values}))
+
+
+def sample(eager_logits, graph_logits, ids):
+    return Sample([eager_logits], [graph_logits], ids, torch.ones_like(ids))
+
+
+def test_bits_per_token_count_each_next_token_once():
+    # Uniform logits over 4 tokens: 2 bits per predicted token, 3 predictions in a causal window of 4.
+    ids = torch.tensor([[0, 1, 2, 3]])
+    uniform = torch.zeros(1, 4, 4)
+    verdict = judge("causal-lm", ("logits",), lambda name: True, "test", [sample(uniform, uniform, ids)],
+                    [sample(uniform, uniform, ids)], "text", held_out=True)
+    assert verdict.tokens == 3 and verdict.bits_per_token_eager == pytest.approx(2.0)
+    assert verdict.passed and verdict.relative_error == {"logits": 0.0}
+
+
+def test_the_verdict_fails_on_moved_bits_or_top1():
+    ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    eager = torch.nn.functional.one_hot(ids.roll(-1), 4).float() * 3  # confident and right
+    wrong = eager.roll(1, dims=-1)  # as confident, always wrong
+    verdict = judge("causal-lm", ("logits",), lambda name: True, "test", [sample(eager, wrong, ids)],
+                    [sample(eager, wrong, ids)], "text", held_out=True)
+    assert not verdict.passed and verdict.top1_agreement == 0
+    assert "bits per token moved" in verdict.note and "top-1 agreement 0.00%" in verdict.note
+    assert verdict.relative_error["logits"] == pytest.approx(math.sqrt(2))
+
+
+def test_a_changed_class_fails_classification():
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    eager, graph = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.52, 0.5]])
+    verdict = judge("sequence-classification", ("logits",), lambda name: False, "test",
+                    [Sample([eager], [graph], ids, torch.ones_like(ids))], [], "text", held_out=False)
+    assert verdict.argmax_agreement == {"logits": 0.5} and not verdict.passed
+    assert np.isclose(verdict.relative_error["logits"], math.sqrt(0.52**2 + 0.5**2) / math.sqrt(2))
+
+
+def test_decoder_graphs_quantize_and_pass(tmp_path):
+    output = tmp_path / "decoder"
+    result = api.run_export(api.ExportRequest("onnx", model="tiny", task=api.GENERATION_TASK, output=str(output),
+                                              quantize="int8"))
+    assert result.passed, result.verification.summary_table()
+    verdict, = result.verification.task_verdicts
+    assert verdict.text == "the verifier's prompts" and verdict.tokens > 0
+    config = json.loads((output / "decoder_config.json").read_text())
+    assert config["quantization"]["weights"] == "int8, symmetric, per tensor"
+    for name in ("prefill.onnx", "decoder_step.onnx"):
+        assert quantize.quantization_of(output / name)["quantized_products"] > 0
+
+
+def test_triton_repository_carries_the_quantized_graph(tmp_path):
+    pytest.importorskip("tritonclient")
+    output = tmp_path / "repository"
+    result = api.run_export(api.ExportRequest("triton", model="tiny", max_length=64, triton_backend="onnxruntime",
+                                              output=str(output), quantize="int8"))
+    assert result.passed and result.settings["quantize"] == "int8"
+    assert quantize.quantization_of(output / "tiny-causal-lm" / "1" / "model.onnx") is not None
+    with pytest.raises(api.ExportRequestError, match="--quantize applies to ONNX graphs only"):
+        api.check_options(api.ExportRequest("triton", model="tiny", triton_backend="pytorch", quantize="int8"))
