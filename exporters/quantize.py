@@ -3,23 +3,25 @@
 
 Dynamic quantization stores each weight matrix as int8 with one scale, and quantizes the activation that meets
 it to uint8 at run time, per call, from its own range; the product runs as an integer kernel (VNNI on CPUs
-that have it) and is scaled back to float. Only products with a weight operand change: the attention's
-query-key and weights-value products (two activations) stay fp32, and so does everything else.
+that have it) and is scaled back to float. Embedding tables are stored as int8 too and dequantized on lookup.
+Products of two activations (the attention's query-key and weights-value products) stay fp32, and so does
+everything that is not a product or a lookup.
 
-What stays fp32 though it has a weight, measured on models/byte-lm (held-out text, 31 windows of 1,024
-bytes) and the benchmarks' `small` model (4,096 tokens, 1 thread, onnxruntime 1.32, AMD EPYC):
+What stays fp32 though it has a weight, measured on models/byte-lm (bits per byte over the 31 whole 1,024-byte
+windows of the held-out random.py, top-1 agreement with eager) and the benchmarks' `small` model (4,096
+tokens, onnxruntime 1.32, AMD EPYC, 12 interleaved runs, median):
 - The LSH hashing projections (every product whose result reaches an ArgMax). A bucket is a discrete
   decision: quantizing the projection moves tokens to other buckets by more than any rounding, and the
-  projection is a few rows per head (no measurable time). Kept in float, a bucket flips only where
-  quantization moved the hashed vector itself.
-- Nothing else. The output head is quantized: keeping it in fp32 cost 22% more time on `small` (240 against
-  196 ms) for 0.3 points of top-1 agreement on byte-lm (99.30% against 99.14%; bits per byte +0.0003 either
-  way).
+  projection is a few columns per head (no measurable time).
+- Nothing else. The output head is quantized: in fp32 it kept byte-lm's top-1 agreement at 99.42% against
+  99.20% (bits per byte +0.0002 against +0.0003, fp32 3.4648), took the same time on `small` within the
+  noise (243 against 228 ms with 1 thread, 143 against 145 ms with 2; fp32 424 and 227 ms) and made the
+  files 16% larger (byte-lm 1.76 against 1.52 MB); with a large vocabulary it is the largest product.
 
-Weights are quantized per tensor. Per channel ran slower on `small` (308 against 196 ms), was no more
-accurate there (top-1 97.1% against 96.6%, random weights), and fails at run time on the batched per-head
-projections (3-D weights): ONNX Runtime's MatMulIntegerToFloat refuses their per-channel zero points ("b zero
-point is not valid")."""
+Weights are quantized per tensor. Per channel ran slower on `small` (332 against 243 ms, 1 thread), was no
+more accurate there (top-1 97.1% against 96.6%, random weights), and fails at run time on the batched
+per-head projections (3-D weights): ONNX Runtime's MatMulIntegerToFloat refuses their per-channel zero points
+("b zero point is not valid")."""
 
 from __future__ import annotations
 
