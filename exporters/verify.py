@@ -406,15 +406,20 @@ def compare(runner: Runner, twin: Runner | None, eager, spec: TaskSpec, input_id
     record_certificates(row, disagreements)
     if samples is not None:
         samples.append(Sample(eager_outputs, shipped[:outputs], input_ids, attention_mask))
-        row.passed = row.max_abs == row.max_abs and row.replay_max_abs == row.replay_max_abs  # NaN compares false
-        row.tolerance = float("nan")  # nothing here is judged against one
-        row.dtype = "int8"
+        mark_as_information(row)
         row.note = "" if row.passed else "runtime output holds NaN"
         return row
     row.passed = (row.replay_max_abs <= row.tolerance and row.certified == row.disagreements
                   and row.max_abs == row.max_abs)  # NaN compares false
     row.note = explain(row)
     return row
+
+
+def mark_as_information(row: VerificationRow) -> None:
+    """A quantized graph's row: its numbers are information (the task verdict judges the graph), and it fails
+    only on NaN; it is judged against no tolerance."""
+    row.passed = row.max_abs == row.max_abs and row.replay_max_abs == row.replay_max_abs  # NaN compares false
+    row.tolerance, row.dtype = float("nan"), "int8"
 
 
 def run_checked(runner: Runner, inputs: list[torch.Tensor], names: list[str], expected: list[torch.Tensor],
@@ -585,8 +590,7 @@ def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol:
         row.passed = row.replay_max_abs <= row.tolerance and row.certified == row.disagreements
         row.note = explain(row) or f"prefill and {steps} greedy steps"
         if quantized:
-            row.tolerance, row.dtype = float("nan"), "int8"
-            row.passed = row.max_abs == row.max_abs and row.replay_max_abs == row.replay_max_abs  # NaN fails
+            mark_as_information(row)
             row.note = f"prefill and {steps} greedy steps" if row.passed else "runtime output holds NaN"
             samples.append(Sample([prefill_expected], [prefill_logits], tokens, torch.ones_like(tokens)))
     if quantized:
