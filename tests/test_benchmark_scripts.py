@@ -286,3 +286,83 @@ def test_kernel_sweep_counts_moved_comparisons_and_planted_defects():
     assert [row["largest gap/bound within"] for row in by_column] == ["0.1", "0.2"]
     assert [row["outside (planted)"] for row in by_column] == [1, 1]
     assert dict(module_rows)["tests/test_a.py"] == "aten default" and dict(module_rows)["tests/test_b.py"] == "none"
+
+
+def test_cpu_speed_tables_compare_each_runtime_with_the_reference_at_its_own_shape():
+    """benchmarks/cpu_speed: speed-ups are taken against transformers and ONNX Runtime fp32 at the same threads
+    and length (or model and batch), never across shapes; memory against transformers' median peak."""
+    from benchmarks.cpu_speed import Files, forward_table, generation_table, memory_table
+
+    def forward_row(threads, length, runtime, milliseconds, **difference):
+        return {"threads": threads, "length": length, "runtime": runtime, "median_ms": milliseconds,
+                "min_ms": milliseconds, "runs": 5, **difference}
+
+    rows = [forward_row(1, 4096, "transformers", 600.0, relative=1e-7, top1=1.0), forward_row(1, 4096, "eager", 400.0),
+            forward_row(1, 4096, "onnxruntime fp32", 240.0, relative=2e-7, top1=1.0),
+            forward_row(1, 4096, "onnxruntime int8", 120.0, relative=5e-3, top1=0.97),
+            forward_row(2, 4096, "transformers", 300.0), forward_row(2, 4096, "onnxruntime int8", 100.0)]
+    files = Files("small", 4096, 258, megabytes={"onnxruntime fp32": 4.0, "onnxruntime int8": 1.5})
+    header, table = forward_table(rows, files)
+    cells = [dict(zip(header, row)) for row in table]
+    assert [cell["speed-up vs transformers"] for cell in cells] == ["1.00x", "1.50x", "2.50x", "5.00x", "1.00x", "3.00x"]
+    assert [cell["vs ORT fp32"] for cell in cells] == ["0.40x", "0.60x", "1.00x", "2.00x", "-", "-"]
+    assert cells[3]["top-1 agree"] == "97.00%" and cells[3]["file MB"] == "1.50" and cells[1]["max diff / eager's max"] == "-"
+
+    memory = [{"runtime": runtime, "loaded_bytes": 2**29, "peak_bytes": peak * 2**30, "seconds": 2.0}
+              for runtime, peak in (("transformers", 1.2), ("transformers", 1.4), ("transformers", 1.3),
+                                    ("onnxruntime fp32", 1.0))]
+    header, table = memory_table(memory)
+    cells = {row[0]: dict(zip(header, row)) for row in table}
+    assert cells["transformers"]["peak resident GiB (median)"] == "1.300" and cells["transformers"]["processes"] == 3
+    assert cells["transformers"]["range"] == "1.200 to 1.400"
+    assert cells["onnxruntime fp32"]["peak vs transformers"] == "0.77x"
+
+    generation = [{"model": "byte-lm", "batch": 1, "runtime": runtime, "seconds": 1.0, "tokens_per_second": rate,
+                   "runs": 3, "same_tokens": "yes"}
+                  for runtime, rate in (("transformers", 100.0), ("onnxruntime fp32", 500.0), ("onnxruntime int8", 700.0))]
+    header, table = generation_table(generation)
+    assert [dict(zip(header, row))["vs ORT fp32"] for row in table] == ["0.20x", "1.00x", "1.40x"]
+    assert [dict(zip(header, row))["vs transformers"] for row in table] == ["1.00x", "5.00x", "7.00x"]
+
+
+def test_cpu_speed_says_which_rows_differ_from_eager_and_where():
+    import numpy as np
+
+    from benchmarks.cpu_speed import token_agreement
+
+    expected = np.array([[7, 7, 1, 2, 3], [7, 7, 4, 5, 6], [7, 7, 8, 9, 9]])
+    assert token_agreement(expected, expected.copy(), prompt_length=2) == "yes"
+    actual = expected.copy()
+    actual[1, 4], actual[2, 3] = 0, 0
+    assert token_agreement(expected, actual, prompt_length=2) == "no: 2 of 3 rows, first at new token 2"
+
+
+def test_cpu_speed_runs_every_part_on_the_tiny_model_and_writes_its_tables(tmp_path):
+    """The whole script at the smallest sizes (no AOTInductor compile): about 40 s, most of it the worker
+    processes' imports."""
+    out = tmp_path / "speed.md"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.cpu_speed", "--model", "tiny", "--lengths", "32",
+                             "--threads", "1", "--memory-length", "64", "--memory-rounds", "1", "--generation-models",
+                             "tiny", "--batches", "2", "--prompt-length", "8", "--new-tokens", "4", "--no-aoti",
+                             "--out", str(out)], cwd=REPOSITORY_ROOT, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert "- processor: " in text and "- load average" in text and "--model tiny" in text
+    runtimes = ("transformers", "eager", "onnxruntime fp32", "onnxruntime int8")
+    for section, rows in (("## Forward", 4), ("## Memory", 4), ("## Greedy generation", 4)):
+        table = text.split(section)[1].split("##")[0]
+        assert sum(line.startswith("| ") for line in table.splitlines()) == rows + 2, table  # header, rule, rows
+        assert all(f"| {runtime} |" in table for runtime in runtimes), table
+    generation = text.split("## Greedy generation")[1]
+    assert generation.count("| yes |") >= 3  # eager, and both fp32 runtimes generate eager's tokens
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--parts", "speed"], "unknown part speed: choose from forward, memory, generation"),
+    (["--threads", "0"], "thread counts and lengths must be at least 1"),
+])
+def test_cpu_speed_bad_options_fail_in_one_line(arguments, message):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.cpu_speed", *arguments], cwd=REPOSITORY_ROOT,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
