@@ -9,7 +9,7 @@ one after another; --requests in all per row (after 2 warm-up requests per clien
 the row's wall time; p50 and p99: each request's latency as the client sees it. "rows per run": the model's
 inferences per execution in the server's statistics, how many requests the dynamic batcher ran together.
 Requests of one length batch together (the Python backend batches only equal lengths, so that batching changes
-no answer; see reformer/triton_backend.py). The off rows serve the same graph with the same config less its
+no answer; see exporters/triton/backend.py). The off rows serve the same graph with the same config less its
 dynamic_batching block, from a second repository.
 """
 
@@ -35,7 +35,7 @@ def write_repositories(folder: str) -> tuple[str, str, str]:
     """(repository with dynamic batching, the same without, the model's name): the default model exported and
     verified by run_export, then a copy whose config has no dynamic_batching block (written by the same code)."""
     from exporters import api
-    from exporters.triton import CONFIG_NAME, VERSION, task_config
+    from exporters.triton.layout import CONFIG_NAME, VERSION, task_config
 
     batched, unbatched = os.path.join(folder, "batched"), os.path.join(folder, "unbatched")
     result = api.run_export(api.ExportRequest("triton", output=batched),
@@ -53,7 +53,7 @@ def write_repositories(folder: str) -> tuple[str, str, str]:
 
 def measure(server, name: str, clients: int, requests: int, length: int, protocol: str) -> dict:
     """One row: `clients` threads sharing `requests` requests; latencies in seconds."""
-    from reformer.runtime import TritonModel
+    from exporters.triton.client import TritonModel
 
     url = server.http_url if protocol == "http" else server.grpc_url
     per_client = [requests // clients + (index < requests % clients) for index in range(clients)]
@@ -112,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.clients) < 1 or args.requests < max(args.clients):
         parser.error("every --clients must be at least 1, and --requests at least the largest")
-    from reformer.triton_server import TritonServer
+    from exporters.triton.server import TritonServer
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="serving-benchmark-") as folder:

@@ -1,6 +1,6 @@
 """`reformer-serve REPOSITORY`: Triton Inference Server on a model repository that `reformer-export --format
 triton` wrote, in the foreground until Ctrl-C or SIGTERM, which stop the server and its model processes; thin
-over reformer.triton_server.TritonServer."""
+over exporters.triton.server.TritonServer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import click
 
 from cli.main import one_line, terminate_as_interrupt
-from reformer.triton_server import DEFAULT_PORTS, TritonServer, TritonServerError  # standard library only
+from exporters.triton.server import DEFAULT_PORTS, TritonServer, TritonServerError  # standard library only
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -12,7 +12,7 @@ import os
 import platform
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator
 
 from reformer.files import publish, staging_folder, write_json_atomically
@@ -23,7 +23,7 @@ from .precision import DEVICES, DTYPES, check_device
 from .runtimes import require_runtime
 from .specs import DEFAULT_OPSET, resolve_max_length
 
-# Each format's file suffix; triton writes a model repository, a directory (exporters/triton.py).
+# Each format's file suffix; triton writes a model repository, a directory (exporters/triton/layout.py).
 FORMATS = {"onnx": ".onnx", "aoti": ".pt2", "torchscript": ".pt", "triton": ""}
 # Not an exporters.specs task: a directory of two graphs for generation with a cache (exporters/decoder.py).
 GENERATION_TASK = "causal-lm-with-past"
@@ -56,7 +56,7 @@ class ExportRequest:
     verify: bool = True
     keep_failed: bool = False  # with verify only
     report: str | None = None  # path of a JSON report (None: no report)
-    triton_backend: str | None = None  # format triton only (None: exporters.triton.DEFAULT_TRITON_BACKEND)
+    triton_backend: str | None = None  # format triton only (None: exporters.triton.layout.DEFAULT_TRITON_BACKEND)
     native_isa: bool = False  # aoti only: build for this machine's CPU instruction set, not the portable one
     quantize: str | None = None  # ONNX graphs only: "int8" (exporters.quantize), None for fp32
 
@@ -131,8 +131,6 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
     options), reformer.CheckpointError, reformer.ConfigError or OSError, leaving nothing at the output path."""
     check_options(request)
     if request.format == "triton":
-        from .triton import run_triton_export
-
         return run_triton_export(request, progress)
     if request.task == GENERATION_TASK:
         return run_generation_export(request, progress)
@@ -220,6 +218,35 @@ def run_generation_export(request: ExportRequest, progress: Callable[[str], None
     return result
 
 
+def run_triton_export(request: ExportRequest, progress: Callable[[str], None]) -> ExportResult:
+    """Format triton: the graph(s) exported and verified by run_export as for the backend's graph format, into a
+    staging folder beside the repository, then the layout step (exporters.triton.layout.publish_repository)
+    wraps them into the repository and renames it into place, only when they passed (or with keep_failed)."""
+    from .models import DEFAULT_MODEL
+    from .triton.layout import (DEFAULT_TRITON_BACKEND, GRAPH_FORMATS, publish_repository, repository_staging,
+                                staged_graph_path)
+
+    backend = request.triton_backend or DEFAULT_TRITON_BACKEND
+    repository = request.output or f"{os.path.basename(os.path.normpath(request.model or DEFAULT_MODEL))}-triton"
+    generation = request.task == GENERATION_TASK
+    with repository_staging(repository) as staging:
+        graph = staged_graph_path(staging, backend, generation)
+        result = run_export(replace(request, format=GRAPH_FORMATS[backend], output=graph, triton_backend=None,
+                                    report=None), progress)
+        result.request = request
+        result.settings = {**result.settings, "format": "triton", "triton_backend": backend}
+        if result.verification is not None:
+            result.verification.path = repository
+        if result.output is not None:  # None: verification failed and the graph was removed
+            progress(f"Writing the Triton model repository {repository} (backend {backend})")
+            result.size_bytes, note = publish_repository(staging, graph, repository, backend, request.device,
+                                                         generation)
+            result.notes.append(note)
+            result.output = repository
+    write_report(request, result)
+    return result
+
+
 def applied_settings(request: ExportRequest, config) -> dict:
     """What the export applies, with the defaults resolved: format, dtype, device, max_length, for ONNX opset
     and custom_ops, for aoti cpu_march (exporters.aoti.CPU_TARGETS). The exporters get these values, and the
@@ -275,9 +302,9 @@ def check_options(request: ExportRequest) -> None:
             raise ExportRequestError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
     graph_format = request.format
     if request.format == "triton":
-        from .triton import check_triton_options
+        from .triton.layout import check_triton_options
 
-        graph_format = check_triton_options(request)
+        graph_format = check_triton_options(request.triton_backend, request.task, request.task == GENERATION_TASK)
     elif request.triton_backend is not None:
         raise ExportRequestError("--triton-backend applies to --format triton only: drop it or add --format triton")
     if request.custom_ops is not None and request.custom_ops not in CUSTOM_OPS_MODES:

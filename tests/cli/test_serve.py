@@ -1,5 +1,5 @@
 """reformer-serve's options and errors (cli/serve.py). Serving a real repository through it:
-tests/reformer/test_triton_server.py."""
+tests/exporters/test_triton_server.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from cli import main as cli_main
 from cli.serve import main as serve
-from exporters.triton import DEFAULT_TRITON_BACKEND, TRITON_BACKENDS
+from exporters.triton.layout import DEFAULT_TRITON_BACKEND, TRITON_BACKENDS
 
 
 def test_the_cli_lists_the_libraries_triton_backends_default_first():

@@ -1,6 +1,7 @@
-"""exporters.triton: model repositories for each Triton backend, written from real (tiny) exports and parsed with
-Triton's own schema offline; the request checks that refuse what cannot be served. The served repository is
-tested against a real server in tests/reformer/test_triton_server.py."""
+"""exporters.triton.layout: model repositories for each Triton backend, written from real (tiny) exports and
+parsed with Triton's own schema offline; the export requests that are refused because they cannot be served. The
+Python-backend models: tests/exporters/test_triton_backend.py; the served repository against a real server:
+tests/exporters/test_triton_server.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
 
 from exporters import api  # noqa: E402
 from exporters.errors import ExportError  # noqa: E402
-from exporters.triton import (  # noqa: E402
+from exporters.triton.backend import GENERATION_OPTIONS  # noqa: E402
+from exporters.triton.layout import (  # noqa: E402
     MAX_BATCH_SIZE,
     MAX_QUEUE_DELAY_MICROSECONDS,
     ModelConfig,
@@ -22,8 +24,6 @@ from exporters.triton import (  # noqa: E402
     TritonExportError,
     parse_config,
 )
-from reformer.triton_backend import GENERATION_OPTIONS, BadRequest, check_attention_mask, check_token_ids  # noqa: E402
-from reformer.triton_backend import steps_until_finished  # noqa: E402
 
 TINY_VOCAB = 258  # models/tiny/config.json
 TRITON_TYPES = {"TYPE_FP32": "float32", "TYPE_INT64": "int64", "TYPE_INT32": "int32", "TYPE_BOOL": "bool"}
@@ -44,7 +44,7 @@ def tensors(entries):
 def test_repository_for_each_backend_parses_with_tritons_schema(tmp_path, backend, graph):
     """The config describes the verified graph: its names, dtypes and dims without the batch axis, batching and a
     CPU instance; the graph sits in version 1, and only the Python backend has a model.py. Without verification,
-    to keep the test short: the served-model test (tests/reformer/test_triton_server.py) exports verified."""
+    to keep the test short: the served-model test (tests/exporters/test_triton_server.py) exports verified."""
     os.chdir(tmp_path)
     result = api.run_export(api.ExportRequest("triton", model="tiny", max_length=64, triton_backend=backend,
                                               verify=False))
@@ -119,34 +119,3 @@ def test_a_config_triton_would_refuse_fails_the_parse():
         parse_config(good.text() + "dynamic_batching { max_queue_delay: 5 }\n")  # unknown field
     with pytest.raises(TritonExportError, match="does not parse"):
         parse_config(good.text().replace("KIND_CPU", "KIND_TPU"))  # unknown enum value
-
-
-# ----- the Python backend's request checks (the server's answers to them: tests/reformer/test_triton_server.py) -----
-
-@pytest.mark.parametrize("input_ids, message", [
-    (np.zeros((1, 3), dtype=np.int32), "must be int64"),
-    (np.zeros(3, dtype=np.int64), "must be int64 of shape"),
-    (np.zeros((1, 0), dtype=np.int64), "is empty"),
-    (np.zeros((1, 65), dtype=np.int64), "has 65 tokens; this model serves at most 64"),
-    (np.array([[1, 258]]), "token id 258 is outside the vocabulary"),
-    (np.array([[-1, 2]]), "token id -1 is outside the vocabulary"),
-])
-def test_bad_token_ids_are_refused(input_ids, message):
-    with pytest.raises(BadRequest, match=message):
-        check_token_ids(input_ids, TINY_VOCAB, 64)
-
-
-def test_masks_must_match_the_ids_and_hold_zeros_and_ones():
-    ids = np.ones((2, 3), dtype=np.int64)
-    assert (check_attention_mask(None, ids) == 1).all()
-    with pytest.raises(BadRequest, match="shape of input_ids"):
-        check_attention_mask(np.ones((2, 4), dtype=np.int64), ids)
-    with pytest.raises(BadRequest, match="0 \\(padding\\) and 1"):
-        check_attention_mask(np.full((2, 3), 2, dtype=np.int64), ids)
-
-
-def test_a_request_stops_where_all_its_rows_have_produced_eos():
-    eos = 1
-    assert steps_until_finished(np.array([[5, 1, 0, 0], [7, 8, 1, 0]]), eos) == 3
-    assert steps_until_finished(np.array([[5, 1, 0, 0], [7, 8, 9, 9]]), eos) == 4  # one row never did
-    assert steps_until_finished(np.array([[5, 1, 0, 0]]), None) == 4

@@ -1,8 +1,8 @@
-"""reformer.triton_backend without a server: the Python-backend models driven as Triton drives them (initialize,
+"""exporters.triton.backend without a server: the Python-backend models driven as Triton drives them (initialize,
 then execute on a batch of requests), through a stand-in for the server's `triton_python_backend_utils`, on
 tiny exported repositories. A batch of requests of mixed lengths, padding and options returns, for each request,
 what the graph gives that request alone; a bad request gets an error response and the rest of its batch is
-served. The real server: tests/reformer/test_triton_server.py."""
+served; the request checks on their own. The real server: tests/exporters/test_triton_server.py."""
 
 from __future__ import annotations
 
@@ -20,9 +20,16 @@ pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritoncl
 from google.protobuf import json_format  # noqa: E402
 
 from exporters import api  # noqa: E402
-from exporters.triton import parse_config  # noqa: E402
+from exporters.triton.backend import (  # noqa: E402
+    BadRequest,
+    GenerationModel,
+    TaskModel,
+    check_attention_mask,
+    check_token_ids,
+    steps_until_finished,
+)
+from exporters.triton.layout import parse_config  # noqa: E402
 from reformer.runtime import OnnxGenerator, OnnxModel  # noqa: E402
-from reformer.triton_backend import GenerationModel, TaskModel  # noqa: E402
 
 VOCAB, MAX_LENGTH = 258, 64  # models/tiny/config.json's vocabulary; the export's maximum length
 
@@ -120,3 +127,34 @@ def test_generation_batches_answer_each_request_as_alone(tmp_path, triton_utils)
         np.testing.assert_array_equal(response.outputs["output_ids"], expected)
     assert responses[0].outputs["output_ids"].shape[1] <= 2
     assert "positions" in responses[-1].error
+
+
+# ----- the request checks (the server's answers to them: tests/exporters/test_triton_server.py) -----
+
+@pytest.mark.parametrize("input_ids, message", [
+    (np.zeros((1, 3), dtype=np.int32), "must be int64"),
+    (np.zeros(3, dtype=np.int64), "must be int64 of shape"),
+    (np.zeros((1, 0), dtype=np.int64), "is empty"),
+    (np.zeros((1, 65), dtype=np.int64), "has 65 tokens; this model serves at most 64"),
+    (np.array([[1, 258]]), "token id 258 is outside the vocabulary"),
+    (np.array([[-1, 2]]), "token id -1 is outside the vocabulary"),
+])
+def test_bad_token_ids_are_refused(input_ids, message):
+    with pytest.raises(BadRequest, match=message):
+        check_token_ids(input_ids, VOCAB, MAX_LENGTH)
+
+
+def test_masks_must_match_the_ids_and_hold_zeros_and_ones():
+    ids = np.ones((2, 3), dtype=np.int64)
+    assert (check_attention_mask(None, ids) == 1).all()
+    with pytest.raises(BadRequest, match="shape of input_ids"):
+        check_attention_mask(np.ones((2, 4), dtype=np.int64), ids)
+    with pytest.raises(BadRequest, match="0 \\(padding\\) and 1"):
+        check_attention_mask(np.full((2, 3), 2, dtype=np.int64), ids)
+
+
+def test_a_request_stops_where_all_its_rows_have_produced_eos():
+    eos = 1
+    assert steps_until_finished(np.array([[5, 1, 0, 0], [7, 8, 1, 0]]), eos) == 3
+    assert steps_until_finished(np.array([[5, 1, 0, 0], [7, 8, 9, 9]]), eos) == 4  # one row never did
+    assert steps_until_finished(np.array([[5, 1, 0, 0]]), None) == 4

@@ -9,9 +9,10 @@ backend directory, as Triton looks for it next to `libtriton_python.so`.
 The stub embeds the system's libpython, whose `sys.path` is not this environment's: the server gets the package
 folders of the environment models run in (this one's, or those `PYTHONPATH_VARIABLE` names already) in
 `PYTHONPATH_VARIABLE`, and each Python-backend `model.py` that reformer-export writes puts them in front of its
-`sys.path` before importing `reformer`. The wheel's stub is built against numpy 1.x (nvidia-pytriton requires
-numpy<2): under numpy 2 it reads and writes tensors wrongly (inputs with the wrong strides, empty outputs), so
-models must run in an environment with numpy 1.x, which installing the `serve` extra gives.
+`sys.path` before importing `exporters.triton.backend`. The wheel's stub is built against numpy 1.x
+(nvidia-pytriton requires numpy<2): under numpy 2 it reads and writes tensors wrongly (inputs with the wrong
+strides, empty outputs), so models must run in an environment with numpy 1.x, which installing the `serve`
+extra gives.
 
 The server runs in a session of its own, so stopping it (SIGTERM, then SIGKILL after `stop_timeout`) ends the
 stub processes of its Python models with it."""

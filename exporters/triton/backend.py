@@ -1,6 +1,7 @@
 """The Python-backend models of a Triton repository written by `reformer-export --format triton`: each
-`model.py` there imports one of these classes as `TritonPythonModel`. numpy and `reformer.runtime` only
-(`triton_python_backend_utils` is the server's own module, imported when the server loads the model).
+`model.py` there imports one of these classes as `TritonPythonModel`. numpy and `reformer.runtime` only, no
+torch: the server's Python process imports this module (`triton_python_backend_utils` is the server's own
+module, imported when the server loads the model).
 
 - `TaskModel` serves an exported task graph through `reformer.runtime.OnnxModel`;
 - `GenerationModel` serves generation over the prefill and step graphs through `reformer.runtime.OnnxGenerator`.
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .runtime import CPU, CUDA, OnnxGenerator, OnnxModel
-from .sampling import TokenChooser, check_generation_length, check_in_vocabulary
+from reformer.runtime import CPU, CUDA, OnnxGenerator, OnnxModel
+from reformer.sampling import TokenChooser, check_generation_length, check_in_vocabulary
 
 TASK_GRAPH = "model.onnx"  # in the version folder: the graph, or a folder holding it and its external data
 GENERATION_GRAPHS = "graphs"  # in the version folder: the causal-lm-with-past directory

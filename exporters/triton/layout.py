@@ -1,37 +1,39 @@
-"""Triton Inference Server model repositories (`reformer-export --format triton --output REPO`): the task's
-graph is exported and verified as for `--format onnx` or `torchscript`, then laid out with a `config.pbtxt`
-built from the graph's own description (its inputs and outputs, their dtypes and dims, what it records about
-itself), and the whole repository is renamed into place at the end.
+"""Triton Inference Server model repositories (`reformer-export --format triton --output REPO`), a layout step
+over a finished export: exporters.api exports and verifies the task's graph as for `--format onnx` or
+`torchscript` into a staging folder beside the repository (`repository_staging`, `staged_graph_path`), then
+`publish_repository` lays it out with a `config.pbtxt` built from the graph's own description (its inputs and
+outputs, their dtypes and dims, what it records about itself) and renames the whole repository into place.
 
     REPO/<model>-<task>/config.pbtxt
     REPO/<model>-<task>/1/model.onnx    backend onnxruntime, and python (beside model.py); a folder holding
                                         the graph and its external data when it has any
     REPO/<model>-<task>/1/model.pt      backend pytorch (TorchScript)
-    REPO/<model>-<task>/1/model.py      backend python: reformer.triton_backend through reformer.runtime
+    REPO/<model>-<task>/1/model.py      backend python: exporters.triton.backend through reformer.runtime
     REPO/<model>-causal-lm-with-past/1/graphs/   task causal-lm-with-past: the prefill and step graphs, served
                                         by a python-backend generation loop (model.py)
 
 Every config.pbtxt is parsed with Triton's own schema (`tritonclient.grpc.model_config_pb2`) before anything
 is written: a field or enum Triton does not know fails the export. The Python backend is the default: it is
 the one that checks requests (ids inside the vocabulary, the export's maximum length), batches requests of
-different lengths without changing an answer (see reformer.triton_backend), generates, and runs on the server
+different lengths without changing an answer (see exporters.triton.backend), generates, and runs on the server
 binary of the `serve` extra (which ships no ONNX Runtime or PyTorch backend; those run in NVIDIA's images)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Iterator
 
 import numpy as np
 
 from reformer.files import publish, staging_folder
-from reformer.triton_backend import GENERATION_GRAPHS, GENERATION_OPTIONS, TASK_GRAPH
-from reformer.triton_server import PYTHONPATH_VARIABLE
 
-from .errors import ExportError
+from ..errors import ExportError
+from .backend import GENERATION_GRAPHS, GENERATION_OPTIONS, TASK_GRAPH
+from .server import PYTHONPATH_VARIABLE
 
 TRITON_BACKENDS = ("python", "onnxruntime", "pytorch")
 DEFAULT_TRITON_BACKEND = "python"
@@ -54,7 +56,7 @@ import sys
 
 
 def use_environment_paths():
-    """Put the package folders named in {variable} (reformer.triton_server sets it to the serving environment's)
+    """Put the package folders named in {variable} (exporters.triton.server sets it to the serving environment's)
     in front of sys.path: the backend's stub runs the system's Python, whose sys.path lacks them."""
     before = list(sys.path)
     for folder in os.environ.get("{variable}", "").split(os.pathsep):
@@ -65,7 +67,7 @@ def use_environment_paths():
 
 use_environment_paths()
 
-from reformer.triton_backend import {model_class} as TritonPythonModel  # noqa: E402,F401
+from exporters.triton.backend import {model_class} as TritonPythonModel  # noqa: E402,F401
 '''
 
 
@@ -138,59 +140,53 @@ def triton_schema():
     return model_config_pb2
 
 
-def check_triton_options(request) -> str:
-    """The graph format the repository's backend takes; TritonExportError for a backend the task cannot use or
-    without tritonclient. (run_triton_export checks the output path, default included, before exporting.)"""
-    from .api import GENERATION_TASK
-
-    backend = request.triton_backend or DEFAULT_TRITON_BACKEND
+def check_triton_options(backend: str | None, task: str | None, generation: bool) -> str:
+    """The graph format the repository's backend takes (backend None: DEFAULT_TRITON_BACKEND); TritonExportError
+    for a backend the task cannot use or without tritonclient. generation: the task is served by a generation
+    loop (exporters.api's causal-lm-with-past)."""
+    backend = backend or DEFAULT_TRITON_BACKEND
     if backend not in TRITON_BACKENDS:
         raise TritonExportError(f"unknown Triton backend {backend!r}: choose one of {', '.join(TRITON_BACKENDS)}")
-    if request.task == GENERATION_TASK and backend != "python":
-        raise TritonExportError(f"task {GENERATION_TASK} is served by a Python-backend generation loop: use "
+    if generation and backend != "python":
+        raise TritonExportError(f"task {task} is served by a Python-backend generation loop: use "
                                 "--triton-backend python")
     triton_schema()
     return GRAPH_FORMATS[backend]
 
 
-def run_triton_export(request, progress: Callable[[str], None]):
-    """Export and verify the graph (exporters.api.run_export), then write the repository around it: built in a
-    staging folder and renamed into place whole, only when the graph passed (or with keep_failed)."""
-    from .api import GENERATION_TASK, run_export, write_report
-    from .models import DEFAULT_MODEL
-
-    backend = request.triton_backend or DEFAULT_TRITON_BACKEND
-    repository = request.output or f"{os.path.basename(os.path.normpath(request.model or DEFAULT_MODEL))}-triton"
+@contextlib.contextmanager
+def repository_staging(repository: str) -> Iterator[str]:
+    """reformer.files.staging_folder beside a repository that must not exist yet (TritonExportError when it
+    does): the graph export and the layout both write there, so nothing reaches the repository's path but the
+    whole repository."""
     if os.path.exists(repository):
         raise TritonExportError(f"output {repository} already exists: give a new directory for the repository")
-    generation = request.task == GENERATION_TASK
     with staging_folder(repository) as staging:
-        graph = os.path.join(staging, GENERATION_GRAPHS) if generation else os.path.join(
-            staging, "graph", TASK_GRAPH if backend != "pytorch" else "model.pt")
-        if not generation:
-            os.mkdir(os.path.dirname(graph))
-        result = run_export(replace(request, format=GRAPH_FORMATS[backend], output=graph, triton_backend=None,
-                                    report=None), progress)
-        result.request = request
-        result.settings = {**result.settings, "format": "triton", "triton_backend": backend}
-        if result.verification is not None:
-            result.verification.path = repository
-        if result.output is None:  # verification failed and the graph was removed
-            write_report(request, result)
-            return result
-        progress(f"Writing the Triton model repository {repository} (backend {backend})")
-        root = os.path.join(staging, "repository")
-        config = (generation_config if generation else task_config)(graph, backend, request.device)
-        lay_out(root, config, graph, generation)
-        result.size_bytes = folder_size(root)
-        result.notes.append(f"Triton model {config.name}: backend {backend}, max batch {config.max_batch_size}, "
-                            f"dynamic batching (max queue delay {MAX_QUEUE_DELAY_MICROSECONDS} µs), one "
-                            f"{'GPU' if request.device == 'cuda' else 'CPU'} instance; serve it with "
-                            f"reformer-serve {repository}")
-        publish(root, repository)
-    result.output = repository
-    write_report(request, result)
-    return result
+        yield staging
+
+
+def staged_graph_path(staging: str, backend: str, generation: bool) -> str:
+    """Where the export writes in the staging folder: the causal-lm-with-past directory, or the task graph in a
+    folder of its own (made here), so that external data written beside it move with it."""
+    if generation:
+        return os.path.join(staging, GENERATION_GRAPHS)
+    folder = os.path.join(staging, "graph")
+    os.mkdir(folder)
+    return os.path.join(folder, TASK_GRAPH if backend != "pytorch" else "model.pt")
+
+
+def publish_repository(staging: str, graph: str, repository: str, backend: str, device: str,
+                       generation: bool) -> tuple[int, str]:
+    """The layout step: the repository built in the staging folder around the finished graph(s) at `graph`
+    (staged_graph_path) and renamed into place whole. Returns (its size in bytes, a note for the user)."""
+    root = os.path.join(staging, "repository")
+    config = (generation_config if generation else task_config)(graph, backend, device)
+    lay_out(root, config, graph, generation)
+    size_bytes = folder_size(root)
+    publish(root, repository)
+    return size_bytes, (f"Triton model {config.name}: backend {backend}, max batch {config.max_batch_size}, dynamic "
+                        f"batching (max queue delay {MAX_QUEUE_DELAY_MICROSECONDS} µs), one "
+                        f"{'GPU' if device == 'cuda' else 'CPU'} instance; serve it with reformer-serve {repository}")
 
 
 def lay_out(root: str, config: ModelConfig, graph: str, generation: bool) -> None:
@@ -227,7 +223,7 @@ def task_config(graph: str, backend: str, device: str) -> ModelConfig:
 
 
 def generation_config(graphs: str, backend: str, device: str) -> ModelConfig:
-    """The generation model's config: prompts and options in, new tokens out (reformer.triton_backend)."""
+    """The generation model's config: prompts and options in, new tokens out (exporters.triton.backend)."""
     with open(os.path.join(graphs, "decoder_config.json"), encoding="utf-8") as handle:
         description = json.load(handle)
     options = tuple(Tensor(name, np.dtype(dtype).name, (1,), optional=True)
@@ -243,7 +239,7 @@ def onnx_tensors(path: str) -> tuple[dict, tuple[Tensor, ...], tuple[Tensor, ...
     infos; the first axis must be the dynamic batch axis (it is left out of dims)."""
     import onnx
 
-    from .onnx import METADATA_PREFIX
+    from ..onnx import METADATA_PREFIX
 
     model = onnx.load(path, load_external_data=False)
     description = {prop.key.removeprefix(METADATA_PREFIX): json_or_text(prop.value) for prop in model.metadata_props}
@@ -265,7 +261,7 @@ def torchscript_tensors(path: str) -> tuple[dict, tuple[Tensor, ...], tuple[Tens
     token, their dims -1 on the axes its description calls dynamic."""
     import torch
 
-    from .torchscript import legacy_jit, load_metadata
+    from ..torchscript import legacy_jit, load_metadata
 
     description = load_metadata(path)
     with legacy_jit():

@@ -4,11 +4,11 @@ checked against the graph run directly (OnnxModel, OnnxGenerator) on that reques
 and the server keeps serving; stopping it leaves nothing running.
 
 Needs a server (nvidia-pytriton's, from the serve extra, or a tritonserver on the PATH) and, for the wheel's
-Python backend, models running with numpy 1.x (the serve extra's; see reformer/triton_server.py): skipped
+Python backend, models running with numpy 1.x (the serve extra's; see exporters/triton/server.py): skipped
 otherwise, e.g. in an environment with numpy 2, unless REFORMER_EXPORT_PYTHONPATH names the package folders of
 one with numpy 1.x, as in
     REFORMER_EXPORT_PYTHONPATH=$PWD:/path/to/numpy1-venv/lib/python3.11/site-packages \
-        pytest tests/reformer/test_triton_server.py
+        pytest tests/exporters/test_triton_server.py
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import pytest
 tritonclient_utils = pytest.importorskip("tritonclient.utils", reason="needs tritonclient (the serve extra)")
 
 from exporters import api  # noqa: E402
-from reformer.runtime import OnnxGenerator, OnnxModel, TritonModel  # noqa: E402
-from reformer.triton_server import PYTHONPATH_VARIABLE, TritonServer, TritonServerError, find_server  # noqa: E402
+from exporters.triton.client import TritonModel  # noqa: E402
+from exporters.triton.server import PYTHONPATH_VARIABLE, TritonServer, TritonServerError, find_server  # noqa: E402
+from reformer.runtime import OnnxGenerator, OnnxModel  # noqa: E402
 
 TASK_MODEL = "byte-lm-causal-lm"
 GENERATION_MODEL = "byte-lm-causal-lm-with-past"
@@ -189,7 +190,7 @@ def test_reformer_serve_serves_until_sigterm_and_stops_cleanly(served):
     import subprocess
     import sys
 
-    from reformer.triton_server import free_port
+    from exporters.triton.server import free_port
 
     server, graph, _ = served
     ports = [str(free_port()) for _ in range(3)]
