@@ -63,13 +63,6 @@ class DecoderCache:
         states, buckets = list(tensors[:layers]), list(tensors[layers : layers + lsh_layers])
         return cls(states, buckets, tensors[layers + lsh_layers] if lsh_layers else None, tensors[-1])
 
-    def reorder(self, beam_idx: torch.Tensor) -> "DecoderCache":
-        """The cache of the rows `beam_idx` (beam search keeps, after each step, the best continuations)."""
-        select = lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device))  # noqa: E731
-        until = self.lsh_unchunked_until
-        return DecoderCache([select(t) for t in self.states], [select(t) for t in self.buckets],
-                            None if until is None else select(until), select(self.left_padding))
-
 
 def cache_names(config: ReformerConfig) -> list[str]:
     """Names of the cache tensors, in `DecoderCache.tensors` order (layer indices count all layers)."""

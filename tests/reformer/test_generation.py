@@ -23,7 +23,7 @@ import torch
 
 from generation_configs import (CAUSAL_CONFIGS, MIXED_LENGTHS, NEW_TOKENS, left_padded_prefill, mixed_prompts, prompt,
                                 random_model)
-from reformer.generation import DecoderCache, IncrementalDecoder, generate, stream
+from reformer.generation import IncrementalDecoder, generate, stream
 from reformer.sampling import Prompts, TokenChooser
 
 from rounding import assert_within, rounding_bound
@@ -120,21 +120,6 @@ def test_cache_changes_lsh_decoding_like_reference(name, tmp_path):
         assert parting is not None, "expected the LSH window to change decoding (see module docstring)"
     else:
         assert parting is None
-
-
-def test_reorder_selects_rows():
-    model = random_model(CAUSAL_CONFIGS["mixed"])
-    decoder = IncrementalDecoder(model)
-    input_ids = prompt(3, 9, seed=4)
-    beam_idx = torch.tensor([2, 2, 0])
-    with torch.no_grad():
-        _, cache = decoder.prefill(input_ids)
-        reordered = cache.reorder(beam_idx)
-        logits, _ = decoder.step(input_ids[beam_idx, -1:], reordered)
-        _, expected_cache = decoder.prefill(input_ids[beam_idx])
-        expected, _ = decoder.step(input_ids[beam_idx, -1:], expected_cache)
-    assert torch.equal(logits, expected)
-    assert isinstance(reordered, DecoderCache) and reordered.past_length == 9
 
 
 def test_eos_stops_and_pads():
