@@ -122,6 +122,22 @@ def test_cache_changes_lsh_decoding_like_reference(name, tmp_path):
         assert parting is None
 
 
+def test_generation_leaves_the_model_in_its_mode():
+    """Generation runs without dropout (here 0.5, which would change the tokens), and a model in training
+    mode, one submodule of it in eval mode, is left so: after generate, and between the steps of a stream."""
+    model = random_model({**CAUSAL_CONFIGS["mixed"], "hidden_dropout_prob": 0.5})
+    input_ids = prompt(2, 5, seed=10)
+    in_eval_mode = generate(model, input_ids, 8)
+    model.train()
+    model.lm_head.eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    assert torch.equal(generate(model, input_ids, 8), in_eval_mode)
+    assert {name: module.training for name, module in model.named_modules()} == modes
+    for step, tokens in enumerate(stream(model, input_ids, 8)):
+        assert torch.equal(tokens, in_eval_mode[:, 5 + step])
+        assert {name: module.training for name, module in model.named_modules()} == modes
+
+
 def test_eos_stops_and_pads():
     model = random_model(CAUSAL_CONFIGS["local"])
     input_ids = prompt(2, 5, seed=5)
