@@ -28,12 +28,12 @@ from reformer.sampling import Prompts, TokenChooser
 
 from rounding import assert_within, rounding_bound
 
-transformers = pytest.importorskip("transformers")
-
 
 def reference_and_ours(values: dict, directory):
+    """The reference with random weights and ours loaded from it (skips the test without transformers)."""
     import reformer
 
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     reference = transformers.ReformerModelWithLMHead(transformers.ReformerConfig(**values)).eval()
     reference.save_pretrained(directory)
@@ -243,6 +243,7 @@ def test_attention_mask_must_pad_on_the_left():
 
 def test_token_chooser_follows_transformers_processors():
     """Repetition penalty, then temperature, top-k and top-p, against transformers' logits processors."""
+    pytest.importorskip("transformers")
     from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                         TopKLogitsWarper, TopPLogitsWarper)
 
