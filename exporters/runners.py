@@ -72,13 +72,24 @@ def open_aoti(path: str, device: str, tf32: bool = False) -> tuple[Runner | None
 
 
 def module_runner(module, device: str, tf32: bool) -> Runner:
-    """A Runner over a loaded TorchScript module or AOTInductor package (same calling convention)."""
+    """A Runner over a task graph loaded as a TorchScript module or AOTInductor package (same calling
+    convention)."""
+
+    def call(*inputs):
+        # A twin takes its forced buckets as one tuple argument (exporters.specs.ExportWrapper).
+        return module(*inputs[:2], tuple(inputs[2:])) if len(inputs) > 2 else module(*inputs)
+
+    return callable_runner(call, device, tf32)
+
+
+def callable_runner(call: Callable, device: str, tf32: bool = False) -> Runner:
+    """A Runner over a loaded torch callable that takes the inputs in order (a TorchScript method, an
+    AOTInductor model) and returns a tensor or a sequence of them."""
 
     def run(inputs):
         inputs = [tensor.to(device) for tensor in inputs]
         with torch.no_grad(), tf32_matmuls(tf32):
-            # A twin takes its forced buckets as one tuple argument (exporters.specs.ExportWrapper).
-            outputs = module(*inputs[:2], tuple(inputs[2:])) if len(inputs) > 2 else module(*inputs)
+            outputs = call(*inputs)
         outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
         return [tensor.cpu() for tensor in outputs]
 
