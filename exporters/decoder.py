@@ -59,18 +59,15 @@ from torch.export import Dim
 
 from reformer.files import publish, staging_folder, write_json
 from reformer.generation import DecoderCache, IncrementalDecoder, cache_layout
-from reformer.runtime import DECODER_CONFIG_NAME
 from reformer.sampling import PAST_LENGTH
 
 from . import ops
+from .decoder_files import CONFIG_NAME, FILES
+from .decoder_verification import verify_decoder
 from .errors import ExportError, VerificationError, first_line
+from .precision import model_as, training_modes_kept
 from .program import batch_dim, export_dynamic
 from .specs import DEFAULT_OPSET, example_length, resolve_max_length
-
-CONFIG_NAME = DECODER_CONFIG_NAME  # the runtime reads it; one name for both sides
-FILES = {"onnx": {"prefill": "prefill.onnx", "step": "decoder_step.onnx"}, "aoti": {"package": "decoder.pt2"},
-         "torchscript": {"module": "decoder.pt"}}
-GRAPHS = ("prefill", "step")  # also the model names in the AOTInductor package
 
 
 def prefill_outputs(decoder: IncrementalDecoder, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -149,14 +146,36 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, ops
     decoder_config.json into output_dir, which must not exist yet. max_length: the longest sequence, prompt
     plus generated tokens, the graphs must serve (2 to max_position_embeddings, the default); runtimes refuse
     longer ones. Everything is written into a staging folder beside output_dir and renamed into place at the
-    end, after verification (exporters.verify.verify_decoder), so a failure leaves nothing (a failed
-    verification leaves the graphs with `keep_failed`). ONNX graphs go through the op registry like the task
-    graphs (`opset`, `custom_ops`); an AOTInductor package targets the portable CPU instruction set unless
+    end, after verification (exporters.decoder_verification.verify_decoder), so a failure leaves nothing (a
+    failed verification leaves the graphs with `keep_failed`). ONNX graphs go through the op registry like the
+    task graphs (`opset`, `custom_ops`); an AOTInductor package targets the portable CPU instruction set unless
     `native_isa` (exporters.aoti.cpu_march). `quantize` "int8": both ONNX graphs quantized (exporters.quantize;
     decoder_config.json records how under "quantization"), verified by their task verdict, with bits per token
-    on `held_out` windows where given (exporters.verify.verify_decoder). Returns (the description written to decoder_config.json plus `metadata`,
-    the VerificationReport or None). Raises ExportError (VerificationError, carrying the report, when
-    verification failed and the graphs were not kept)."""
+    on `held_out` windows where given. The caller's model is left as it was (dtype, device, training mode).
+    Returns (the description written to decoder_config.json plus `metadata`, the VerificationReport or None).
+    Raises ExportError (VerificationError, carrying the report, when verification failed and the graphs were
+    not kept)."""
+    output_dir, max_length = checked_request(model, output_dir, fmt, max_length, quantize)
+    with training_modes_kept(model):  # model_as puts the caller's model itself in eval mode when it needs no copy
+        model = model_as(model, "fp32", "cpu")
+        description = {**decoder_description(model.config, fmt, max_length), **(metadata or {})}
+        report = None
+        with staging_folder(output_dir) as staging:
+            folder = os.path.join(staging, os.path.basename(output_dir))
+            os.mkdir(folder)
+            write_graphs(IncrementalDecoder(model), folder, description, opset, custom_ops, native_isa, quantize)
+            if verify:
+                quantized = {} if quantize is None else {"quantized": True, "held_out": held_out}
+                report = verify_decoder(model, folder, fmt, atol=atol, **quantized)
+                report.path = output_dir
+                if not report.passed and not keep_failed:
+                    raise VerificationError(report.failure_message(), report)
+            publish(folder, output_dir)
+    return description, report
+
+
+def checked_request(model, output_dir: str, fmt: str, max_length: int | None, quantize: str | None) -> tuple[str, int]:
+    """(output_dir made absolute, max_length resolved), or ExportError saying what the request cannot have."""
     if fmt not in FILES:
         raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(FILES)}")
     if quantize is not None and fmt != "onnx":
@@ -172,34 +191,24 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, ops
     max_length = resolve_max_length(model.config, max_length)
     if max_length < 2:
         raise ExportError("causal-lm-with-past needs max_length 2 or more: a prompt token and a new one")
-    model = model.float().cpu().eval()
-    decoder = IncrementalDecoder(model)
-    description = {**decoder_description(model.config, fmt, max_length), **(metadata or {})}
-    report = None
-    with staging_folder(output_dir) as staging:
-        folder = os.path.join(staging, os.path.basename(output_dir))
-        os.mkdir(folder)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer and exporter chatter; the verification below is the check
-            if fmt == "onnx":
-                description["opset"] = opset
-                description["lowerings"] = export_onnx_graphs(decoder, folder, description, opset, custom_ops,
-                                                              quantize)
-            elif fmt == "aoti":
-                export_aoti_package(decoder, folder, description, native_isa)
-            else:
-                export_torchscript_module(decoder, folder, description)
-        write_json(description, os.path.join(folder, CONFIG_NAME))
-        if verify:
-            from .verify import verify_decoder
+    return output_dir, max_length
 
-            quantized = {} if quantize is None else {"quantized": True, "held_out": held_out}
-            report = verify_decoder(model, folder, fmt, atol=atol, **quantized)
-            report.path = output_dir
-            if not report.passed and not keep_failed:
-                raise VerificationError(report.failure_message(), report)
-        publish(folder, output_dir)
-    return description, report
+
+def write_graphs(decoder: IncrementalDecoder, folder: str, description: dict, opset: int, custom_ops: str,
+                 native_isa: bool, quantize: str | None) -> None:
+    """The graphs of description["format"] and decoder_config.json (the description, which the exporters
+    complete) into folder."""
+    fmt = description["format"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and exporter chatter; the verification is the check
+        if fmt == "onnx":
+            description["opset"] = opset
+            description["lowerings"] = export_onnx_graphs(decoder, folder, description, opset, custom_ops, quantize)
+        elif fmt == "aoti":
+            export_aoti_package(decoder, folder, description, native_isa)
+        else:
+            export_torchscript_module(decoder, folder, description)
+    write_json(description, os.path.join(folder, CONFIG_NAME))
 
 
 def export_onnx_graphs(decoder: IncrementalDecoder, folder: str, description: dict, opset: int,
@@ -279,40 +288,3 @@ def export_torchscript_module(decoder: IncrementalDecoder, folder: str, descript
     extra_files = {CONFIG_NAME: json.dumps(description, indent=2, sort_keys=True)}
     with legacy_jit():
         torch.jit.save(traced, os.path.join(folder, FILES["torchscript"]["module"]), _extra_files=extra_files)
-
-
-def load_graphs(folder: str, fmt: str):
-    """run(kind, input_ids, past) -> (logits, present) over the graphs in folder, torch tensors in and out (CPU)."""
-    if fmt == "aoti":
-        from .aoti import load_package
-
-        path = os.path.join(folder, FILES["aoti"]["package"])
-        models = {kind: load_package(path, kind) for kind in GRAPHS}
-
-        def run(kind, input_ids, past):
-            with torch.no_grad():
-                outputs = models[kind](input_ids, *past)
-            return outputs[0], list(outputs[1:])
-        return run
-
-    if fmt == "torchscript":
-        from .torchscript import legacy_jit
-
-        with legacy_jit():
-            module = torch.jit.load(os.path.join(folder, FILES["torchscript"]["module"]), map_location="cpu")
-
-        def run(kind, input_ids, past):
-            method = module.forward if kind == "prefill" else module.step
-            with torch.no_grad():
-                outputs = method(input_ids, *past)
-            return outputs[0], list(outputs[1:])
-        return run
-
-    from reformer.runtime import CPU, OnnxGenerator
-
-    generator = OnnxGenerator(folder, providers=[CPU], io_binding=False)
-
-    def run(kind, input_ids, past):
-        logits, present = generator.run(kind, input_ids.numpy(), [tensor.numpy() for tensor in past])
-        return torch.from_numpy(logits), [torch.from_numpy(tensor) for tensor in present]
-    return run

@@ -12,7 +12,7 @@ class ExportError(Exception):
 class VerificationError(ExportError):
     """An exported graph whose outputs differ from eager PyTorch beyond tolerance.
 
-    report: the `exporters.verify.VerificationReport` with every row's numbers."""
+    report: the `exporters.verification_report.VerificationReport` with every row's numbers and failures."""
 
     def __init__(self, message: str, report=None):
         super().__init__(message)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -35,3 +37,15 @@ def model_as(model: nn.Module, dtype: str, device: str) -> nn.Module:
     if parameter.dtype == target_dtype and parameter.device.type == device:
         return model.eval()
     return copy.deepcopy(model).to(device=device, dtype=target_dtype).eval()
+
+
+@contextlib.contextmanager
+def training_modes_kept(model: nn.Module) -> Iterator[None]:
+    """Every submodule's training flag as it was on entry, again on exit: `model_as` puts the model itself in
+    eval mode where it needs no copy, and a caller's model in training stays in training."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -28,7 +28,7 @@ from benchmarks.gpu_checks.timing import MIN_RUNS, time_interleaved  # noqa: E40
 from benchmarks.gpu_checks.verification import verification_exports  # noqa: E402
 from benchmarks.graph_cost import Cost, GraphCost  # noqa: E402
 from benchmarks.models import build_model  # noqa: E402
-from exporters.verify import VerificationRow  # noqa: E402
+from exporters.verification_report import VerificationRow  # noqa: E402
 
 
 def run_script(*arguments: str) -> subprocess.CompletedProcess:

@@ -160,7 +160,8 @@ def untimed_row(runtime, runner, expected, spec, input_ids, attention_mask, plan
 
 def free_running_difference(runner, expected, spec, input_ids, attention_mask) -> dict:
     """Max abs difference from eager's outputs (CPU tensors) and bucket flips, everything on the CPU."""
-    from exporters.verify import VerificationRow, count_bucket_flips, output_error
+    from exporters.comparison import count_bucket_flips, output_error
+    from exporters.verification_report import VerificationRow
 
     keep = attention_mask.bool().cpu()
     actual = [tensor.cpu() for tensor in runner.outputs(input_ids, attention_mask)]

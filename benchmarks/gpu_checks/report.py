@@ -50,7 +50,7 @@ class Results:
         """custom_ops: the lowering of the verified ONNX graph (exporters.onnx.export_onnx), "auto" otherwise."""
         for row in report.rows:
             self.verification.append({"model": model, "precision": precision, "card": self.card(row.device),
-                                      "custom_ops": custom_ops, **dataclasses.asdict(row)})
+                                      "custom_ops": custom_ops, **row.to_dict()})
         self.notes += [f"verify {model} {precision}: skipped {reason}" for reason in report.skipped]
 
     def add_benchmark(self, model: str, length: int, mode: str, device: str, row: dict) -> None:

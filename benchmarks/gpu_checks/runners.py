@@ -97,7 +97,7 @@ class TransformersRunner(TorchRunner):
 
 
 def tf32_matmuls(enabled: bool):
-    """exporters.verify.tf32_matmuls, imported when first used (exporters load torch)."""
-    from exporters.verify import tf32_matmuls as switch
+    """exporters.runners.tf32_matmuls, imported when first used (exporters load torch)."""
+    from exporters.runners import tf32_matmuls as switch
 
     return switch(enabled)

@@ -443,6 +443,7 @@ def test_generation_export_applies_opset_custom_ops_and_max_length(tmp_path, mon
     import onnx
 
     import exporters.decoder
+    from exporters.decoder_files import CONFIG_NAME, FILES
 
     received = {}
     export_causal_lm_with_past = exporters.decoder.export_causal_lm_with_past
@@ -457,10 +458,10 @@ def test_generation_export_applies_opset_custom_ops_and_max_length(tmp_path, mon
                       "--custom-ops", "standard", "--max-length", "64", "--no-verify", "--output", "generation"])
     assert result.exit_code == 0, result.output
     assert received["max_length"] == 64  # what the graphs make of it, exporters.decoder's tests check
-    with open(tmp_path / "generation" / exporters.decoder.CONFIG_NAME, encoding="utf-8") as handle:
+    with open(tmp_path / "generation" / CONFIG_NAME, encoding="utf-8") as handle:
         description = json.load(handle)
     assert description["opset"] == 20 and set(description["lowerings"].values()) == {"standard"}
-    for name in exporters.decoder.FILES["onnx"].values():
+    for name in FILES["onnx"].values():
         proto = onnx.load(tmp_path / "generation" / name)
         assert onnx_opset(proto) == 20, name
         assert all(node.domain == "" for node in proto.graph.node) and not proto.functions, name
@@ -468,12 +469,12 @@ def test_generation_export_applies_opset_custom_ops_and_max_length(tmp_path, mon
 
 
 def test_generation_report_names_the_final_directory(tmp_path, monkeypatch):
-    from exporters.verify import VerificationReport, VerificationRow
+    from exporters.verification_report import VerificationReport, VerificationRow
 
     def passing(model, folder, fmt, **options):
         return VerificationReport(fmt, folder, [VerificationRow("torchscript", "cpu", (1, 1), "fp32", passed=True)])
 
-    monkeypatch.setattr("exporters.verify.verify_decoder", passing)
+    monkeypatch.setattr("exporters.decoder.verify_decoder", passing)
     monkeypatch.chdir(tmp_path)
     result = run_cli(["--model", "tiny", "--task", "causal-lm-with-past", "--format", "torchscript",
                       "--output", "generation", "--report", "report.json"])

@@ -143,7 +143,7 @@ def test_a_cpu_package_is_not_run_on_cuda(shared_package):
     """A package runs on the device it was compiled for; verification says so instead of failing."""
     _, path = shared_package
     if torch.cuda.is_available():
-        from exporters.verify import open_aoti
+        from exporters.runners import open_aoti
 
         assert open_aoti(path, "cuda") == (None, "the package is compiled for cpu")
     assert package_metadata(path)["AOTI_DEVICE_KEY"] == "cpu"

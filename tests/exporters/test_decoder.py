@@ -1,5 +1,5 @@
 """Export of the prefill and decoder-step graphs (task causal-lm-with-past), verified by the same verifier,
-report and pass/fail protocol as the task graphs (exporters.verify.verify_decoder).
+report and pass/fail protocol as the task graphs (exporters.decoder_verification.verify_decoder).
 
 Tolerance: the first-order rounding bound of eager `IncrementalDecoder`'s computation, element by element
 (tests/rounding.py; the graphs run the same ops), at batch sizes and lengths other than the traced ones, and on
@@ -13,9 +13,12 @@ import onnx
 import pytest
 import torch
 
-from exporters.decoder import CONFIG_NAME, FILES, export_causal_lm_with_past, load_graphs
-from exporters.verify import VerificationReport, VerificationRow
+from exporters.decoder import export_causal_lm_with_past
+from exporters.decoder_files import CONFIG_NAME, FILES, load_graphs
+from exporters.decoder_verification import decoder_mismatch
 from exporters.errors import ExportError, VerificationError
+from exporters.verification_failures import CountFailure, ShapesFailure, ValuesFailure
+from exporters.verification_report import VerificationReport, VerificationRow
 from generation_configs import CAUSAL_CONFIGS, left_padded_prefill, mixed_prompts, prompt, random_model
 from reformer.generation import DecoderCache, IncrementalDecoder, cache_names, generate
 from reformer.runtime import OnnxGenerator
@@ -193,19 +196,50 @@ def assert_graphs_match_eager(model, run, description) -> None:
 
 
 def far_off(model, folder, fmt, atol):
-    row = VerificationRow("torchscript", "cpu", (1, 1), "fp32", tolerance=1e-5, replay_max_abs=0.5,
-                          note="replayed outputs differ by 0.5 > tolerance 1e-05")
+    row = VerificationRow("torchscript", "cpu", (1, 1), "fp32", tolerance=1e-5, replay_max_abs=0.5)
+    row.conclude([ValuesFailure(0.5, 1e-5)])
     return VerificationReport(fmt, folder, rows=[row])
 
 
 def test_failed_verification_leaves_nothing_or_keeps_on_request(tmp_path, monkeypatch):
-    monkeypatch.setattr("exporters.verify.verify_decoder", far_off)
+    monkeypatch.setattr("exporters.decoder.verify_decoder", far_off)
     with pytest.raises(VerificationError, match="0.5 > tolerance 1e-05"):
         export_causal_lm_with_past(random_model(CAUSAL_CONFIGS["local"]), str(tmp_path / "out"), "torchscript")
     assert os.listdir(tmp_path) == []
     _, report = export_causal_lm_with_past(random_model(CAUSAL_CONFIGS["local"]), str(tmp_path / "kept"),
                                            "torchscript", keep_failed=True)
     assert not report.passed and os.listdir(tmp_path) == ["kept"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_callers_model_keeps_its_dtype_device_and_training_mode(dtype, tmp_path):
+    """The export works on the model in fp32 eval mode on the CPU (a copy where it needs one): the caller's
+    model is as it was, down to a submodule's own mode."""
+    model = random_model(CAUSAL_CONFIGS["local"]).to(dtype).train()
+    model.lm_head.eval()
+    export_causal_lm_with_past(model, str(tmp_path / "out"), "torchscript", verify=False)
+    parameter = next(model.parameters())
+    assert parameter.dtype == dtype and parameter.device.type == "cpu"
+    assert model.training and model.reformer.training and not model.lm_head.training
+
+
+def test_the_report_counts_the_steps_run(tmp_path):
+    """A prompt near max_length leaves room for fewer greedy steps than asked: its row says how many ran."""
+    model, max_length = random_model(CAUSAL_CONFIGS["local"]), 12
+    _, report = export_causal_lm_with_past(model, str(tmp_path / "out"), "torchscript", max_length=max_length)
+    asked = model.config.lsh_attn_chunk_length + 3
+    ran = [min(asked, max_length - length) for _, length in (row.shape for row in report.rows)]
+    assert [row.note for row in report.rows] == [f"prefill and {steps} greedy steps" for steps in ran]
+    assert report.passed and min(ran) < asked
+
+
+def test_a_cache_of_other_tensors_fails_by_kind():
+    logits, cache = torch.zeros(1, 2, 5), [torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)]
+    short = decoder_mismatch(logits, cache[:1], logits, cache, ["states_0", "states_1"])
+    assert short == CountFailure(1, 2, "cache tensors", "eager") and short.kind == "names"
+    assert short.message() == "the graph returns 1 cache tensors, eager 2"
+    wrong = decoder_mismatch(logits, [cache[0], torch.zeros(1, 3, 4)], logits, cache, ["states_0", "states_1"])
+    assert wrong == ShapesFailure("states_1", (1, 3, 4), (1, 2, 4))
 
 
 @pytest.mark.parametrize("problem, message", [
@@ -261,7 +295,7 @@ def test_export_api_keeps_failed_decoder_graphs_only_on_request(tmp_path, monkey
     directory is there only when asked for."""
     from exporters.api import ExportRequest, run_export
 
-    monkeypatch.setattr("exporters.verify.verify_decoder", far_off)
+    monkeypatch.setattr("exporters.decoder.verify_decoder", far_off)
     for keep_failed, name in ((False, "removed"), (True, "kept")):
         output = tmp_path / name
         result = run_export(ExportRequest(format="torchscript", model="tiny", task="causal-lm-with-past",

@@ -20,6 +20,7 @@ from onnx import numpy_helper
 from exporters import api, quantize
 from exporters.onnx import METADATA_PREFIX
 from exporters.task_verdict import Sample, judge
+from exporters.verification_failures import AccuracyFailure
 from tiny_configs import build, task_configs
 
 REAL_QUANTIZER = quantize.quantize_onnx
@@ -112,6 +113,9 @@ def test_a_planted_defect_fails_the_verdict(defect, product, tiny_model, tmp_pat
     assert not result.passed and not output.exists()
     verdict, = result.verification.task_verdicts
     assert not verdict.passed and "fails its task" in result.verification.failure_message()
+    failure, = result.verification.failures
+    assert isinstance(failure, AccuracyFailure) and failure.kind == "accuracy" and failure.reasons == verdict.note
+    assert failure.relative_error == verdict.relative_error and failure.top1_agreement == verdict.top1_agreement
 
 
 @pytest.mark.parametrize("task", ["base", "causal-lm", "masked-lm", "sequence-classification", "question-answering"])

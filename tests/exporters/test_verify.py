@@ -23,14 +23,11 @@ from exporters.ops import registry
 from exporters.onnx import export_onnx
 from exporters.specs import TASKS
 from exporters.torchscript import export_torchscript
-from exporters.verify import (
-    VerificationReport,
-    default_shapes,
-    onnxruntime_providers,
-    twin_node_difference,
-    verification_inputs,
-    verify_export,
-)
+from exporters.runners import onnxruntime_providers
+from exporters.twin_difference import twin_node_difference
+from exporters.verification_failures import CertificateFailure, NoTwinFailure, TwinMismatchFailure, ValuesFailure
+from exporters.verification_report import VerificationReport
+from exporters.verify import default_shapes, verification_inputs, verify_export
 from tiny_configs import CASES_BY_NAME
 
 SPEC = TASKS["causal-lm"]
@@ -128,6 +125,7 @@ def test_the_twin_differs_from_the_shipped_graph_only_where_the_buckets_come_fro
     assert not missing and extra["aten::index_select"] == 2
     report = VerificationReport("onnx", "model.onnx", twin_missing_nodes={"TopK": 1})
     assert not report.passed and "lacks 1 TopK" in report.failure_message()
+    assert report.failures == [TwinMismatchFailure({"TopK": 1})] and report.failures[0].kind == "twin"
 
 
 def test_a_deployment_graph_without_bucket_outputs_is_certified_through_its_twin(flipping, flipping_files, tmp_path):
@@ -169,6 +167,7 @@ def test_a_perturbed_weight_in_the_last_layer_fails_the_replay(flipping, flippin
     assert not row.passed and row.flipped_buckets > 0
     assert row.replay_max_abs > row.tolerance
     assert "with eager's buckets in every LSH layer" in row.note
+    assert row.failures == [ValuesFailure(row.replay_max_abs, row.tolerance, replayed=True)]
 
 
 def test_a_wrong_rotation_for_one_head_fails_the_certificate(flipping, flipping_files):
@@ -181,6 +180,8 @@ def test_a_wrong_rotation_for_one_head_fails_the_certificate(flipping, flipping_
     assert abs(row.worst_margin) > 2 * row.worst_bound
     assert "LSH layer 1 " in row.worst_disagreement and " head 1 " in row.worst_disagreement
     assert "not near-ties" in report.failure_message()
+    assert CertificateFailure(row.disagreements - row.certified, row.disagreements, row.worst_margin, row.worst_bound,
+                              row.worst_disagreement) in row.failures
 
 
 @onnxscript.script(opset=registry.REFORMER_OPSET, default_opset=op)
@@ -202,6 +203,7 @@ def test_a_wrong_undo_sort_in_the_graph_fails_the_replay(flipping, tmp_path, mon
     (row,) = verify_flipping(flipping, files).rows
     assert not row.passed and row.replay_max_abs > 10 * row.tolerance
     assert "with eager's buckets in every LSH layer" in row.note
+    assert ValuesFailure(row.replay_max_abs, row.tolerance, replayed=True) in row.failures
 
 
 def test_a_tiny_tolerance_fails_with_the_numbers(model, onnx_files):
@@ -211,11 +213,13 @@ def test_a_tiny_tolerance_fails_with_the_numbers(model, onnx_files):
     (row,) = report.rows
     assert not row.passed and 0 < row.replay_max_abs <= 1e-5 and row.tolerance == 1e-12
     assert f"{row.replay_max_abs:.3g} > tolerance 1e-12" in report.failure_message()
+    assert row.failures == [ValuesFailure(row.replay_max_abs, 1e-12, replayed=True)]
 
 
 def test_lsh_layers_without_a_twin_fail_saying_so(model, onnx_files):
     report = verify_export(model, SPEC, onnx_files[0], "onnx", shapes=[(1, 5)], runtimes=ONNX_CPU)
     assert not report.passed and "no verification twin" in report.rows[0].note
+    assert report.rows[0].failures == [NoTwinFailure(lsh_layers=2)]
 
 
 def test_a_model_without_lsh_layers_needs_no_twin(tmp_path):
