@@ -17,7 +17,7 @@ from reformer.files import publish, staging_folder, write_json_atomically
 
 from .choices import DEFAULT_MODEL, DEFAULT_TRITON_BACKEND, DEVICES, DTYPES, GENERATION_TASK, TRITON_BACKENDS
 from .errors import ExportRequestError, VerificationError
-from .formats import FORMATS, TRITON
+from .formats import FORMATS, GRAPH_FORMATS, TRITON
 from .precision import check_device
 from .request import ExportRequest
 from .result import ExportResult
@@ -43,14 +43,14 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
     progress(f"Loading model {request.model or DEFAULT_MODEL}")
     resolved = resolve_model(request.model, request.task)
     settings = applied_settings(request, resolved.model.config)
-    graph_format = FORMATS[request.format]
-    output = request.output or f"{resolved.name}-{resolved.spec.name}{graph_format.suffix}"
+    chosen_format = GRAPH_FORMATS[request.format]
+    output = request.output or f"{resolved.name}-{resolved.spec.name}{chosen_format.suffix}"
     seconds = {"load": time.perf_counter() - timer}
     with export_staging(output) as staging:
         staged = os.path.join(staging, os.path.basename(output))
         timer = time.perf_counter()
         progress(f"Exporting {resolved.describe()}, task {resolved.spec.name}, to {request.format}")
-        steps = graph_format.export(settings, resolved, staged)
+        steps = chosen_format.export(settings, resolved, staged)
         seconds.update(steps or {"export": time.perf_counter() - timer})
         size_bytes = sum(os.path.getsize(os.path.join(staging, name)) for name in os.listdir(staging))
         verification = None
@@ -61,7 +61,7 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
                 progress("Exporting the verification twin (eager's LSH buckets as inputs; not shipped)")
                 os.mkdir(os.path.join(staging, TWIN_FOLDER))
                 twin = os.path.join(staging, TWIN_FOLDER, os.path.basename(output))
-                graph_format.export(settings, resolved, twin, replay=True)
+                chosen_format.export(settings, resolved, twin, replay=True)
                 seconds["twin export"] = time.perf_counter() - timer
             timer = time.perf_counter()
             progress("Verifying against eager PyTorch")
@@ -103,7 +103,7 @@ def run_generation_export(request: ExportRequest, progress: Callable[[str], None
     held_out = resolved.held_out_windows(settings["max_length"]) if quantized else None
     try:
         _, verification = export_causal_lm_with_past(
-            resolved.model, output, request.format, **FORMATS[request.format].exporter_options(settings),
+            resolved.model, output, request.format, **GRAPH_FORMATS[request.format].exporter_options(settings),
             quantize=request.quantize, held_out=held_out, max_length=settings["max_length"], verify=request.verify,
             atol=request.atol, keep_failed=request.keep_failed, metadata=resolved.metadata())
     except VerificationError as error:
@@ -153,7 +153,7 @@ def applied_settings(request: ExportRequest, config) -> dict:
     values, and the summary and the report show them."""
     settings = {"format": request.format, "dtype": request.dtype, "device": request.device,
                 "max_length": resolve_max_length(config, request.max_length)}
-    settings.update(FORMATS[request.format].settings(request))
+    settings.update(GRAPH_FORMATS[request.format].settings(request))
     if request.with_buckets:  # refused for causal-lm-with-past (check_options)
         settings["with_buckets"] = True
     if request.quantize:
@@ -184,15 +184,17 @@ def check_options(request: ExportRequest) -> None:
         if value not in choices:
             raise ExportRequestError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
     graph_format = FORMATS[request.format].graph_format(request)
-    for entry in FORMATS.values():
+    for entry in (TRITON, *GRAPH_FORMATS.values()):  # the layout first: its option decides the graph format
         entry.check(request, graph_format)
     check_verification_options(request)
     check_generation_options(request)
     check_device(request.device)
     require_runtime(graph_format, request.verify)
-    FORMATS[graph_format].require(request)
+    GRAPH_FORMATS[graph_format].require(request)
     if request.dtype == "fp16" and request.device != "cuda":
         raise ExportRequestError("fp16 export is for the CUDA runtimes: use device cuda (fp32 on the CPU)")
+    if request.atol is not None and not request.atol > 0:
+        raise ExportRequestError(f"atol must be positive, got {request.atol}")
     check_paths(request)
 
 
@@ -201,8 +203,6 @@ def check_verification_options(request: ExportRequest) -> None:
         for option, given in (("--atol", request.atol is not None), ("--keep-failed", request.keep_failed)):
             if given:
                 raise ExportRequestError(f"{option} applies to verification only: drop it with --no-verify")
-    if request.atol is not None and not request.atol > 0:
-        raise ExportRequestError(f"atol must be positive, got {request.atol}")
 
 
 def check_generation_options(request: ExportRequest) -> None:

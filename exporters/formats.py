@@ -1,7 +1,8 @@
 """The export formats, one entry each in FORMATS, importable without torch so that `reformer-export --help`
-offers them at once. An entry knows its name, file suffix, description and options, and does for
-exporters.api what is particular to its format: the settings it adds, their words in the summary, the checks
-of its options, and the export of a task graph through its exporter module (imported only then).
+offers them at once. An entry knows its name, file suffix and description, and does for exporters.api what
+is particular to its format: the checks of its options (and their refusal in requests for other formats), the
+settings it adds, their words in the summary, and the export of a task graph through its exporter module
+(imported only then).
 
 The graph formats (GraphFormat) are onnx, aoti and torchscript (exporters/onnx.py, aoti.py, torchscript.py);
 triton (TritonRepository) is a layout over one of them: the graph its backend serves is exported and verified
@@ -11,7 +12,7 @@ its exporter module and an entry here."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from .choices import (
@@ -32,27 +33,15 @@ class Format:
     name: str
     suffix: str  # of a task graph's file; "" for a format that writes a directory
     description: str  # one line, for --help
-    # The ExportRequest fields that apply to this format only, each with the message that refuses it in a
-    # request for another format ({format}: the request's format, {graph_format}: that of its graphs).
-    options: dict[str, str] = field(default_factory=dict)
 
     def graph_format(self, request: ExportRequest) -> str:
         """The format of the graphs a request in this format exports (checking what decides it)."""
         return self.name
 
     def check(self, request: ExportRequest, graph_format: str) -> None:
-        """Refuse this format's options in a request for another format; check them in a request for this one
-        (or for a layout over it)."""
-        if self.name in (request.format, graph_format):
-            self.check_options(request)
-            return
-        for option, refusal in self.options.items():
-            value = getattr(request, option)
-            if value is not None and value is not False:
-                raise ExportRequestError(refusal.format(format=request.format, graph_format=graph_format))
-
-    def check_options(self, request: ExportRequest) -> None:
-        """The checks of this format's options, for a request in this format: none unless overridden."""
+        """Refuse this format's own options (the ExportRequest fields for it only) in a request for another
+        format, check them in one for this format: none unless overridden. graph_format is the format of the
+        request's graphs (a layout's is another); exporters.api.check_options asks every entry."""
 
     def summary(self, settings: dict) -> str:
         """This format's settings (exporters.api.applied_settings) as the summary's export line adds them."""
@@ -98,22 +87,41 @@ class OnnxFormat(GraphFormat):
     def summary(self, settings: dict) -> str:
         return f", opset {settings['opset']}, custom ops {settings['custom_ops']}"
 
-    def check_options(self, request: ExportRequest) -> None:
-        if request.custom_ops is not None:
-            if request.custom_ops not in CUSTOM_OPS_MODES:
-                raise ExportRequestError(f"unknown custom ops {request.custom_ops!r}: "
-                                         f"choose one of {', '.join(CUSTOM_OPS_MODES)}")
+    def check(self, request: ExportRequest, graph_format: str) -> None:
+        if request.custom_ops is not None and request.custom_ops not in CUSTOM_OPS_MODES:
+            raise ExportRequestError(f"unknown custom ops {request.custom_ops!r}: "
+                                     f"choose one of {', '.join(CUSTOM_OPS_MODES)}")
+        if graph_format == self.name and request.custom_ops is not None:
             from .ops import check_mode
 
             try:
                 check_mode(request.custom_ops, DEFAULT_OPSET if request.opset is None else request.opset)
             except ValueError as error:
                 raise ExportRequestError(str(error)) from None
-        if request.opset is not None and request.opset not in SUPPORTED_OPSETS:
+        if graph_format != self.name:
+            for option, value in (("--opset", request.opset), ("--custom-ops", request.custom_ops)):
+                if value is not None:
+                    raise ExportRequestError(f"{option} applies to ONNX only: drop it for {graph_format} graphs")
+        elif request.opset is not None and request.opset not in SUPPORTED_OPSETS:
             raise ExportRequestError(f"opset {request.opset} is not supported: choose {SUPPORTED_OPSETS[0]} to "
                                      f"{SUPPORTED_OPSETS[-1]}")
         if request.quantize is not None:
-            check_quantization(request)
+            self.check_quantization(request, graph_format)
+
+    def check_quantization(self, request: ExportRequest, graph_format: str) -> None:
+        if request.quantize not in QUANTIZATIONS:
+            raise ExportRequestError(f"unknown quantization {request.quantize!r}: choose {', '.join(QUANTIZATIONS)}")
+        if graph_format != self.name:
+            raise ExportRequestError(f"--quantize applies to ONNX graphs only: drop it for {graph_format} graphs")
+        if request.device != "cpu" or request.dtype != "fp32":
+            raise ExportRequestError(f"--quantize {request.quantize} makes graphs for ONNX Runtime on the CPU from "
+                                     "fp32: drop --device and --dtype")
+        from .quantize import onnxruntime_distribution
+
+        try:
+            onnxruntime_distribution()
+        except ExportError as error:
+            raise ExportRequestError(str(error)) from None
 
     def exporter_options(self, settings: dict) -> dict:
         return {"opset": settings["opset"], "custom_ops": settings["custom_ops"]}
@@ -131,20 +139,6 @@ class OnnxFormat(GraphFormat):
             return super().export(settings, resolved, fp32_path, replay)
 
 
-def check_quantization(request: ExportRequest) -> None:
-    if request.quantize not in QUANTIZATIONS:
-        raise ExportRequestError(f"unknown quantization {request.quantize!r}: choose {', '.join(QUANTIZATIONS)}")
-    if request.device != "cpu" or request.dtype != "fp32":
-        raise ExportRequestError(f"--quantize {request.quantize} makes graphs for ONNX Runtime on the CPU from fp32: "
-                                 "drop --device and --dtype")
-    from .quantize import onnxruntime_distribution
-
-    try:
-        onnxruntime_distribution()
-    except ExportError as error:
-        raise ExportRequestError(str(error)) from None
-
-
 class AotiFormat(GraphFormat):
     def settings(self, request: ExportRequest) -> dict:
         from .aoti import cpu_march
@@ -154,8 +148,11 @@ class AotiFormat(GraphFormat):
     def summary(self, settings: dict) -> str:
         return f", CPU target {settings['cpu_march']}"
 
-    def check_options(self, request: ExportRequest) -> None:
-        if request.output and request.task != GENERATION_TASK:
+    def check(self, request: ExportRequest, graph_format: str) -> None:
+        if request.format != self.name:
+            if request.native_isa:
+                raise ExportRequestError(f"--native-isa applies to aoti only: drop it for --format {request.format}")
+        elif request.output and request.task != GENERATION_TASK:
             from .aoti import check_package_path
 
             try:
@@ -190,25 +187,24 @@ class TorchScriptFormat(GraphFormat):
 class TritonRepository(Format):
     """A Triton Inference Server model repository around the graph of one format (TRITON_BACKENDS)."""
 
+    def check(self, request: ExportRequest, graph_format: str) -> None:
+        if request.format != self.name and request.triton_backend is not None:
+            raise ExportRequestError("--triton-backend applies to --format triton only: drop it or add --format "
+                                     "triton")
+
     def graph_format(self, request: ExportRequest) -> str:
         from .triton.layout import check_triton_options
 
         return check_triton_options(request.triton_backend, request.task, request.task == GENERATION_TASK)
 
     def summary(self, settings: dict) -> str:
-        return FORMATS[TRITON_BACKENDS[settings["triton_backend"]]].summary(settings)
+        return GRAPH_FORMATS[TRITON_BACKENDS[settings["triton_backend"]]].summary(settings)
 
 
-TRITON = TritonRepository(
-    "triton", "", "a Triton Inference Server model repository; serve it with reformer-serve",
-    {"triton_backend": "--triton-backend applies to --format triton only: drop it or add --format triton"})
-FORMATS = {entry.name: entry for entry in (
-    OnnxFormat("onnx", ".onnx", "ONNX Runtime, for apps in any language", {
-        "opset": "--opset applies to ONNX only: drop it for {graph_format} graphs",
-        "custom_ops": "--custom-ops applies to ONNX only: drop it for {graph_format} graphs",
-        "quantize": "--quantize applies to ONNX graphs only: drop it for {graph_format} graphs"}),
-    AotiFormat("aoti", ".pt2", "an AOTInductor .pt2 package for C++ and Python hosts through libtorch",
-               {"native_isa": "--native-isa applies to aoti only: drop it for --format {format}"}),
+TRITON = TritonRepository("triton", "", "a Triton Inference Server model repository; serve it with reformer-serve")
+GRAPH_FORMATS = {entry.name: entry for entry in (
+    OnnxFormat("onnx", ".onnx", "ONNX Runtime, for apps in any language"),
+    AotiFormat("aoti", ".pt2", "an AOTInductor .pt2 package for C++ and Python hosts through libtorch"),
     TorchScriptFormat("torchscript", ".pt", "a .pt for libtorch hosts; legacy: torch deprecates TorchScript"),
-    TRITON,
 )}
+FORMATS = {**GRAPH_FORMATS, TRITON.name: TRITON}
