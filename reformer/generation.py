@@ -18,6 +18,7 @@ that hold filler (zero states, the padding bucket) which no attention sees.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -62,13 +63,6 @@ class DecoderCache:
         layers, lsh_layers = config.num_hidden_layers, config.attn_layers.count("lsh")
         states, buckets = list(tensors[:layers]), list(tensors[layers : layers + lsh_layers])
         return cls(states, buckets, tensors[layers + lsh_layers] if lsh_layers else None, tensors[-1])
-
-    def reorder(self, beam_idx: torch.Tensor) -> "DecoderCache":
-        """The cache of the rows `beam_idx` (beam search keeps, after each step, the best continuations)."""
-        select = lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device))  # noqa: E731
-        until = self.lsh_unchunked_until
-        return DecoderCache([select(t) for t in self.states], [select(t) for t in self.buckets],
-                            None if until is None else select(until), select(self.left_padding))
 
 
 def cache_names(config: ReformerConfig) -> list[str]:
@@ -146,6 +140,19 @@ class IncrementalDecoder(nn.Module):
         return self.model.lm_head(hidden), cache
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode within; every submodule's own mode (train or eval) back afterwards. Per decoding
+    step, so that a stream the caller has not finished leaves the caller's model as it was between steps."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 class EagerDecoding:
     """`reformer.sampling.CachedDecoding` over an `IncrementalDecoder`: numpy ids in, numpy logits out, the
     cache kept as tensors on the model's device."""
@@ -160,10 +167,11 @@ class EagerDecoding:
 
     def next_token_logits(self, kind: str, input_ids: np.ndarray, past: list) -> tuple[np.ndarray, list]:
         ids = torch.from_numpy(input_ids).to(self.device)
-        if kind == "prefill":
-            logits, cache = self.decoder.prefill(ids)
-        else:
-            logits, cache = self.decoder.step(ids, DecoderCache.from_tensors(self.decoder.config, tuple(past)))
+        with evaluating(self.decoder.model):
+            if kind == "prefill":
+                logits, cache = self.decoder.prefill(ids)
+            else:
+                logits, cache = self.decoder.step(ids, DecoderCache.from_tensors(self.decoder.config, tuple(past)))
         return logits[:, -1].float().cpu().numpy(), list(cache.tensors())
 
     def cache_to_host(self, cache: list) -> list[np.ndarray]:
@@ -207,8 +215,8 @@ def generate(model: ReformerModelWithLMHead, input_ids, max_new_tokens: int, use
 
 def start_generation(model: ReformerModelWithLMHead, input_ids, attention_mask, options: dict
                      ) -> tuple[Prompts, TokenChooser, EagerDecoding]:
-    """The prompts, token chooser and decoding of one `generate` or `stream` call."""
-    model.eval()
+    """The prompts, token chooser and decoding of one `generate` or `stream` call. The model runs in eval mode
+    (no dropout) and is left in its own mode."""
     device = input_ids.device if isinstance(input_ids, torch.Tensor) else next(model.parameters()).device
     host = lambda value: value.cpu().numpy() if isinstance(value, torch.Tensor) else value  # noqa: E731
     choose = TokenChooser.from_options(options, model.config.pad_token_id)

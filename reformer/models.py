@@ -38,6 +38,18 @@ class ReformerModelOutput(ModelOutput):
 
 @dataclass
 class ReformerLMOutput(ModelOutput):
+    """The language models' output (causal and masked): logits B, L, vocab_size."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    buckets: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class ReformerSequenceClassifierOutput(ModelOutput):
+    """transformers' SequenceClassifierOutput, with the buckets: logits B, num_labels."""
+
     loss: torch.Tensor | None
     logits: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -304,7 +316,7 @@ class ReformerForSequenceClassification(ReformerPreTrainedModel):
                              forced_buckets=forced_buckets)
         logits = self.classifier(base.last_hidden_state)
         loss = None if labels is None else self.classification_loss(logits, labels)
-        output = ReformerLMOutput(loss, logits, base.hidden_states, base.buckets)
+        output = ReformerSequenceClassifierOutput(loss, logits, base.hidden_states, base.buckets)
         return output if return_dict else output.to_tuple()
 
     def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,55 @@
 
 Each function here is the one definition of the op's math: eager PyTorch runs it as written, TorchScript
 keeps it as plain ATen ops, and the ONNX exporter may swap in a specialised lowering with this as fallback.
+The exporter swaps through `replaced`, which acts in the current thread (or asyncio task) only: another
+thread running or exporting a model meanwhile keeps its own choice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+from typing import Callable, Iterator, Mapping
+
 import torch
 
+# Names of the functions `replaced` may route elsewhere.
+REPLACEABLE: set[str] = set()
+# The current context's replacements by function name (None: none).
+_replacements: contextvars.ContextVar[Mapping[str, Callable] | None] = contextvars.ContextVar(
+    "reformer_ops_replacements", default=None)
 
+
+def replaceable(function: Callable) -> Callable:
+    """Make `function` one that `replaced` can route elsewhere; otherwise it runs as written."""
+    name = function.__name__
+    REPLACEABLE.add(name)
+
+    @functools.wraps(function)
+    def dispatch(*arguments, **keywords):
+        replacements = _replacements.get()
+        chosen = function if replacements is None else replacements.get(name, function)
+        return chosen(*arguments, **keywords)
+
+    return dispatch
+
+
+@contextlib.contextmanager
+def replaced(replacements: Mapping[str, Callable]) -> Iterator[None]:
+    """Within, in this thread (or asyncio task) only: calls of the functions named in `replacements` go to
+    their replacement; nested, they add to (or override) the outer replacements."""
+    unknown = sorted(set(replacements) - REPLACEABLE)
+    if unknown:
+        raise ValueError(f"reformer.ops has no replaceable function {', '.join(unknown)}")
+    token = _replacements.set({**(_replacements.get() or {}), **replacements})
+    try:
+        yield
+    finally:
+        _replacements.reset(token)
+
+
+@replaceable
 def sort_by_bucket(buckets: torch.Tensor) -> torch.Tensor:
     """Positions in bucket order, ties broken by position (a stable sort). buckets: ..., L -> ..., L.
 
@@ -18,12 +60,14 @@ def sort_by_bucket(buckets: torch.Tensor) -> torch.Tensor:
     return torch.argsort(buckets * length + positions, dim=-1)
 
 
+@replaceable
 def invert_permutation(permutation: torch.Tensor) -> torch.Tensor:
     """Inverse of permutations along the last axis: result[..., permutation[..., i]] = i."""
     positions = torch.arange(permutation.shape[-1], device=permutation.device).expand_as(permutation)
     return torch.empty_like(permutation).scatter(-1, permutation, positions)
 
 
+@replaceable
 def attend(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scale: float,
     dropout: float = 0.0,
@@ -36,6 +80,7 @@ def attend(
     return torch.matmul(probs, value)
 
 
+@replaceable
 def project_heads_into_chunks(hidden_states: torch.Tensor, weight: torch.Tensor, num_heads: int, chunk_length: int
                               ) -> torch.Tensor:
     """hidden_states B, L, hidden through a bias-free projection (weight H*D, hidden), split into heads and
@@ -48,6 +93,7 @@ def project_heads_into_chunks(hidden_states: torch.Tensor, weight: torch.Tensor,
     return projected.view(batch, -1, chunk_length, num_heads, head_size).permute(0, 3, 1, 2, 4)
 
 
+@replaceable
 def attend_with_log_normalizer(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, not_self: torch.Tensor,
     mask_value: float, self_mask_value: float, dropout: float = 0.0,

@@ -1,10 +1,13 @@
-"""`aten::logsumexp`, which the model uses for attention normalisers and to combine hashing rounds.
+"""`aten::logsumexp`, which the model uses to combine LSH hashing rounds: `reformer.attention.lsh.combine_rounds`
+weights the rounds by their log-normalisers, cast to fp32 first. The attention's own log-normalisers do not
+use it (`reformer.ops.attend_with_log_normalizer` takes them from its softmax).
 
 torchlib lowers it to `ReduceLogSumExp`, defined as log(sum(exp(x))). ONNX Runtime's CPU kernel computes
-exactly that in fp16: exp underflows below about -17 and overflows above about 11, so a row of masked scores
-(-1e4, self-mask -1e3) gives -inf and the attention output NaN (measured, onnxruntime 1.31). The lowering
-here subtracts the row maximum first, as torch does, and reduces fp16 inputs in fp32, as torch's CPU kernel
-does; its fp32 results equal ReduceLogSumExp's."""
+exactly that in fp16: exp underflows below about -17 and overflows above about 11, so a row of -1e3 (fp16's
+self-mask value) gives -inf (measured, onnxruntime 1.31 and 1.32); in fp32 it stays finite (rows of -1e5
+and of 100 measured, 1.32). The lowering here subtracts the row maximum first, as torch does, and reduces fp16
+inputs in fp32, as torch's CPU kernel does: an fp16 logsumexp stays finite, and the model's fp32 one gives
+ReduceLogSumExp's results."""
 
 from __future__ import annotations
 

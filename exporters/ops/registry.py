@@ -6,12 +6,12 @@ and its lowerings. Two kinds:
   torch.onnx's `custom_translation_table`. Its eager implementation is the ATen op itself.
 
 How a CustomOp reaches the ONNX file: while torch.export traces the model, `onnx_placeholders()` routes each
-registered `reformer.ops` function to a node `reformer::<OnnxName>` of the custom domain. After translation,
-`apply_lowerings` gives every such node a model-local ONNX function as its body, then either inlines it (the
-op becomes standard ONNX ops any runtime runs) or keeps the node with its function (ONNX Runtime inlines a
-model-local function when it has no kernel for the op; a host that registers a kernel for
-`reformer::<OnnxName>` gets that kernel instead). TorchScript never sees the placeholders: it traces the
-eager functions as plain ATen ops.
+registered `reformer.ops` function to a node `reformer::<OnnxName>` of the custom domain (in the exporting
+thread only: `reformer.ops.replaced`). After translation, `apply_lowerings` gives every such node a
+model-local ONNX function as its body, then either inlines it (the op becomes standard ONNX ops any runtime
+runs) or keeps the node with its function (ONNX Runtime inlines a model-local function when it has no kernel
+for the op; a host that registers a kernel for `reformer::<OnnxName>` gets that kernel instead). TorchScript
+never sees the placeholders: it traces the eager functions as plain ATen ops.
 
 Lowerings: "standard" (every op has one, made of standard ONNX ops; a CustomOp's is inlined), "ort" (only
 where it may pay on ONNX Runtime; a CustomOp's stays a custom-domain node) and "onnx-attention" (the attention
@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import onnx_ir as ir
 import onnxscript
@@ -96,8 +96,8 @@ class CustomOp(RegisteredOp):
 
     @property
     def eager(self) -> Callable[..., torch.Tensor]:
-        """The eager implementation, looked up at call time like the model's own calls: under
-        `onnx_placeholders` a call emits the placeholder."""
+        """The eager implementation, the function the model calls: under `onnx_placeholders` (in the same
+        thread) a call emits the placeholder."""
         return getattr(reformer.ops, self.name)
 
     def placeholder(self, *inputs: torch.Tensor, **attributes) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -134,8 +134,8 @@ REGISTRY: dict[str, RegisteredOp] = {}
 def register(op: RegisteredOp) -> RegisteredOp:
     if "standard" not in op.lowerings or not set(op.lowerings) <= set(LOWERINGS):
         raise ValueError(f"{op.name}: lowerings must include 'standard' and be among {LOWERINGS}")
-    if isinstance(op, CustomOp) and not callable(getattr(reformer.ops, op.name, None)):
-        raise ValueError(f"reformer.ops has no function {op.name!r}")
+    if isinstance(op, CustomOp) and op.name not in reformer.ops.REPLACEABLE:
+        raise ValueError(f"reformer.ops has no replaceable function {op.name!r}")
     REGISTRY[op.name] = op
     return op
 
@@ -155,18 +155,10 @@ def check_mode(custom_ops: str, opset: int | None = None) -> None:
                          f"add --opset {min_opset}")
 
 
-@contextlib.contextmanager
-def onnx_placeholders(ops: dict[str, RegisteredOp] | None = None) -> Iterator[None]:
-    """Within: `reformer.ops` functions emit custom-domain placeholder nodes (for torch.export only)."""
-    ops = custom_ops_of(ops)
-    originals = {name: getattr(reformer.ops, name) for name in ops}
-    try:
-        for name, op in ops.items():
-            setattr(reformer.ops, name, op.placeholder)
-        yield
-    finally:
-        for name, function in originals.items():
-            setattr(reformer.ops, name, function)
+def onnx_placeholders(ops: dict[str, RegisteredOp] | None = None) -> contextlib.AbstractContextManager[None]:
+    """Within, in this thread (or asyncio task) only: `reformer.ops` functions emit custom-domain placeholder
+    nodes (for torch.export only)."""
+    return reformer.ops.replaced({name: op.placeholder for name, op in custom_ops_of(ops).items()})
 
 
 def translation_table(mode: str, ops: dict[str, RegisteredOp] | None = None) -> dict:

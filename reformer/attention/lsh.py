@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,6 +23,22 @@ def draw_rotations(config: ReformerConfig) -> torch.Tensor:
     generator = torch.Generator().manual_seed(config.resolved_hash_seed)
     shape = (config.num_attention_heads, config.attention_head_size, config.num_hashes, config.rotation_size // 2)
     return torch.randn(shape, generator=generator)
+
+
+@dataclass
+class SortedChunks:
+    """One LSH call's queries, keys, values, positions and masks in bucket order, every round's K chunks one
+    after another (N*K per head), each chunk with its window of W keys."""
+
+    sorted_positions: torch.Tensor  # B, H, N, L: the positions in bucket order
+    query: torch.Tensor  # B, H, N*K, C, D
+    key: torch.Tensor  # B, H, N*K, W, D (length-normalised queries, scaled by 1/sqrt(D))
+    value: torch.Tensor  # B, H, N*K, W, D
+    query_positions: torch.Tensor  # B, H, N*K, C
+    key_positions: torch.Tensor  # B, H, N*K, W
+    key_allowed: torch.Tensor  # B, H, N*K, W (bool): the key is not padding
+    window_slots: torch.Tensor  # W: 0 .. W-1
+    in_window: torch.Tensor  # W (bool): the slot is attended to (only the query's own chunk when unchunked)
 
 
 class LSHSelfAttention(nn.Module):
@@ -63,7 +80,8 @@ class LSHSelfAttention(nn.Module):
         buckets = self.hash_vectors(query_key.detach(), attention_mask)
         used_buckets = buckets if forced_buckets is None else forced_buckets
         sorted_positions = ops.sort_by_bucket(used_buckets)  # B, H, N, L
-        out, log_normalizer = self.attend_sorted(query_key, value, sorted_positions, attention_mask, lsh_unchunked)
+        chunks = self.sorted_chunks(query_key, value, sorted_positions, attention_mask, lsh_unchunked)
+        out, log_normalizer = self.attend_sorted(chunks)
         undo_positions = ops.invert_permutation(sorted_positions)  # B, H, N, L
         out = unsort_by_position(out, undo_positions)  # B, L, H, N, D
         if log_normalizer is not None:
@@ -97,18 +115,32 @@ class LSHSelfAttention(nn.Module):
         buckets = buckets.permute(0, 2, 3, 1)  # B, H, N, L
         return buckets.masked_fill(~attention_mask[:, None, None, :], self.padding_bucket)
 
-    def attend_sorted(
+    def attend_sorted(self, chunks: SortedChunks) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Chunked attention in bucket order. Returns out B, H, N, L, D and, with more than one hashing round,
+        log-normalisers B, H, N, L (None with one: its round weight is exactly 1)."""
+        batch, heads, rounds, length = chunks.sorted_positions.shape
+        if flex_applies(self.attn_implementation, self.training):
+            out, log_normalizer = self.attend_flex(chunks)
+        elif self.num_hashes > 1:
+            out, log_normalizer = self.attend_rounds(chunks)
+        else:
+            out, log_normalizer = self.attend_one_round(chunks), None
+        out = out.view(batch, heads, rounds, length, self.head_size)
+        if log_normalizer is None:
+            return out, None
+        return out, log_normalizer.view(batch, heads, rounds, length)
+
+    def sorted_chunks(
         self,
         query_key: torch.Tensor,
         value: torch.Tensor,
         sorted_positions: torch.Tensor,
         attention_mask: torch.Tensor,
         lsh_unchunked: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Chunked attention in bucket order. query_key and value B, L, H*D as projected. Returns out
-        B, H, N, L, D and, with more than one hashing round, log-normalisers B, H, N, L (None with one: its
-        round weight is exactly 1)."""
-        batch, heads, rounds, length = sorted_positions.shape
+    ) -> SortedChunks:
+        """What every attention path needs, in bucket order, from query_key and value B, L, H*D as projected,
+        sorted_positions B, H, N, L, attention_mask B, L (bool) and lsh_unchunked (0-d bool, see forward)."""
+        batch, heads, _, length = sorted_positions.shape
         sorted_query = split_chunks(gather_by_position(query_key, sorted_positions).flatten(2, 3), self.chunk_length)
         sorted_value = split_chunks(gather_by_position(value, sorted_positions).flatten(2, 3), self.chunk_length)
         # Keys are the length-normalised queries (shared query-key attention), scaled by 1/sqrt(D).
@@ -130,38 +162,48 @@ class LSHSelfAttention(nn.Module):
         own_start = self.chunks_before * self.chunk_length
         own_chunk = (window_slots >= own_start) & (window_slots < own_start + self.chunk_length)
         in_window = own_chunk | ~lsh_unchunked  # W
-        dropout = self.dropout if self.training else 0.0
-        with_log_normalizer = self.num_hashes > 1
-        if flex_applies(self.attn_implementation, self.training):
-            def score_with_mask(score, b, h, k, c, w):
-                query_position, key_position = query_positions[b, h, k, c], key_positions[b, h, k, w]
-                allowed = self.allowed(key_allowed[b, h, k, w], in_window[w], query_position, key_position)
-                return mask_scores(score, allowed, self.not_self(in_window[w], query_position, key_position),
-                                   sorted_query.dtype)
+        return SortedChunks(sorted_positions, sorted_query, sorted_key, sorted_value, query_positions, key_positions,
+                            key_allowed, window_slots, in_window)
 
-            out, log_normalizer = flex_chunk_attend(sorted_query, sorted_key, sorted_value, score_with_mask, scale=1.0,
-                                                    with_log_normalizer=with_log_normalizer)
-        else:
-            query_position, key_position = query_positions.unsqueeze(-1), key_positions.unsqueeze(-2)
-            allowed = self.allowed(key_allowed.unsqueeze(-2), in_window, query_position,
-                                   key_position)  # B, H, N*K, C, W
-            if with_log_normalizer:
-                not_self = self.not_self(in_window, query_position, key_position)  # B, H, N*K, C, W
-                out, log_normalizer = masked_softmax_attend(sorted_query, sorted_key, sorted_value, allowed, not_self,
-                                                            dropout, dropout > 0, with_log_normalizer=True)
-            else:
-                # Without a log-sum-exp `ops.attend` applies, with the masks as one added bias. That is
-                # exact: every row keeps its own position (at the self-mask value), so a masked key's probability
-                # is 0 and a row that sees only itself gives it probability 1, as masking gives.
-                is_self = self.single_round_self(window_slots, in_window,
-                                                 length_as_tensor(query_positions, 2))  # C, W
-                bias = mask_bias(allowed, sorted_query.dtype, is_self)
-                out = ops.attend(sorted_query, sorted_key, sorted_value, bias, scale=1.0, dropout=dropout)
-                log_normalizer = None
-        out = out.view(batch, heads, rounds, length, self.head_size)
-        if log_normalizer is None:
-            return out, None
-        return out, log_normalizer.view(batch, heads, rounds, length)
+    def attend_flex(self, chunks: SortedChunks) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """FlexAttention, masking score by score. Returns out B, H, N*K, C, D and, with several hashing rounds,
+        log-normalisers B, H, N*K, C."""
+        query_positions, key_positions, key_allowed, in_window = (
+            chunks.query_positions, chunks.key_positions, chunks.key_allowed, chunks.in_window)
+
+        def score_with_mask(score, b, h, k, c, w):
+            query_position, key_position = query_positions[b, h, k, c], key_positions[b, h, k, w]
+            allowed = self.allowed(key_allowed[b, h, k, w], in_window[w], query_position, key_position)
+            return mask_scores(score, allowed, self.not_self(in_window[w], query_position, key_position),
+                               chunks.query.dtype)
+
+        return flex_chunk_attend(chunks.query, chunks.key, chunks.value, score_with_mask, scale=1.0,
+                                 with_log_normalizer=self.num_hashes > 1)
+
+    def attend_rounds(self, chunks: SortedChunks) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eager attention of several hashing rounds, with each query's log-normaliser (`combine_rounds` weights
+        the rounds with it). Returns out B, H, N*K, C, D and log-normalisers B, H, N*K, C."""
+        not_self = self.not_self(chunks.in_window, chunks.query_positions.unsqueeze(-1),
+                                 chunks.key_positions.unsqueeze(-2))  # B, H, N*K, C, W
+        dropout = self.dropout if self.training else 0.0
+        return masked_softmax_attend(chunks.query, chunks.key, chunks.value, self.allowed_in_windows(chunks), not_self,
+                                     dropout, dropout > 0, with_log_normalizer=True)
+
+    def attend_one_round(self, chunks: SortedChunks) -> torch.Tensor:
+        """Eager attention of a single hashing round: B, H, K, C, D.
+        Without a log-sum-exp `ops.attend` applies, with the masks as one added bias. That is exact: every
+        row keeps its own position (at the self-mask value), so a masked key's probability is 0 and a row
+        that sees only itself gives it probability 1, as masking gives."""
+        is_self = self.single_round_self(chunks.window_slots, chunks.in_window,
+                                         length_as_tensor(chunks.query_positions, 2))  # C, W
+        bias = mask_bias(self.allowed_in_windows(chunks), chunks.query.dtype, is_self)
+        return ops.attend(chunks.query, chunks.key, chunks.value, bias, scale=1.0,
+                          dropout=self.dropout if self.training else 0.0)
+
+    def allowed_in_windows(self, chunks: SortedChunks) -> torch.Tensor:
+        """`allowed` for every query of every chunk against its window: B, H, N*K, C, W."""
+        return self.allowed(chunks.key_allowed.unsqueeze(-2), chunks.in_window, chunks.query_positions.unsqueeze(-1),
+                            chunks.key_positions.unsqueeze(-2))
 
     def allowed(self, key_allowed: torch.Tensor, in_window: torch.Tensor, query_position: torch.Tensor,
                 key_position: torch.Tensor) -> torch.Tensor:

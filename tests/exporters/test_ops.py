@@ -10,12 +10,15 @@ product instead of the keys."""
 
 from __future__ import annotations
 
+import threading
+
 import onnx_ir as ir
 import onnxruntime
 import pytest
 import torch
 from torch import nn
 
+import reformer.ops
 from exporters import ops
 from exporters.onnx import to_onnx_model
 from reformer.attention.chunking import MASK_VALUE, SELF_MASK_VALUE
@@ -231,3 +234,32 @@ def test_the_bound_rejects_an_input_off_by_one_part_in_ten_thousand(name):
         off, want, bound = off[0], want[0], bound[0]
     with pytest.raises(AssertionError, match="rounding bound"):
         assert_within(off, want, bound)
+
+
+def test_placeholders_act_only_in_the_exporting_thread():
+    """While one thread exports, another running the model gets the eager ops: the placeholders are the
+    exporting thread's choice (swapped module globals gave them to every thread). Called eagerly, the
+    placeholder returns zeros of the op's shape."""
+    buckets = torch.tensor([[2, 0, 1, 0]])
+    entered, ran = threading.Event(), threading.Event()
+    results = {}
+
+    def exporting():
+        with ops.onnx_placeholders():
+            entered.set()
+            ran.wait(timeout=60)
+            results["exporting"] = reformer.ops.sort_by_bucket(buckets)
+
+    def running():
+        entered.wait(timeout=60)
+        results["running"] = reformer.ops.sort_by_bucket(buckets)
+        ran.set()
+
+    threads = [threading.Thread(target=target) for target in (exporting, running)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert torch.equal(results["running"], torch.tensor([[1, 3, 2, 0]]))
+    assert torch.equal(results["exporting"], torch.zeros_like(buckets))
+    assert torch.equal(reformer.ops.sort_by_bucket(buckets), results["running"])  # and this thread, after

@@ -13,7 +13,10 @@ from exporters.runtimes import require_runtime
 
 
 def test_installed_onnxruntime_passes():
-    require_runtime("onnx", verify=True)
+    import onnxruntime
+
+    assert callable(onnxruntime.InferenceSession)  # a working build is installed here (the test extra's)
+    assert require_runtime("onnx", verify=True) is None  # and the requirement raises nothing
 
 
 def test_missing_onnxruntime_names_both_builds_and_no_verify(monkeypatch):

@@ -7,10 +7,9 @@ import pytest
 from reformer import ConfigError, ReformerConfig
 from tiny_configs import BASE
 
-transformers = pytest.importorskip("transformers")
-
 
 def test_transformers_config_json_round_trip_keeps_every_field(tmp_path):
+    transformers = pytest.importorskip("transformers")
     reference = transformers.ReformerConfig(**BASE, attn_layers=["local", "lsh"], is_decoder=True, num_labels=3)
     reference.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
@@ -72,6 +71,7 @@ BUCKET_RULE_CASES = [(32, 4), (64, 8), (96, 32), (100, 8), (4096, 64), (65536, 6
 def test_unset_num_buckets_follows_the_reference_rule(max_length, chunk_length):
     """The reference resolves num_buckets from the first length it hashes; we resolve it from the longest
     allowed length, before any forward. Both must give the reference's value for that length."""
+    transformers = pytest.importorskip("transformers")
     values = dict(attn_layers=["lsh"], axial_pos_embds=False, hidden_size=16, attention_head_size=4,
                   num_attention_heads=2, max_position_embeddings=max_length, lsh_attn_chunk_length=chunk_length,
                   num_buckets=None)

@@ -23,17 +23,17 @@ import torch
 
 from generation_configs import (CAUSAL_CONFIGS, MIXED_LENGTHS, NEW_TOKENS, left_padded_prefill, mixed_prompts, prompt,
                                 random_model)
-from reformer.generation import DecoderCache, IncrementalDecoder, generate, stream
+from reformer.generation import IncrementalDecoder, generate, stream
 from reformer.sampling import Prompts, TokenChooser
 
 from rounding import assert_within, rounding_bound
 
-transformers = pytest.importorskip("transformers")
-
 
 def reference_and_ours(values: dict, directory):
+    """The reference with random weights and ours loaded from it (skips the test without transformers)."""
     import reformer
 
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     reference = transformers.ReformerModelWithLMHead(transformers.ReformerConfig(**values)).eval()
     reference.save_pretrained(directory)
@@ -122,19 +122,20 @@ def test_cache_changes_lsh_decoding_like_reference(name, tmp_path):
         assert parting is None
 
 
-def test_reorder_selects_rows():
-    model = random_model(CAUSAL_CONFIGS["mixed"])
-    decoder = IncrementalDecoder(model)
-    input_ids = prompt(3, 9, seed=4)
-    beam_idx = torch.tensor([2, 2, 0])
-    with torch.no_grad():
-        _, cache = decoder.prefill(input_ids)
-        reordered = cache.reorder(beam_idx)
-        logits, _ = decoder.step(input_ids[beam_idx, -1:], reordered)
-        _, expected_cache = decoder.prefill(input_ids[beam_idx])
-        expected, _ = decoder.step(input_ids[beam_idx, -1:], expected_cache)
-    assert torch.equal(logits, expected)
-    assert isinstance(reordered, DecoderCache) and reordered.past_length == 9
+def test_generation_leaves_the_model_in_its_mode():
+    """Generation runs without dropout (here 0.5, which would change the tokens), and a model in training
+    mode, one submodule of it in eval mode, is left so: after generate, and between the steps of a stream."""
+    model = random_model({**CAUSAL_CONFIGS["mixed"], "hidden_dropout_prob": 0.5})
+    input_ids = prompt(2, 5, seed=10)
+    in_eval_mode = generate(model, input_ids, 8)
+    model.train()
+    model.lm_head.eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    assert torch.equal(generate(model, input_ids, 8), in_eval_mode)
+    assert {name: module.training for name, module in model.named_modules()} == modes
+    for step, tokens in enumerate(stream(model, input_ids, 8)):
+        assert torch.equal(tokens, in_eval_mode[:, 5 + step])
+        assert {name: module.training for name, module in model.named_modules()} == modes
 
 
 def test_eos_stops_and_pads():
@@ -242,6 +243,7 @@ def test_attention_mask_must_pad_on_the_left():
 
 def test_token_chooser_follows_transformers_processors():
     """Repetition penalty, then temperature, top-k and top-p, against transformers' logits processors."""
+    pytest.importorskip("transformers")
     from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                         TopKLogitsWarper, TopPLogitsWarper)
 

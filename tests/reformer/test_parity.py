@@ -6,12 +6,14 @@ within half the bound of the exact result). Per-position outputs are compared wh
 the position: at masked positions both models return values that depend on their
 internal padding (the reference attends over a different number of padding keys), which no caller may use."""
 
+from dataclasses import fields
+
 import pytest
 import torch
 
 from reference import labels_for, reference_and_ours
 from rounding import assert_within, rounding_bound
-from tiny_configs import CASES, make_inputs, output_names, per_position
+from tiny_configs import CASES, CASES_BY_NAME, make_inputs, output_names, per_position
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
@@ -41,3 +43,18 @@ def test_unmasked_inputs_match_reference_everywhere(case, tmp_path):
     bounds = rounding_bound(lambda: ours(input_ids=input_ids))
     for name in output_names(case.model_class):
         assert_within(getattr(actual, name), getattr(expected, name), bounds[name], name)
+
+
+def test_sequence_classification_output_has_the_references_fields_in_order(tmp_path):
+    """Its own output type (not the language models'), with the reference's fields, in the reference's order
+    (a `return_dict=False` tuple unpacks alike), then the buckets."""
+    case = CASES_BY_NAME["seqcls_mixed"]
+    reference, ours = reference_and_ours(case, tmp_path)
+    input_ids, attention_mask = make_inputs(2, case.length)
+    arguments = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                     **labels_for(case, input_ids, attention_mask))
+    with torch.no_grad():
+        expected, actual = reference(**arguments), ours(**arguments)
+    assert type(actual).__name__ == "ReformerSequenceClassifierOutput"
+    assert [field.name for field in fields(actual)] == [*expected.keys(), "buckets"]
+    assert actual.logits.shape == expected.logits.shape == (2, case.config_values.get("num_labels", 2))
