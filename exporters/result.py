@@ -22,7 +22,8 @@ class ExportResult:
     output: str | None  # where the file is; None when verification failed and it was removed
     size_bytes: int
     settings: dict  # what the export applied (exporters.api.applied_settings)
-    notes: list[str] = field(default_factory=list)  # what the user should know about the graph (export_notes)
+    # What the user should know about the graph (exporters.api.export_notes).
+    notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # load, export (aoti: and compile), verify
     verification: object | None = None  # exporters.verify.VerificationReport, None without verification
 
