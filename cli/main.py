@@ -1,6 +1,7 @@
 """`reformer-export`: parse options, call exporters.api.run_export, print progress and a summary table.
 
-torch and the exporters are imported only when the command runs, so `--help` answers at once. Ctrl-C and
+The options' choices come from exporters.choices and exporters.formats, which import no torch; torch and the
+exporters themselves are imported only when the command runs, so `--help` answers at once. Ctrl-C and
 SIGTERM end an export with one `Error:` line and exit status 128 + the signal's number (130, 143), as a
 shell reports a process the signal ended; the export's staging folder is removed either way."""
 
@@ -11,21 +12,30 @@ import signal
 
 import click
 
-# The library's choices, spelled out here so that `--help` needs no torch import; tests/cli/test_cli.py checks
-# that they agree with exporters.specs, exporters.api, exporters.precision, exporters.ops, exporters.onnx,
-# exporters.quantize and exporters.models.
-TASKS = ("base", "causal-lm", "masked-lm", "sequence-classification", "question-answering", "causal-lm-with-past")
-FORMATS = ("onnx", "aoti", "torchscript", "triton")
-TRITON_BACKENDS = ("python", "onnxruntime", "pytorch")
-DTYPES = ("fp32", "fp16")
-DEVICES = ("cpu", "cuda")
-CUSTOM_OPS_MODES = ("auto", "standard", "ort", "onnx-attention")
-DEFAULT_CUSTOM_OPS = "auto"
-QUANTIZATIONS = ("int8",)
-OPSETS = (18, 23)  # lowest and highest supported
-DEFAULT_OPSET = 18
-BUILT_IN_MODELS = ("byte-lm", "tiny", "enwik8")
-DEFAULT_MODEL = "byte-lm"
+from exporters.choices import (
+    BUILT_IN_MODELS,
+    CUSTOM_OPS_MODES,
+    DEFAULT_CUSTOM_OPS,
+    DEFAULT_MODEL,
+    DEFAULT_OPSET,
+    DEFAULT_TRITON_BACKEND,
+    DEVICES,
+    DTYPES,
+    QUANTIZATIONS,
+    SUPPORTED_OPSETS,
+    TASK_NAMES,
+    TRITON_BACKENDS,
+)
+from exporters.formats import FORMATS
+from reformer.messages import first_line
+
+
+def either(names: list[str]) -> str:
+    """The names as `a, b or c`, for help texts."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+FILE_SUFFIXES = [entry.suffix for entry in FORMATS.values() if entry.suffix]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,25 +43,24 @@ DEFAULT_MODEL = "byte-lm"
               help="Checkpoint directory (config.json + model.safetensors or pytorch_model.bin, as transformers' "
                    f"save_pretrained writes it) or a built-in model from models/ ({', '.join(BUILT_IN_MODELS)}). "
                    f"Default: {DEFAULT_MODEL}.")
-@click.option("--task", type=click.Choice(TASKS), default=None,
+@click.option("--task", type=click.Choice(TASK_NAMES), default=None,
               help="Head to export. Default: the checkpoint's architectures entry; without one, causal-lm for a "
                    "causal model (is_decoder) and base otherwise. causal-lm-with-past writes a directory with the "
                    "prefill and decoder-step graphs for generation with a cache (reformer.runtime.OnnxGenerator).")
-@click.option("--format", "format_", type=click.Choice(FORMATS), required=True,
-              help="onnx (ONNX Runtime, for apps in any language), aoti (an AOTInductor .pt2 package for C++ and "
-                   "Python hosts through libtorch), torchscript (a .pt for libtorch hosts; legacy: torch deprecates "
-                   "TorchScript) or triton (a Triton Inference Server model repository; serve it with reformer-serve).")
+@click.option("--format", "format_", type=click.Choice(tuple(FORMATS)), required=True,
+              help=either([f"{name} ({entry.description})" for name, entry in FORMATS.items()]) + ".")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Where to write the graph (a new directory for causal-lm-with-past and for triton). Default: "
-                   "<model>-<task>.onnx, .pt2 or .pt (a <model>-causal-lm-with-past or <model>-triton directory) in "
-                   "the current directory.")
-@click.option("--triton-backend", type=click.Choice(TRITON_BACKENDS), default=None,
+                   f"<model>-<task>{either(FILE_SUFFIXES)} (a <model>-causal-lm-with-past or <model>-triton "
+                   "directory) in the current directory.")
+@click.option("--triton-backend", type=click.Choice(tuple(TRITON_BACKENDS)), default=None,
               help="Triton backend of the repository (--format triton only): python (the ONNX graph through "
                    "reformer.runtime; request checks, generation), onnxruntime or pytorch (TorchScript). "
-                   f"Default: {TRITON_BACKENDS[0]}.")
-@click.option("--opset", type=click.IntRange(*OPSETS), default=None,
-              help=f"ONNX opset, {OPSETS[0]} to {OPSETS[1]} (--format onnx only). Default: {DEFAULT_OPSET}.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
+                   f"Default: {DEFAULT_TRITON_BACKEND}.")
+@click.option("--opset", type=click.IntRange(SUPPORTED_OPSETS[0], SUPPORTED_OPSETS[-1]), default=None,
+              help=f"ONNX opset, {SUPPORTED_OPSETS[0]} to {SUPPORTED_OPSETS[-1]} (--format onnx only). "
+                   f"Default: {DEFAULT_OPSET}.")
+@click.option("--dtype", type=click.Choice(tuple(DTYPES)), default="fp32", show_default=True,
               help="Precision of the exported graph; fp16 needs --device cuda. causal-lm-with-past exports fp32.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="Device the graph is exported and verified on. causal-lm-with-past exports on the CPU (its "
@@ -116,7 +125,7 @@ def export(**options):
     try:
         return run_export(ExportRequest(**options), progress=lambda message: click.echo(f"{message} ...", err=True))
     except (ExportError, CheckpointError, ConfigError, OSError) as error:
-        raise click.ClickException(one_line(error)) from None
+        raise click.ClickException(first_line(error)) from None
 
 
 class Terminated(KeyboardInterrupt):
@@ -154,11 +163,6 @@ def quiet_dependencies() -> None:
     except ImportError:
         return
     onnxruntime.set_default_logger_severity(4)  # fatal only
-
-
-def one_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ import time
 
 import click
 
-from cli.main import one_line, terminate_as_interrupt
+from cli.main import terminate_as_interrupt
 from exporters.triton.server import DEFAULT_PORTS, TritonServer, TritonServerError  # standard library only
+from reformer.messages import first_line
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,7 +51,7 @@ def main(repository, http_port, grpc_port, metrics_port, binary, log_path):
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the way to stop a server, so a success
         click.echo(f"Stopped (server exit status {status}).", err=True)
     except TritonServerError as error:
-        raise click.ClickException(one_line(error)) from None
+        raise click.ClickException(first_line(error)) from None
 
 
 if __name__ == "__main__":

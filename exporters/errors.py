@@ -18,3 +18,7 @@ class VerificationError(ExportError):
         super().__init__(message)
         self.report = report
 
+
+
+class ExportRequestError(ExportError):
+    """A request that cannot be carried out as given (bad option, unusable device or output path)."""

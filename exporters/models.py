@@ -28,6 +28,7 @@ from reformer.checkpoint import (
 )
 from reformer.config import CONFIG_NAME, ConfigError, ReformerConfig
 
+from .choices import DEFAULT_MODEL
 from .errors import ExportError
 from .specs import MODEL_CLASS_TO_TASK, TASKS, TaskSpec
 
@@ -45,7 +46,6 @@ def find_models_dir() -> Path:
 
 
 MODELS_DIR = find_models_dir()
-DEFAULT_MODEL = "byte-lm"
 RANDOM_WEIGHTS_SEED = 0
 WEIGHT_FILES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME)
 # Text the model did not train on, UTF-8; a checkpoint directory may ship one.

@@ -17,14 +17,12 @@ from onnxscript.optimizer import fold_constants
 from reformer.files import publish, staging_folder
 
 from . import ops
+from .choices import DEFAULT_CUSTOM_OPS, DEFAULT_OPSET, SUPPORTED_OPSETS
 from .errors import ExportError, first_line
 from .precision import model_as
 from .program import export_program
-from .specs import DEFAULT_OPSET, INPUT_NAMES, TaskSpec, graph_description, resolve_max_length, wrapper_example_inputs
+from .specs import INPUT_NAMES, TaskSpec, graph_description, resolve_max_length, wrapper_example_inputs
 
-# ONNX Runtime runs every opset from 18 (torch.onnx's own lowest) up to 23 (the first with ONNX's Attention op,
-# exporters.ops' "onnx-attention" lowering) with the ops this graph uses.
-SUPPORTED_OPSETS = range(18, 24)
 # A protobuf file cannot exceed 2 GiB; weights above this share (the graph needs the rest) go to a data file.
 EXTERNAL_DATA_THRESHOLD = int(0.9 * 2**31)
 METADATA_PREFIX = "reformer_export."
@@ -36,7 +34,7 @@ def export_onnx(
     path,
     *,
     opset: int = DEFAULT_OPSET,
-    custom_ops: str = "auto",
+    custom_ops: str = DEFAULT_CUSTOM_OPS,
     dtype: str = "fp32",
     device: str = "cpu",
     max_length: int | None = None,

@@ -9,16 +9,16 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .choices import DEVICES, DTYPES
 from .errors import ExportError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-DEVICES = ("cpu", "cuda")
+TORCH_DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPES.items()}
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return TORCH_DTYPES[dtype]
 
 
 def check_device(device: str) -> None:

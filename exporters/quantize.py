@@ -39,7 +39,6 @@ import onnx
 
 from .errors import ExportError, first_line
 
-QUANTIZATIONS = ("int8",)
 # Graph metadata key (with exporters.onnx.METADATA_PREFIX) of the description quantize_onnx returns.
 QUANTIZATION_KEY = "quantization"
 PRODUCTS = ("MatMul", "Gemm")

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .choices import DEFAULT_OPSET  # noqa: F401  (exporters.decoder imports it from here)
+from .choices import TASK_HEADS
 from .errors import ExportError
 
 INPUT_NAMES = ("input_ids", "attention_mask")
-DEFAULT_OPSET = 18
 DYNAMIC_AXES = {0: "batch_size", 1: "sequence_length"}
 BUCKETS_OUTPUT_PREFIX = "buckets_"
 # Inputs of a verification twin (see ExportWrapper): the buckets each LSH layer must use instead of its own.
@@ -91,16 +92,7 @@ class ExportWrapper(nn.Module):
         return tensors + tuple(output.buckets) if self.with_buckets else tensors
 
 
-TASKS = {
-    spec.name: spec
-    for spec in (
-        TaskSpec("base", "ReformerModel", ("last_hidden_state",)),
-        TaskSpec("causal-lm", "ReformerModelWithLMHead", ("logits",)),
-        TaskSpec("masked-lm", "ReformerForMaskedLM", ("logits",)),
-        TaskSpec("sequence-classification", "ReformerForSequenceClassification", ("logits",)),
-        TaskSpec("question-answering", "ReformerForQuestionAnswering", ("start_logits", "end_logits")),
-    )
-}
+TASKS = {name: TaskSpec(name, model_class, output_names) for name, (model_class, output_names) in TASK_HEADS.items()}
 MODEL_CLASS_TO_TASK = {spec.model_class: spec.name for spec in TASKS.values()}
 
 

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 import exporters
-from exporters.api import FORMATS
+from exporters.formats import FORMATS
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMAT_NAMES = {"onnx": "ONNX", "aoti": "AOTInductor", "torchscript": "TorchScript", "triton": "Triton"}

@@ -113,7 +113,7 @@ def export_file(model, spec, key: ExportKey, path: Path) -> None:
 
     if key.fmt == "onnx":
         from exporters.ops import MODE_MIN_OPSET
-        from exporters.specs import DEFAULT_OPSET
+        from exporters.choices import DEFAULT_OPSET
 
         export_onnx(model, spec, path, opset=MODE_MIN_OPSET.get(key.custom_ops, DEFAULT_OPSET), dtype=key.dtype,
                     device=key.device, replay=key.replay, custom_ops=key.custom_ops)

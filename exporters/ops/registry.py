@@ -36,12 +36,13 @@ from onnx_ir.passes.common import InlinePass, RemoveUnusedOpsetsPass
 
 import reformer.ops
 
+from ..choices import CUSTOM_OPS_MODES
+
 DOMAIN = "reformer"
 DOMAIN_VERSION = 1
 # The opset that CustomOp lowerings (onnxscript functions) are written in.
 REFORMER_OPSET = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 LOWERINGS = ("standard", "ort", "onnx-attention")
-CUSTOM_OPS_MODES = ("auto", "standard", "ort", "onnx-attention")
 # Lowerings kept as custom-domain nodes with their function (the others are inlined into standard ONNX ops).
 KEPT_LOWERINGS = ("ort",)
 # The lowest ONNX opset of each mode that needs more than opset 18 (ONNX's Attention op is new in opset 23).
@@ -181,7 +182,7 @@ def apply_lowerings(
         proto = op.lowerings[chosen[op.name]](context).to_function_proto()
         proto.name, proto.domain = op.onnx_name, DOMAIN
         # ONNX wants a function's default-domain version to equal the model's. The bodies use opset 18 ops
-        # whose semantics stay the same up to opset 23 (exporters.onnx.SUPPORTED_OPSETS; later versions only
+        # whose semantics stay the same up to opset 23 (exporters.choices.SUPPORTED_OPSETS; later versions only
         # add types), and the "onnx-attention" bodies opset 23's Attention, whose mode needs opset 23.
         for opset_import in proto.opset_import:
             if opset_import.domain == "":

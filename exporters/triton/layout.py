@@ -31,13 +31,11 @@ import numpy as np
 
 from reformer.files import publish, staging_folder
 
+from ..choices import DEFAULT_TRITON_BACKEND, TRITON_BACKENDS
 from ..errors import ExportError
 from .backend import GENERATION_GRAPHS, GENERATION_OPTIONS, TASK_GRAPH
 from .server import PYTHONPATH_VARIABLE
 
-TRITON_BACKENDS = ("python", "onnxruntime", "pytorch")
-DEFAULT_TRITON_BACKEND = "python"
-GRAPH_FORMATS = {"python": "onnx", "onnxruntime": "onnx", "pytorch": "torchscript"}
 # Requests the server may batch into one run; each request may itself hold several rows.
 MAX_BATCH_SIZE = 16
 # How long the dynamic batcher holds a request for others to join it: 1 ms, well under one forward (~10 ms).
@@ -151,7 +149,7 @@ def check_triton_options(backend: str | None, task: str | None, generation: bool
         raise TritonExportError(f"task {task} is served by a Python-backend generation loop: use "
                                 "--triton-backend python")
     triton_schema()
-    return GRAPH_FORMATS[backend]
+    return TRITON_BACKENDS[backend]
 
 
 @contextlib.contextmanager

@@ -5,14 +5,7 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from cli import main as cli_main
 from cli.serve import main as serve
-from exporters.triton.layout import DEFAULT_TRITON_BACKEND, TRITON_BACKENDS
-
-
-def test_the_cli_lists_the_libraries_triton_backends_default_first():
-    assert cli_main.TRITON_BACKENDS == (DEFAULT_TRITON_BACKEND, *[name for name in TRITON_BACKENDS
-                                                                  if name != DEFAULT_TRITON_BACKEND])
 
 
 def test_a_missing_repository_is_refused(tmp_path):

@@ -22,6 +22,7 @@ from exporters.models import (
     default_task,
     resolve_model,
 )
+from exporters.result import REPORTED_DISTRIBUTIONS, library_versions
 from exporters.torchscript import load_metadata
 from tiny_configs import BASE
 
@@ -267,8 +268,8 @@ def test_a_defaulted_hash_seed_is_noted_only_where_it_matters(overrides, noted):
 
 
 def test_library_versions_name_the_installed_libraries():
-    versions = api.library_versions()
-    assert set(versions) == {"python", *api.REPORTED_DISTRIBUTIONS}
+    versions = library_versions()
+    assert set(versions) == {"python", *REPORTED_DISTRIBUTIONS}
     assert versions["torch"] == torch.__version__
     assert versions["onnxruntime"] or versions["onnxruntime-gpu"]
 
