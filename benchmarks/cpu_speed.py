@@ -38,7 +38,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.cli import OneLineErrors
+from benchmarks.gpu_checks.environment import cpu_name
 from benchmarks.gpu_checks.timing import time_interleaved
 from benchmarks.models import MODEL_NAMES
 from benchmarks.tables import markdown_table, text_table
@@ -281,19 +281,11 @@ def token_agreement(expected, actual, prompt_length: int) -> str:
     return f"no: {int(rows.sum())} of {len(rows)} rows, first at new token {first}"
 
 
-def processor() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def environment_lines(command: str, load_before: tuple, load_after: tuple) -> list[str]:
     import importlib.metadata
 
     versions = {package: importlib.metadata.version(package) for package in ("torch", "onnxruntime", "transformers")}
-    return [f"- processor: {processor()}, {os.cpu_count()} cores",
+    return [f"- processor: {cpu_name()}, {os.cpu_count()} cores",
             f"- load average (1, 5, 15 min) before: {', '.join(f'{value:.2f}' for value in load_before)}; after: "
             f"{', '.join(f'{value:.2f}' for value in load_after)}",
             "- " + ", ".join(f"{package} {version}" for package, version in versions.items()) + f", Python "
