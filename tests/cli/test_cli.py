@@ -245,9 +245,11 @@ def load_report(path) -> dict:
         return json.load(handle)
 
 
-# aoti: two compiles (the package and its twin), 1.5 to 4 minutes on 2 cores; in the default run, since the
-# default model's package passing verification is what `--format aoti` promises.
-@pytest.mark.parametrize("format_,suffix", [("onnx", ".onnx"), ("aoti", ".pt2"), ("torchscript", ".pt")])
+# aoti: two compiles (the package and its twin), 1.5 to 4 minutes on 2 cores, so with the slow tests; the
+# default run exports AOTInductor packages through the CLI on a tiny model
+# (test_aoti_package_exports_verifies_and_reports_its_compile_time).
+@pytest.mark.parametrize("format_,suffix", [("onnx", ".onnx"), pytest.param("aoti", ".pt2", marks=pytest.mark.slow),
+                                            ("torchscript", ".pt")])
 def test_default_model_exports_verifies_and_reports(format_, suffix, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cli(["--format", format_, "--report", "report.json"])
