@@ -36,9 +36,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnxruntime
 
-from .sampling import Prompts, TokenChooser, generation_steps
+from .sampling import DECODER_CONFIG_NAME, Prompts, TokenChooser, generation_steps
 
-DECODER_CONFIG_NAME = "decoder_config.json"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # Task graphs may also output each LSH layer's buckets, for verification: `buckets_0`, `buckets_1`, ...
