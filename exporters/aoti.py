@@ -73,6 +73,7 @@ from .decoder_graphs import GRAPHS, dynamic_graphs
 from .errors import ExportError, first_line
 from .precision import model_as
 from .program import export_dynamic, export_program, size_oblivious
+from .runners import module_runner
 from .specs import TaskSpec, embedded_description, resolve_max_length, wrapper_example_inputs
 from .torchscript import METADATA_NAME
 
@@ -280,3 +281,18 @@ def decoder_callables(folder: str, files: dict[str, str]) -> dict:
 def node_kinds(path: str) -> collections.Counter:
     """The compiled package holds no graph: its description counts the exported program's ops."""
     return collections.Counter(load_metadata(path)["program_ops"])
+
+
+def open_runner(path: str, device: str, tf32: bool = False) -> tuple:
+    """(exporters.runners.Runner, "") over the package at path on device, or (None, why not): a package runs on
+    the device it was compiled for only."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return None, "torch sees no CUDA device"
+    compiled_for = package_metadata(path)["AOTI_DEVICE_KEY"]
+    if compiled_for != device:
+        return None, f"the package is compiled for {compiled_for}"
+    try:
+        package = load_package(path)
+    except Exception as error:  # a package torch cannot load is a failed verification, not a crash
+        raise ExportError(f"cannot load AOTInductor package {path}: {first_line(error)}") from None
+    return module_runner(package, device, tf32), ""

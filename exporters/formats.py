@@ -13,7 +13,8 @@ its exporter module and an entry here."""
 from __future__ import annotations
 
 import collections
-from abc import ABC, abstractmethod
+import importlib
+from abc import ABC
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,6 +56,8 @@ class GraphFormat(Format, ABC):
     """A format whose exporter writes a task graph (and the verification twin) from exporters.models'
     ResolvedModel, and whose graphs exporters.decoder writes for causal-lm-with-past."""
 
+    module_name = ""  # the exporter module (see exporter_module)
+    exporter_name = ""  # its task graph exporter (see exporter)
     decoder_files: dict[str, str] = {}  # the causal-lm-with-past graphs' files (decoder_config.json's "files")
     quantizable = False  # whether --quantize applies (exporters.quantize)
 
@@ -68,24 +71,33 @@ class GraphFormat(Format, ABC):
         """The runtimes exporters.verify can run this format's graphs on, one per device: `runtime-device`."""
         return tuple(f"{self.runtime}-{device}" for device in DEVICES)
 
-    @abstractmethod
+    def exporter_module(self):
+        """The format's exporter module, imported now (it imports torch): module_name, relative to this package.
+        Besides its exporter it has open_runner(path, device, tf32), node_kinds(path), export_decoder(decoder,
+        folder, description, **options) and decoder_callables(folder, decoder_files)."""
+        return importlib.import_module(self.module_name, __package__)
+
     def open_runner(self, path: str, device: str, tf32: bool = False) -> tuple:
         """(exporters.runners.Runner, "") over the graph at path on device, or (None, why it cannot run here)."""
+        return self.exporter_module().open_runner(path, device, tf32)
 
-    @abstractmethod
     def node_kinds(self, path: str) -> collections.Counter:
         """How many nodes of each kind the graph at path has (exporters.twin_difference)."""
+        return self.exporter_module().node_kinds(path)
 
-    @abstractmethod
     def export_decoder(self, decoder, folder: str, description: dict, **options) -> None:
         """The prefill and step graphs of the reformer.generation.IncrementalDecoder into folder, under the names
         in description["files"]; `options` are exporter_options'. The description (decoder_config.json) may gain
         entries."""
+        self.exporter_module().export_decoder(decoder, folder, description, **options)
 
-    @abstractmethod
     def decoder_runners(self, folder: str) -> dict:
         """The prefill and step graphs that export_decoder wrote into folder, as Runners on the CPU:
         {"prefill" | "step": [input_ids, *past] -> [logits, *present]}."""
+        from .runners import callable_runner
+
+        callables = self.exporter_module().decoder_callables(folder, self.decoder_files)
+        return {kind: callable_runner(call, "cpu") for kind, call in callables.items()}
 
     def settings(self, request: ExportRequest) -> dict:
         """The settings this format adds to the common ones (exporters.api.applied_settings)."""
@@ -99,10 +111,10 @@ class GraphFormat(Format, ABC):
         """This format's keyword arguments of its exporter and of exporters.decoder's, from its settings."""
         return {}
 
-    @abstractmethod
     def exporter(self) -> Callable:
         """The exporter function: (model, spec, path, *, dtype, device, max_length, with_buckets, replay,
         metadata, **exporter_options) -> the seconds of each step, or None for one step."""
+        return getattr(self.exporter_module(), self.exporter_name)
 
     def export(self, settings: dict, resolved, path: str, replay: bool = False) -> dict[str, float]:
         """The task graph `settings` describe, of the exporters.models.ResolvedModel `resolved`, or (`replay`)
@@ -115,6 +127,7 @@ class GraphFormat(Format, ABC):
 
 
 class OnnxFormat(GraphFormat):
+    module_name, exporter_name = ".onnx", "export_onnx"
     decoder_files = {"prefill": "prefill.onnx", "step": "decoder_step.onnx"}
     quantizable = True
 
@@ -127,26 +140,6 @@ class OnnxFormat(GraphFormat):
             from .runtimes import require_onnxruntime
 
             require_onnxruntime()
-
-    def open_runner(self, path: str, device: str, tf32: bool = False) -> tuple:
-        from .runners import open_onnxruntime
-
-        return open_onnxruntime(path, device, tf32)
-
-    def node_kinds(self, path: str) -> collections.Counter:
-        from .onnx import node_kinds
-
-        return node_kinds(path)
-
-    def export_decoder(self, decoder, folder: str, description: dict, **options) -> None:
-        from .onnx import export_decoder
-
-        export_decoder(decoder, folder, description, **options)
-
-    def decoder_runners(self, folder: str) -> dict:
-        from .onnx import decoder_callables
-
-        return cpu_runners(decoder_callables(folder))
 
     def settings(self, request: ExportRequest) -> dict:
         return {"opset": DEFAULT_OPSET if request.opset is None else request.opset,
@@ -194,11 +187,6 @@ class OnnxFormat(GraphFormat):
     def exporter_options(self, settings: dict) -> dict:
         return {"opset": settings["opset"], "custom_ops": settings["custom_ops"]}
 
-    def exporter(self) -> Callable:
-        from .onnx import export_onnx
-
-        return export_onnx
-
     def export(self, settings: dict, resolved, path: str, replay: bool = False) -> dict[str, float]:
         """As for every graph format, through a scratch fp32 graph quantized into path where settings ask."""
         from .quantize import quantized_into
@@ -208,27 +196,8 @@ class OnnxFormat(GraphFormat):
 
 
 class AotiFormat(GraphFormat):
+    module_name, exporter_name = ".aoti", "export_aoti"
     decoder_files = {"package": "decoder.pt2"}
-
-    def open_runner(self, path: str, device: str, tf32: bool = False) -> tuple:
-        from .runners import open_aoti
-
-        return open_aoti(path, device, tf32)
-
-    def node_kinds(self, path: str) -> collections.Counter:
-        from .aoti import node_kinds
-
-        return node_kinds(path)
-
-    def export_decoder(self, decoder, folder: str, description: dict, **options) -> None:
-        from .aoti import export_decoder
-
-        export_decoder(decoder, folder, description, **options)
-
-    def decoder_runners(self, folder: str) -> dict:
-        from .aoti import decoder_callables
-
-        return cpu_runners(decoder_callables(folder, self.decoder_files))
 
     def settings(self, request: ExportRequest) -> dict:
         from .aoti import cpu_march
@@ -261,46 +230,10 @@ class AotiFormat(GraphFormat):
 
         return {"native_isa": settings["cpu_march"] == NATIVE_MARCH}
 
-    def exporter(self) -> Callable:
-        from .aoti import export_aoti
-
-        return export_aoti
-
 
 class TorchScriptFormat(GraphFormat):
+    module_name, exporter_name = ".torchscript", "export_torchscript"
     decoder_files = {"module": "decoder.pt"}
-
-    def open_runner(self, path: str, device: str, tf32: bool = False) -> tuple:
-        from .runners import open_torchscript
-
-        return open_torchscript(path, device, tf32)
-
-    def node_kinds(self, path: str) -> collections.Counter:
-        from .torchscript import file_node_kinds
-
-        return file_node_kinds(path)
-
-    def export_decoder(self, decoder, folder: str, description: dict, **options) -> None:
-        from .torchscript import export_decoder
-
-        export_decoder(decoder, folder, description, **options)
-
-    def decoder_runners(self, folder: str) -> dict:
-        from .torchscript import decoder_callables
-
-        return cpu_runners(decoder_callables(folder, self.decoder_files))
-
-    def exporter(self) -> Callable:
-        from .torchscript import export_torchscript
-
-        return export_torchscript
-
-
-def cpu_runners(callables: dict) -> dict:
-    """exporters.runners.Runner on the CPU over each callable that takes a graph's inputs in order."""
-    from .runners import callable_runner
-
-    return {name: callable_runner(call, "cpu") for name, call in callables.items()}
 
 
 class TritonRepository(Format):

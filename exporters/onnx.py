@@ -220,9 +220,10 @@ def export_decoder(decoder, folder: str, description: dict, *, opset: int = DEFA
         description["quantization"] = quantization_of(path)
 
 
-def decoder_callables(folder: str) -> dict:
+def decoder_callables(folder: str, files: dict[str, str]) -> dict:
     """{"prefill" | "step": (input_ids, *past) -> [logits, *present]} over the graphs in folder, on the CPU
-    through the runtime apps use (reformer.runtime.OnnxGenerator), torch tensors in and out."""
+    through the runtime apps use (reformer.runtime.OnnxGenerator, which reads the file names from
+    decoder_config.json as apps do, so `files` goes unused), torch tensors in and out."""
     from reformer.runtime import CPU, OnnxGenerator
 
     generator = OnnxGenerator(folder, providers=[CPU], io_binding=False)
@@ -240,3 +241,9 @@ def node_kinds(path: str) -> collections.Counter:
     """How many nodes of each op type the graph at path has."""
     model = onnx.load(path, load_external_data=False)
     return collections.Counter(node.op_type for node in model.graph.node)
+
+
+def open_runner(path: str, device: str, tf32: bool = False) -> tuple:
+    from .runners import open_onnxruntime
+
+    return open_onnxruntime(path, device, tf32)

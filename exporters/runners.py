@@ -34,35 +34,6 @@ def onnxruntime_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
-def open_torchscript(path: str, device: str, tf32: bool = False) -> tuple[Runner | None, str]:
-    if device == "cuda" and not torch.cuda.is_available():
-        return None, "torch sees no CUDA device"
-    from .torchscript import legacy_jit
-
-    try:
-        with legacy_jit():
-            module = torch.jit.load(path, map_location=device)
-    except Exception as error:  # a file torch cannot load is a failed verification, not a crash
-        raise ExportError(f"cannot load TorchScript file {path}: {first_line(error)}") from None
-    return module_runner(module, device, tf32), ""
-
-
-def open_aoti(path: str, device: str, tf32: bool = False) -> tuple[Runner | None, str]:
-    """An AOTInductor package runs on the device it was compiled for only (exporters/aoti.py)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        return None, "torch sees no CUDA device"
-    from .aoti import load_package, package_metadata
-
-    compiled_for = package_metadata(path)["AOTI_DEVICE_KEY"]
-    if compiled_for != device:
-        return None, f"the package is compiled for {compiled_for}"
-    try:
-        package = load_package(path)
-    except Exception as error:  # a package torch cannot load is a failed verification, not a crash
-        raise ExportError(f"cannot load AOTInductor package {path}: {first_line(error)}") from None
-    return module_runner(package, device, tf32), ""
-
-
 def module_runner(module, device: str, tf32: bool) -> Runner:
     """A Runner over a task graph loaded as a TorchScript module or AOTInductor package (same calling
     convention)."""

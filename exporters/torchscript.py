@@ -26,6 +26,7 @@ from reformer.sampling import DECODER_CONFIG_NAME
 from .decoder_graphs import DecoderGraphs, example_prompt
 from .errors import ExportError, first_line
 from .precision import model_as
+from .runners import module_runner
 from .specs import TaskSpec, embedded_description, resolve_max_length, wrapper_example_inputs
 
 METADATA_NAME = "reformer_export.json"
@@ -97,7 +98,7 @@ def load_metadata(path: str) -> dict:
     return json.loads(extra_files[METADATA_NAME])
 
 
-def node_kinds(module: torch.jit.ScriptModule) -> list[str]:
+def module_node_kinds(module: torch.jit.ScriptModule) -> list[str]:
     """The kind of every node of the module's inlined graph, nested blocks included."""
     kinds = []
 
@@ -113,7 +114,7 @@ def node_kinds(module: torch.jit.ScriptModule) -> list[str]:
 
 def non_host_ops(module: torch.jit.ScriptModule) -> list[str]:
     """Kinds of the nodes (nested blocks included) that a libtorch host cannot run without Python."""
-    return [kind for kind in node_kinds(module) if not kind.startswith(HOST_OP_NAMESPACES) or kind == PYTHON_OP]
+    return [kind for kind in module_node_kinds(module) if not kind.startswith(HOST_OP_NAMESPACES) or kind == PYTHON_OP]
 
 
 def export_decoder(decoder, folder: str, description: dict) -> None:
@@ -140,7 +141,19 @@ def decoder_callables(folder: str, files: dict[str, str]) -> dict:
     return {"prefill": module.forward, "step": module.step}
 
 
-def file_node_kinds(path: str) -> collections.Counter:
+def node_kinds(path: str) -> collections.Counter:
     """How many nodes of each kind the module in the file at path has."""
     with legacy_jit():
-        return collections.Counter(node_kinds(torch.jit.load(path, map_location="cpu")))
+        return collections.Counter(module_node_kinds(torch.jit.load(path, map_location="cpu")))
+
+
+def open_runner(path: str, device: str, tf32: bool = False) -> tuple:
+    """(exporters.runners.Runner, "") over the module in the file at path on device, or (None, why not)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return None, "torch sees no CUDA device"
+    try:
+        with legacy_jit():
+            module = torch.jit.load(path, map_location=device)
+    except Exception as error:  # a file torch cannot load is a failed verification, not a crash
+        raise ExportError(f"cannot load TorchScript file {path}: {first_line(error)}") from None
+    return module_runner(module, device, tf32), ""
