@@ -3,7 +3,7 @@
 //   node js/bin/generate.mjs FOLDER --prompt TEXT --max-new-tokens N [--json] [sampling options]
 import { parseArgs } from 'node:util';
 
-import { load } from '../src/node.mjs';
+import { load, loadOnWasm } from '../src/node.mjs';
 
 const USAGE = `usage: generate.mjs FOLDER (--prompt TEXT | --ids 5,17,42)... [options]
 
@@ -18,8 +18,11 @@ const USAGE = `usage: generate.mjs FOLDER (--prompt TEXT | --ids 5,17,42)... [op
   --repetition-penalty R    penalise tokens already in the row (transformers' rule; 1: none)
   --seed S                  seed of the sampler (JavaScript's generator: not the tokens Python draws)
   --eos-token-id ID         stop a row at this token (the model's is in decoder_config.json)
-  --threads N               ONNX Runtime intra-op threads (default: one per core)
+  --threads N               ONNX Runtime intra-op threads (default: one per core; node backend)
+  --backend node|wasm       onnxruntime-node (default) or onnxruntime-web's WebAssembly, as in browsers
   --json                    print {"prompt_ids", "ids" (new tokens per prompt), "text"} instead of text`;
+
+const BACKENDS = { node: load, wasm: loadOnWasm };
 
 const OPTIONS = {
   prompt: { type: 'string', multiple: true },
@@ -33,6 +36,7 @@ const OPTIONS = {
   seed: { type: 'string' },
   'eos-token-id': { type: 'string' },
   threads: { type: 'string' },
+  backend: { type: 'string', default: 'node' },
   json: { type: 'boolean', default: false },
   help: { type: 'boolean', short: 'h', default: false },
 };
@@ -72,7 +76,9 @@ function parse(argv) {
     eosTokenId: number(values, 'eos-token-id', true),
   };
   const threads = number(values, 'threads', true);
-  return { folder: positionals[0], prompts, options, json: values.json, threads };
+  const backend = BACKENDS[values.backend];
+  if (!backend) throw new Error(`--backend is node or wasm, not ${JSON.stringify(values.backend)}`);
+  return { folder: positionals[0], prompts, options, json: values.json, threads, backend };
 }
 
 async function main(argv) {
@@ -81,7 +87,7 @@ async function main(argv) {
     console.log(USAGE);
     return;
   }
-  const generator = await load(request.folder, request.threads ? { intraOpNumThreads: request.threads } : {});
+  const generator = await request.backend(request.folder, request.threads ? { intraOpNumThreads: request.threads } : {});
   if (request.json) {
     const result = await generator.generate(request.prompts, request.options);
     console.log(JSON.stringify({ prompt_ids: result.promptIds, ids: result.ids, text: result.texts }));

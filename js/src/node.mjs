@@ -1,4 +1,5 @@
-// Node.js entry: an exported folder (a path) on onnxruntime-node.
+// Node.js entry: an exported folder (a path) on onnxruntime-node, or on onnxruntime-web's WebAssembly backend
+// (the browser's runtime, to check a folder for web pages without a browser).
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 
@@ -13,6 +14,14 @@ export { byteText } from './text.mjs';
 /** The generator of a `causal-lm-with-past` folder; sessionOptions: onnxruntime-node's (default: CPU). */
 export function load(folder, sessionOptions = {}) {
   return loadGenerator(ort, folderSource(folder), sessionOptions);
+}
+
+/** As load, on onnxruntime-web's WebAssembly backend (one thread), the model files read into memory. */
+export async function loadOnWasm(folder, sessionOptions = {}) {
+  const ortWeb = await import('onnxruntime-web');
+  ortWeb.env.wasm.numThreads = 1;
+  const source = { ...folderSource(folder), model: (file) => readFile(path.join(folder, file)) };
+  return loadGenerator(ortWeb, source, { executionProviders: ['wasm'], ...sessionOptions });
 }
 
 /** A folder on disk as loadGenerator's source. */

@@ -60,15 +60,35 @@ def run_node(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run([node_or_skip(), *arguments], capture_output=True, text=True, timeout=120, cwd=REPOSITORY)
 
 
-def test_node_command_generates_pythons_greedy_ids(generation_folder):
-    folder, expected = generation_folder
+def node_greedy_ids(folder: str, backend: str) -> dict:
+    """{"prompt_ids", "ids", "text"} of `generate.mjs --json` on PROMPTS, greedy, on a backend (node or wasm)."""
     prompts = [argument for text in PROMPTS for argument in ("--prompt", text)]
-    finished = run_node("js/bin/generate.mjs", folder, *prompts, "--max-new-tokens", str(NEW_TOKENS), "--json")
+    finished = run_node("js/bin/generate.mjs", folder, *prompts, "--max-new-tokens", str(NEW_TOKENS),
+                        "--backend", backend, "--json")
     assert finished.returncode == 0, finished.stderr
-    result = json.loads(finished.stdout)
+    return json.loads(finished.stdout)
+
+
+@pytest.mark.parametrize("backend", ["node", "wasm"])
+def test_node_command_generates_pythons_greedy_ids(generation_folder, backend):
+    folder, expected = generation_folder
+    result = node_greedy_ids(folder, backend)
     assert result["prompt_ids"] == [tokenizer.encode(text) for text in PROMPTS]
     assert result["ids"] == expected
     assert result["text"] == [tokenizer.decode(row) for row in expected]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("custom_ops, opset", [("standard", None), ("ort", None), ("onnx-attention", 23)])
+def test_every_lowering_runs_on_onnxruntime_web(custom_ops, opset, tmp_path):
+    """The default lowering (`auto`) runs in the default run above; these are the others, on the tiny model."""
+    node_or_skip()
+    folder = str(tmp_path / "tiny")
+    api.run_export(api.ExportRequest("onnx", model="tiny", task=api.GENERATION_TASK, output=folder,
+                                     custom_ops=custom_ops, opset=opset, max_length=MAX_LENGTH, verify=False))
+    prompts = [tokenizer.encode(text) for text in PROMPTS]
+    expected = OnnxGenerator(folder, providers=[CPU]).generate(prompts, NEW_TOKENS)[:, max(map(len, prompts)):]
+    assert node_greedy_ids(folder, "wasm")["ids"] == expected.tolist()
 
 
 def test_node_command_refuses_bad_input_in_one_line(generation_folder):
