@@ -98,9 +98,12 @@ async function main(argv) {
     for await (const step of stream) process.stdout.write(step.texts[0]);
     process.stdout.write('\n');
   } else {
-    // Several prompts (or no tokenizer): each row once done, as a JSON string or a list of ids.
+    // Several prompts (or no tokenizer): each row, prompt and new tokens, once done, as a JSON string or ids.
     const result = await generator.generate(request.prompts, request.options);
-    result.ids.forEach((ids, row) => console.log(JSON.stringify(result.texts ? result.texts[row] : ids)));
+    result.ids.forEach((ids, row) => {
+      const all = [...result.promptIds[row], ...ids];
+      console.log(JSON.stringify(generator.text ? generator.text.decode(all) : all));
+    });
   }
   await generator.release();
 }

@@ -25,9 +25,13 @@ test('--json prints the prompts\' ids, the new ids and their text', async () => 
   assert.deepEqual(JSON.parse(stdout), { prompt_ids: expected.prompt_ids, ids: expected.greedy, text: expected.text });
 });
 
-test('one prompt streams as text; --ids takes token ids', async () => {
+test('one prompt streams as text, several print a JSON string each; --ids takes token ids', async () => {
   const { stdout } = await generate(FIXTURE, '--prompt', expected.prompts[0], '--max-new-tokens', String(expected.max_new_tokens));
   assert.equal(stdout, `${expected.prompts[0]}${expected.text[0]}\n`);
+  const two = await generate(FIXTURE, '--prompt', expected.prompts[0], '--prompt', expected.prompts[1], '--max-new-tokens',
+    String(expected.max_new_tokens));
+  assert.deepEqual(two.stdout.trim().split('\n').map((line) => JSON.parse(line)),
+    [0, 1].map((row) => expected.prompts[row] + expected.text[row]));
   const ids = await generate(FIXTURE, '--ids', expected.prompt_ids[1].join(','), '--max-new-tokens', '3',
     '--repetition-penalty', String(expected.repetition_penalty), '--json');
   assert.deepEqual(JSON.parse(ids.stdout).ids, [expected.greedy_with_repetition_penalty[1].slice(0, 3)]);
