@@ -94,13 +94,13 @@ def check_tokenizer_file(name: str, content: bytes, vocab_size: int, directory: 
 
 def converted_tokenizer_json(path: str) -> tuple[bytes | None, str]:
     """(tokenizer.json, "") for the SentencePiece model at path, written by the tokenizers library's converter
-    (SentencePieceUnigramTokenizer.from_spm), with the model's control pieces (padding, end of text) made special
-    tokens and its unknown piece decoding to the model's unk_surface, so that decoding gives sentencepiece's
-    text; (None, why not) where a library is missing, the converter refuses the model (it converts Unigram
-    models only), or the conversion's ids or text differ from sentencepiece's on the vocabulary's own text."""
+    (SentencePieceUnigramTokenizer.from_spm) and set to decode and strip as sentencepiece (see
+    decoding_as_sentencepiece); (None, why not) where a library is missing, the converter refuses the model (it
+    converts Unigram models only), or the conversion's ids or text differ from sentencepiece's on the
+    vocabulary's own text."""
     try:
         from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
-        from tokenizers import SentencePieceUnigramTokenizer, decoders
+        from tokenizers import SentencePieceUnigramTokenizer
     except ImportError as error:
         return None, f"{first_line(error)}: {TEXT_EXTRA}"
     except Exception as error:  # sentencepiece's protobuf module refuses an older protobuf runtime
@@ -112,19 +112,31 @@ def converted_tokenizer_json(path: str) -> tuple[bytes | None, str]:
     except Exception as error:  # the converter raises plain Exceptions
         return None, f"the tokenizers library's converter refused it: {first_line(error)}"
     processor = SentencePieceProcessor(model_file=path)
-    proto = sentencepiece_model_pb2.ModelProto.FromString(processor.serialized_model_proto())
-    pieces = range(processor.get_piece_size())
-    converted.add_special_tokens([processor.id_to_piece(index) for index in pieces if processor.is_control(index)])
-    unknown = processor.id_to_piece(processor.unk_id())
-    converted.decoder = decoders.Sequence([decoders.Replace(unknown, proto.trainer_spec.unk_surface), converted.decoder])
-    sample = "".join(processor.id_to_piece(index) for index in pieces[:SAMPLE_PIECES]
+    decoding_as_sentencepiece(converted, processor,
+                              sentencepiece_model_pb2.ModelProto.FromString(processor.serialized_model_proto()))
+    pieces = range(min(processor.get_piece_size(), SAMPLE_PIECES))
+    sample = "".join(processor.id_to_piece(index) for index in pieces
                      if not (processor.is_control(index) or processor.is_unknown(index) or processor.is_byte(index)))
     # The word-start mark stands for a space; U+2047 is outside the vocabulary: an unknown piece.
-    sample = sample.replace("\u2581", " ") + " \u2047"
+    sample = "  " + sample.replace("\u2581", " ") + "  \u2047  "
     ids = processor.encode(sample)
     if converted.encode(sample).ids != ids or converted.decode(ids) != processor.decode(ids):
         return None, "the tokenizers library's conversion gives other ids or text than sentencepiece"
     return converted.to_str().encode("utf-8"), ""
+
+
+def decoding_as_sentencepiece(converted, processor, proto) -> None:
+    """What the converter leaves out, set on its tokenizer: the control pieces (padding, end of text) made
+    special tokens, so that they decode to nothing; the unknown piece decoding to the model's unk_surface; the
+    spaces at either end stripped, where the model removes extra whitespace (the converter collapses runs)."""
+    from tokenizers import decoders, normalizers
+
+    pieces = range(processor.get_piece_size())
+    converted.add_special_tokens([processor.id_to_piece(index) for index in pieces if processor.is_control(index)])
+    unknown = processor.id_to_piece(processor.unk_id())
+    converted.decoder = decoders.Sequence([decoders.Replace(unknown, proto.trainer_spec.unk_surface), converted.decoder])
+    if proto.normalizer_spec.remove_extra_whitespaces:
+        converted.normalizer = normalizers.Sequence([converted.normalizer, normalizers.Strip()])
 
 
 def write_tokenizer_files(files: dict[str, bytes], folder: str) -> None:

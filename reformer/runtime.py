@@ -1,11 +1,14 @@
-"""Running exported Reformer graphs with ONNX Runtime, for applications: numpy and onnxruntime only.
+"""Running exported Reformer graphs with ONNX Runtime, for applications: numpy and onnxruntime only (text in and
+out: the `text` extra's tokenizers and sentencepiece, see reformer/tokenizer.py).
 
 - `OnnxModel(path)`: one exported task graph (`reformer-export --format onnx`); call it with token ids and an
-  optional mask, get the task's named outputs as arrays.
+  optional mask (or text, where the graph carries its checkpoint's tokenizer), get the task's named outputs as
+  arrays.
 - `OnnxGenerator(directory)`: text generation over the prefill and decoder-step graphs that
   `reformer-export --task causal-lm-with-past` writes (see exporters/decoder.py for the directory layout), with
   the options and prompt batches of eager `reformer.generation.generate`, whose loop (`reformer.sampling`) it
-  runs: `generate` returns the sequences, `stream` yields each step's tokens as they come.
+  runs: `generate` returns the sequences, `stream` yields each step's tokens as they come, `generate_text` takes
+  and returns text.
   On CUDA the cache stays on the device between steps (IO binding); only the last logits come to the host.
 
 The same calls on a model served by Triton Inference Server: `exporters.triton.client.TritonModel`.
@@ -38,8 +41,15 @@ import numpy as np
 import onnxruntime
 
 from .sampling import Prompts, TokenChooser, generation_steps
-from .tokenizer import Tokenizer, files_from_metadata, is_text, load_tokenizer, prompt_ids, text_generation, \
-    tokenizer_from_files
+from .tokenizer import (
+    Tokenizer,
+    files_from_metadata,
+    is_text,
+    load_tokenizer,
+    prompt_ids,
+    text_generation,
+    tokenizer_from_files,
+)
 
 DECODER_CONFIG_NAME = "decoder_config.json"
 CUDA = "CUDAExecutionProvider"
@@ -176,8 +186,7 @@ class OnnxModel:
         when it carries none (a byte-vocabulary graph: use reformer.tokenizer.ByteTokenizer). Read on first use,
         so that graphs run without the `text` extra's libraries."""
         metadata = self.session.get_modelmeta().custom_metadata_map
-        files = files_from_metadata(metadata)
-        return tokenizer_from_files(files, None, self.path) if files else None
+        return tokenizer_from_files(files_from_metadata(metadata), None, self.path)
 
     @property
     def providers_in_use(self) -> list[str]:

@@ -1,6 +1,12 @@
 """Checkpoint directories with their own tokenizer, as a user's would be: a tiny SentencePiece model trained
-here with sentencepiece's trainer, saved through transformers' `ReformerTokenizer(...).save_pretrained`, beside a
-tiny random transformers Reformer with that vocabulary (the reference the text tests compare with)."""
+here with sentencepiece's trainer, as spiece.model, with what transformers' `ReformerTokenizer.from_pretrained`
+of it saves (`save_pretrained`: tokenizer.json, tokenizer_config.json), beside a tiny random transformers
+Reformer with that vocabulary (the reference the text tests compare with).
+
+transformers' ReformerTokenizer (5.x) reads spiece.model as a BPE model, as Google's Crime and Punishment one is:
+a Unigram model comes out with other ids than sentencepiece's, so the reference checkpoints are BPE. Even then its
+tokenizer.json differs from sentencepiece on text that ends in spaces or holds characters outside the vocabulary
+(an extra word-start piece; unknown pieces decode to nothing): REFERENCE_SAMPLES leave those out."""
 
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ VOCAB_SIZE = 64
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2  # transformers' ReformerConfig: pad 0, eos 2
 PROMPTS = ["The river ran", "Every morning she counted the boats, and", "salt"]
 NEW_TOKENS = 12
+REFERENCE_SAMPLES = [*TRAINING_TEXT.splitlines(), *PROMPTS, "  Salt,   wool and   letters"]
+# Text to tokenize with sentencepiece and the tokenizers library: also unknown characters and spaces at the end.
+SAMPLES = [*REFERENCE_SAMPLES, "Zebras   queue — 42 × ünïcödé", "  leading and trailing  "]
 
 
 def train_sentencepiece(model_type: str = "unigram", vocab_size: int = VOCAB_SIZE) -> bytes:
@@ -35,15 +44,13 @@ def train_sentencepiece(model_type: str = "unigram", vocab_size: int = VOCAB_SIZ
     return model.getvalue()
 
 
-def save_checkpoint(directory, model_type: str = "unigram", seed: int = 0):
-    """A checkpoint directory with a trained SentencePiece tokenizer saved by transformers' ReformerTokenizer
-    and a random causal Reformer (local attention, whose cached decoding the reference shares) of its
-    vocabulary. Returns (the reference model, the reference tokenizer)."""
+def save_checkpoint(directory, model_type: str = "bpe", seed: int = 0):
+    """A checkpoint directory with a trained SentencePiece tokenizer (spiece.model and what transformers'
+    ReformerTokenizer saves from it) and a random causal Reformer (local attention, whose cached decoding the
+    reference shares) of its vocabulary. Returns (the reference model, the reference tokenizer)."""
     transformers = pytest.importorskip("transformers")
-    spiece = directory / "trained.model"
-    spiece.write_bytes(train_sentencepiece(model_type))
-    tokenizer = transformers.ReformerTokenizer(vocab_file=str(spiece))
-    spiece.unlink()
+    (directory / "spiece.model").write_bytes(train_sentencepiece(model_type))
+    tokenizer = transformers.ReformerTokenizer.from_pretrained(directory)
     tokenizer.save_pretrained(directory)
     values = {**CAUSAL_BASE, "attn_layers": ["local", "local"], "vocab_size": VOCAB_SIZE, "pad_token_id": PAD_ID}
     torch.manual_seed(seed)

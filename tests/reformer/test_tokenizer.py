@@ -120,3 +120,18 @@ def test_text_generation_decodes_each_prompt_with_its_new_tokens_up_to_the_end_t
     assert tokenizer.text_generation(generate, byte_tokenizer, "ab", 1, {}) == "ab!"
     with_eos = {"eos_token_id": ord("?") + tokenizer.BYTE_OFFSET}
     assert tokenizer.text_generation(generate, byte_tokenizer, "ab", 4, with_eos) == "ab!"
+
+
+def test_eager_generate_text_is_transformers_model_and_tokenizer(tmp_path):
+    """Text in, text out of eager generation from a checkpoint with its own SentencePiece tokenizer: the text of
+    transformers' greedy generation with its tokenizer, for prompts of different lengths in one batch."""
+    pytest.importorskip("tokenizers")
+    import reformer
+    from reformer.generation import generate_text
+    from text_checkpoint import NEW_TOKENS, PROMPTS, reference_text, save_checkpoint
+
+    reference, reference_tokenizer = save_checkpoint(tmp_path)
+    model = reformer.ReformerModelWithLMHead.from_pretrained(tmp_path)
+    ours = tokenizer.load_tokenizer(tmp_path, model.config.vocab_size)
+    expected = [reference_text(reference, reference_tokenizer, text) for text in PROMPTS]
+    assert generate_text(model, ours, PROMPTS, NEW_TOKENS) == expected
