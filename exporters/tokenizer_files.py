@@ -62,8 +62,8 @@ def carried_tokenizer(directory: str, vocab_size: int) -> CarriedTokenizer:
         converted, why_not = converted_tokenizer_json(os.path.join(directory, SENTENCEPIECE_MODEL))
         if converted is None:
             notes.append(f"JavaScript apps need a tokenizer.json, which this export lacks: {SENTENCEPIECE_MODEL} was "
-                         f"not converted ({why_not}); save the tokenizer with transformers' ReformerTokenizerFast, "
-                         "which writes one, and export again")
+                         f"not converted ({why_not}); transformers' ReformerTokenizer.from_pretrained(checkpoint)"
+                         ".save_pretrained(checkpoint) writes one")
         else:
             files[TOKENIZER_JSON] = converted
             carried = f" ({TOKENIZER_JSON} written from {SENTENCEPIECE_MODEL} by the tokenizers library)"
