@@ -57,6 +57,7 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import platform
 import time
 import zipfile
@@ -66,10 +67,12 @@ import torch._inductor
 from torch import nn
 
 from reformer.files import atomic_write
+from reformer.sampling import DECODER_CONFIG_NAME
 
+from .decoder_graphs import GRAPHS, dynamic_graphs
 from .errors import ExportError, first_line
 from .precision import model_as
-from .program import export_program, size_oblivious
+from .program import export_dynamic, export_program, size_oblivious
 from .specs import TaskSpec, embedded_description, resolve_max_length, wrapper_example_inputs
 from .torchscript import METADATA_NAME
 
@@ -251,3 +254,29 @@ def runnable_isa_mismatch_dropped():
         yield
     finally:
         logger.removeFilter(dropped)
+
+
+def export_decoder(decoder, folder: str, description: dict, *, native_isa: bool = False) -> None:
+    """The prefill and step graphs of causal-lm-with-past (exporters.decoder_graphs) as the models "prefill"
+    and "step" of one package (description["files"]["package"]), each with decoder_config.json's content (the
+    description, which gains cpu_march here) as metadata."""
+    march = description["cpu_march"] = cpu_march(native_isa)
+    programs = {}
+    for name, module, inputs, axes in dynamic_graphs(decoder, description):
+        try:
+            programs[name] = export_dynamic(module, inputs, axes)
+        except Exception as error:  # torch.export raises many kinds; the caller needs one, with the reason
+            raise ExportError(f"torch.export of the {name} graph failed: {first_line(error)}") from error
+    compile_package(os.path.join(folder, description["files"]["package"]), programs,
+                    {DECODER_CONFIG_NAME: json.dumps(description, indent=2, sort_keys=True)}, march)
+
+
+def decoder_callables(folder: str, files: dict[str, str]) -> dict:
+    """{"prefill" | "step": the package's model of that name} (export_decoder's package in folder), on the CPU."""
+    path = os.path.join(folder, files["package"])
+    return {kind: load_package(path, kind) for kind in GRAPHS}
+
+
+def node_kinds(path: str) -> collections.Counter:
+    """The compiled package holds no graph: its description counts the exported program's ops."""
+    return collections.Counter(load_metadata(path)["program_ops"])

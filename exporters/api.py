@@ -21,7 +21,6 @@ from .formats import FORMATS, GRAPH_FORMATS, TRITON
 from .precision import check_device
 from .request import ExportRequest
 from .result import ExportResult
-from .runtimes import require_runtime
 from .specs import resolve_max_length
 
 # In the staging folder: the verification twin (exporters.specs.ExportWrapper), which is never shipped.
@@ -193,7 +192,6 @@ def check_options(request: ExportRequest) -> None:
     check_verification_options(request)
     check_generation_options(request)
     check_device(request.device)
-    require_runtime(graph_format, request.verify)
     GRAPH_FORMATS[graph_format].require(request)
     if request.dtype == "fp16" and request.device != "cuda":
         raise ExportRequestError("fp16 export is for the CUDA runtimes: use device cuda (fp32 on the CPU)")

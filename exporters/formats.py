@@ -1,8 +1,9 @@
 """The export formats, one entry each in FORMATS, importable without torch so that `reformer-export --help`
 offers them at once. An entry knows its name, file suffix and description, and does for exporters.api what
 is particular to its format: the checks of its options (and their refusal in requests for other formats), the
-settings it adds, their words in the summary, and the export of a task graph through its exporter module
-(imported only then).
+settings it adds, their words in the summary, the export of a task graph and of the causal-lm-with-past graphs
+through its exporter module (imported only then), the file names of the latter, how its files open as
+exporters.runners.Runner for the verifier, and their node kinds.
 
 The graph formats (GraphFormat) are onnx, aoti and torchscript (exporters/onnx.py, aoti.py, torchscript.py);
 triton (TritonRepository) is a layout over one of them: the graph its backend serves is exported and verified
@@ -11,6 +12,7 @@ its exporter module and an entry here."""
 
 from __future__ import annotations
 
+import collections
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -19,6 +21,7 @@ from .choices import (
     CUSTOM_OPS_MODES,
     DEFAULT_CUSTOM_OPS,
     DEFAULT_OPSET,
+    DEVICES,
     GENERATION_TASK,
     QUANTIZATIONS,
     SUPPORTED_OPSETS,
@@ -52,6 +55,38 @@ class GraphFormat(Format, ABC):
     """A format whose exporter writes a task graph (and the verification twin) from exporters.models'
     ResolvedModel, and whose graphs exporters.decoder writes for causal-lm-with-past."""
 
+    decoder_files: dict[str, str] = {}  # the causal-lm-with-past graphs' files (decoder_config.json's "files")
+    quantizable = False  # whether --quantize applies (exporters.quantize)
+
+    @property
+    def runtime(self) -> str:
+        """What runs this format's graphs, as verification reports name it."""
+        return self.name
+
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtimes exporters.verify can run this format's graphs on, one per device: `runtime-device`."""
+        return tuple(f"{self.runtime}-{device}" for device in DEVICES)
+
+    @abstractmethod
+    def open_runner(self, path: str, device: str, tf32: bool = False) -> tuple:
+        """(exporters.runners.Runner, "") over the graph at path on device, or (None, why it cannot run here)."""
+
+    @abstractmethod
+    def node_kinds(self, path: str) -> collections.Counter:
+        """How many nodes of each kind the graph at path has (exporters.twin_difference)."""
+
+    @abstractmethod
+    def export_decoder(self, decoder, folder: str, description: dict, **options) -> None:
+        """The prefill and step graphs of the reformer.generation.IncrementalDecoder into folder, under the names
+        in description["files"]; `options` are exporter_options'. The description (decoder_config.json) may gain
+        entries."""
+
+    @abstractmethod
+    def decoder_runners(self, folder: str) -> dict:
+        """The prefill and step graphs that export_decoder wrote into folder, as Runners on the CPU:
+        {"prefill" | "step": [input_ids, *past] -> [logits, *present]}."""
+
     def settings(self, request: ExportRequest) -> dict:
         """The settings this format adds to the common ones (exporters.api.applied_settings)."""
         return {}
@@ -80,6 +115,39 @@ class GraphFormat(Format, ABC):
 
 
 class OnnxFormat(GraphFormat):
+    decoder_files = {"prefill": "prefill.onnx", "step": "decoder_step.onnx"}
+    quantizable = True
+
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime"
+
+    def require(self, request: ExportRequest) -> None:
+        if request.verify:
+            from .runtimes import require_onnxruntime
+
+            require_onnxruntime()
+
+    def open_runner(self, path: str, device: str, tf32: bool = False) -> tuple:
+        from .runners import open_onnxruntime
+
+        return open_onnxruntime(path, device, tf32)
+
+    def node_kinds(self, path: str) -> collections.Counter:
+        from .onnx import node_kinds
+
+        return node_kinds(path)
+
+    def export_decoder(self, decoder, folder: str, description: dict, **options) -> None:
+        from .onnx import export_decoder
+
+        export_decoder(decoder, folder, description, **options)
+
+    def decoder_runners(self, folder: str) -> dict:
+        from .onnx import decoder_callables
+
+        return cpu_runners(decoder_callables(folder))
+
     def settings(self, request: ExportRequest) -> dict:
         return {"opset": DEFAULT_OPSET if request.opset is None else request.opset,
                 "custom_ops": request.custom_ops or DEFAULT_CUSTOM_OPS}
@@ -140,6 +208,28 @@ class OnnxFormat(GraphFormat):
 
 
 class AotiFormat(GraphFormat):
+    decoder_files = {"package": "decoder.pt2"}
+
+    def open_runner(self, path: str, device: str, tf32: bool = False) -> tuple:
+        from .runners import open_aoti
+
+        return open_aoti(path, device, tf32)
+
+    def node_kinds(self, path: str) -> collections.Counter:
+        from .aoti import node_kinds
+
+        return node_kinds(path)
+
+    def export_decoder(self, decoder, folder: str, description: dict, **options) -> None:
+        from .aoti import export_decoder
+
+        export_decoder(decoder, folder, description, **options)
+
+    def decoder_runners(self, folder: str) -> dict:
+        from .aoti import decoder_callables
+
+        return cpu_runners(decoder_callables(folder, self.decoder_files))
+
     def settings(self, request: ExportRequest) -> dict:
         from .aoti import cpu_march
 
@@ -178,10 +268,39 @@ class AotiFormat(GraphFormat):
 
 
 class TorchScriptFormat(GraphFormat):
+    decoder_files = {"module": "decoder.pt"}
+
+    def open_runner(self, path: str, device: str, tf32: bool = False) -> tuple:
+        from .runners import open_torchscript
+
+        return open_torchscript(path, device, tf32)
+
+    def node_kinds(self, path: str) -> collections.Counter:
+        from .torchscript import file_node_kinds
+
+        return file_node_kinds(path)
+
+    def export_decoder(self, decoder, folder: str, description: dict, **options) -> None:
+        from .torchscript import export_decoder
+
+        export_decoder(decoder, folder, description, **options)
+
+    def decoder_runners(self, folder: str) -> dict:
+        from .torchscript import decoder_callables
+
+        return cpu_runners(decoder_callables(folder, self.decoder_files))
+
     def exporter(self) -> Callable:
         from .torchscript import export_torchscript
 
         return export_torchscript
+
+
+def cpu_runners(callables: dict) -> dict:
+    """exporters.runners.Runner on the CPU over each callable that takes a graph's inputs in order."""
+    from .runners import callable_runner
+
+    return {name: callable_runner(call, "cpu") for name, call in callables.items()}
 
 
 class TritonRepository(Format):

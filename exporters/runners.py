@@ -1,6 +1,7 @@
-"""An exported graph loaded as a `Runner`, per format and runtime: ONNX Runtime (CPU, CUDA), AOTInductor
-packages and TorchScript modules (libtorch, CPU and CUDA). A runtime that is not present here is not an error:
-`open_runtime` says why it cannot run, and the verifier reports it as skipped."""
+"""An exported graph loaded as a `Runner`, per runtime: ONNX Runtime (CPU, CUDA), AOTInductor packages and
+TorchScript modules (libtorch, CPU and CUDA); exporters.formats says which opens a format's files. A runtime
+that is not present here is not an error: the openers say why it cannot run, and the verifier reports it as
+skipped."""
 
 from __future__ import annotations
 
@@ -11,11 +12,6 @@ from typing import Callable
 import torch
 
 from .errors import ExportError, first_line
-
-FORMATS = ("onnx", "aoti", "torchscript")
-RUNTIMES = {"onnx": ("onnxruntime-cpu", "onnxruntime-cuda"), "aoti": ("aoti-cpu", "aoti-cuda"),
-            "torchscript": ("torchscript-cpu", "torchscript-cuda")}
-
 
 @dataclass
 class Runner:
@@ -38,15 +34,9 @@ def onnxruntime_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
-def open_runtime(name: str, fmt: str, path: str, tf32: bool = False) -> tuple[Runner | None, str]:
-    """(runner, '') for a runtime present (`name` from RUNTIMES[fmt]), else (None, why not)."""
-    device = name.split("-")[1]
-    if fmt == "onnx":
-        return open_onnxruntime(path, device, tf32)
+def open_torchscript(path: str, device: str, tf32: bool = False) -> tuple[Runner | None, str]:
     if device == "cuda" and not torch.cuda.is_available():
         return None, "torch sees no CUDA device"
-    if fmt == "aoti":
-        return open_aoti(path, device, tf32)
     from .torchscript import legacy_jit
 
     try:
@@ -59,6 +49,8 @@ def open_runtime(name: str, fmt: str, path: str, tf32: bool = False) -> tuple[Ru
 
 def open_aoti(path: str, device: str, tf32: bool = False) -> tuple[Runner | None, str]:
     """An AOTInductor package runs on the device it was compiled for only (exporters/aoti.py)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return None, "torch sees no CUDA device"
     from .aoti import load_package, package_metadata
 
     compiled_for = package_metadata(path)["AOTI_DEVICE_KEY"]

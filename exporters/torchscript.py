@@ -11,15 +11,19 @@ tensor. The graph holds only ATen ops, which libtorch runs without Python."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
+import os
 import warnings
 
 import torch
 from torch import nn
 
 from reformer.files import atomic_write
+from reformer.sampling import DECODER_CONFIG_NAME
 
+from .decoder_graphs import DecoderGraphs, example_prompt
 from .errors import ExportError, first_line
 from .precision import model_as
 from .specs import TaskSpec, embedded_description, resolve_max_length, wrapper_example_inputs
@@ -110,3 +114,33 @@ def node_kinds(module: torch.jit.ScriptModule) -> list[str]:
 def non_host_ops(module: torch.jit.ScriptModule) -> list[str]:
     """Kinds of the nodes (nested blocks included) that a libtorch host cannot run without Python."""
     return [kind for kind in node_kinds(module) if not kind.startswith(HOST_OP_NAMESPACES) or kind == PYTHON_OP]
+
+
+def export_decoder(decoder, folder: str, description: dict) -> None:
+    """The prefill (`forward`) and step (`step`) of causal-lm-with-past (exporters.decoder_graphs) as one module
+    (description["files"]["module"]), decoder_config.json's content as an extra file."""
+    prompt = example_prompt(decoder.config, description["max_length"])
+    _, cache = decoder.prefill(prompt)
+    module = DecoderGraphs(decoder).eval()
+    with legacy_jit():
+        traced = torch.jit.trace_module(
+            module, {"forward": (prompt,), "step": (prompt[:, -1:].clone(), *cache.tensors())}, check_trace=False)
+    foreign = sorted(set(non_host_ops(traced)) | set(non_host_ops(traced.step)))
+    if foreign:
+        raise ExportError(f"the traced decoder holds ops a C++ host cannot run without Python: {', '.join(foreign)}")
+    extra_files = {DECODER_CONFIG_NAME: json.dumps(description, indent=2, sort_keys=True)}
+    with legacy_jit():
+        torch.jit.save(traced, os.path.join(folder, description["files"]["module"]), _extra_files=extra_files)
+
+
+def decoder_callables(folder: str, files: dict[str, str]) -> dict:
+    """{"prefill": the module's `forward`, "step": its `step`} (export_decoder's module in folder), on the CPU."""
+    with legacy_jit():
+        module = torch.jit.load(os.path.join(folder, files["module"]), map_location="cpu")
+    return {"prefill": module.forward, "step": module.step}
+
+
+def file_node_kinds(path: str) -> collections.Counter:
+    """How many nodes of each kind the module in the file at path has."""
+    with legacy_jit():
+        return collections.Counter(node_kinds(torch.jit.load(path, map_location="cpu")))

@@ -239,7 +239,7 @@ def onnx_tensors(path: str) -> tuple[dict, tuple[Tensor, ...], tuple[Tensor, ...
     infos; the first axis must be the dynamic batch axis (it is left out of dims)."""
     import onnx
 
-    from ..onnx import METADATA_PREFIX
+    from ..specs import METADATA_PREFIX
 
     model = onnx.load(path, load_external_data=False)
     description = {prop.key.removeprefix(METADATA_PREFIX): json_or_text(prop.value) for prop in model.metadata_props}

@@ -245,9 +245,11 @@ def load_report(path) -> dict:
         return json.load(handle)
 
 
-# aoti: two compiles (the package and its twin), 1.5 to 4 minutes on 2 cores; in the default run, since the
-# default model's package passing verification is what `--format aoti` promises.
-@pytest.mark.parametrize("format_,suffix", [("onnx", ".onnx"), ("aoti", ".pt2"), ("torchscript", ".pt")])
+# aoti: two compiles (the package and its twin), 1.5 to 4 minutes on 2 cores, so with the slow tests; the
+# default run exports AOTInductor packages through the CLI on a tiny model
+# (test_aoti_package_exports_verifies_and_reports_its_compile_time).
+@pytest.mark.parametrize("format_,suffix", [("onnx", ".onnx"), pytest.param("aoti", ".pt2", marks=pytest.mark.slow),
+                                            ("torchscript", ".pt")])
 def test_default_model_exports_verifies_and_reports(format_, suffix, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cli(["--format", format_, "--report", "report.json"])
@@ -433,7 +435,8 @@ def test_generation_export_applies_opset_custom_ops_and_max_length(tmp_path, mon
     import onnx
 
     import exporters.decoder
-    from exporters.decoder_files import CONFIG_NAME, FILES
+    from exporters.formats import GRAPH_FORMATS
+    from reformer.sampling import DECODER_CONFIG_NAME
 
     received = {}
     export_causal_lm_with_past = exporters.decoder.export_causal_lm_with_past
@@ -448,10 +451,10 @@ def test_generation_export_applies_opset_custom_ops_and_max_length(tmp_path, mon
                       "--custom-ops", "standard", "--max-length", "64", "--no-verify", "--output", "generation"])
     assert result.exit_code == 0, result.output
     assert received["max_length"] == 64  # what the graphs make of it, exporters.decoder's tests check
-    with open(tmp_path / "generation" / CONFIG_NAME, encoding="utf-8") as handle:
+    with open(tmp_path / "generation" / DECODER_CONFIG_NAME, encoding="utf-8") as handle:
         description = json.load(handle)
     assert description["opset"] == 20 and set(description["lowerings"].values()) == {"standard"}
-    for name in FILES["onnx"].values():
+    for name in GRAPH_FORMATS["onnx"].decoder_files.values():
         proto = onnx.load(tmp_path / "generation" / name)
         assert onnx_opset(proto) == 20, name
         assert all(node.domain == "" for node in proto.graph.node) and not proto.functions, name

@@ -16,10 +16,10 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("sentencepiece")
 
 from exporters import api  # noqa: E402
-from exporters.decoder_files import CONFIG_NAME  # noqa: E402
 from exporters.errors import ExportError  # noqa: E402
 from exporters.tokenizer_files import carried_tokenizer  # noqa: E402
 from reformer.runtime import OnnxGenerator, OnnxModel  # noqa: E402
+from reformer.sampling import DECODER_CONFIG_NAME  # noqa: E402
 from reformer.tokenizer import (  # noqa: E402
     SENTENCEPIECE_MODEL,
     TOKENIZER_FILES,
@@ -115,9 +115,9 @@ def test_generation_folder_carries_the_tokenizer_and_generates_transformers_text
     directory, _, _, expected = checkpoint
     output, result = generation_export
     carried = sorted(set(os.listdir(directory)) & set(TOKENIZER_FILES))
-    assert sorted(os.listdir(output)) == sorted([CONFIG_NAME, "prefill.onnx", "decoder_step.onnx", *carried])
+    assert sorted(os.listdir(output)) == sorted([DECODER_CONFIG_NAME, "prefill.onnx", "decoder_step.onnx", *carried])
     assert all((output / name).read_bytes() == (directory / name).read_bytes() for name in carried)
-    assert json.loads((output / CONFIG_NAME).read_text(encoding="utf-8"))["tokenizer_files"] == carried
+    assert json.loads((output / DECODER_CONFIG_NAME).read_text(encoding="utf-8"))["tokenizer_files"] == carried
     assert "carries the checkpoint's tokenizer: " + ", ".join(carried) in result.notes
     generator = OnnxGenerator(output)
     assert isinstance(generator.tokenizer, JsonTokenizer)
@@ -181,7 +181,7 @@ def test_triton_generation_repository_carries_the_tokenizer(generation_export, t
     repository = tmp_path / "repo"
     publish_repository(str(staging), graphs, str(repository), "python", "cpu", generation=True)
     served = repository / "story-lm-causal-lm-with-past" / "1" / "graphs"
-    for name in json.loads((served / CONFIG_NAME).read_text(encoding="utf-8"))["tokenizer_files"]:
+    for name in json.loads((served / DECODER_CONFIG_NAME).read_text(encoding="utf-8"))["tokenizer_files"]:
         assert (served / name).read_bytes() == (generation_export[0] / name).read_bytes()
     assert OnnxGenerator(served).generate_text(PROMPTS[0], NEW_TOKENS) == OnnxGenerator(
         generation_export[0]).generate_text(PROMPTS[0], NEW_TOKENS)
