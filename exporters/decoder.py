@@ -8,7 +8,10 @@ Directory layout written by `export_causal_lm_with_past(model, output_dir, fmt)`
     decoder_config.json    format, file names, input/output names, cache tensors with dtypes, shapes and
                            padding values, token ids (eos, pad), vocab size, max_length (the longest sequence
                            the graphs serve, prompt plus new tokens), max_position_embeddings, hash seed,
-                           model config
+                           model config, tokenizer_files (the names of those below)
+    tokenizer.json, spiece.model, tokenizer_config.json, special_tokens_map.json
+                           the checkpoint's tokenizer files, where it has them (exporters/tokenizer_files.py;
+                           tokenizer.json may be written from spiece.model)
     onnx:        prefill.onnx, decoder_step.onnx   (the requested opset, the op registry's lowerings; ONNX
                                                    Runtime CPU and CUDA)
     aoti:        decoder.pt2                       (one AOTInductor package, models "prefill" and "step":
@@ -62,6 +65,7 @@ from .errors import ExportError, VerificationError
 from .formats import GRAPH_FORMATS
 from .precision import model_as, training_modes_kept
 from .specs import resolve_max_length
+from .tokenizer_files import write_tokenizer_files
 
 
 def decoder_description(config, fmt: str, max_length: int) -> dict:
@@ -90,7 +94,7 @@ def decoder_description(config, fmt: str, max_length: int) -> dict:
 def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, max_length: int | None = None,
                                verify: bool = True, atol: float | None = None, keep_failed: bool = False,
                                metadata: dict | None = None, quantize: str | None = None, held_out=None,
-                               **format_options):
+                               tokenizer_files: dict[str, bytes] | None = None, **format_options):
     """Write the prefill and decoder-step graphs of a causal `ReformerModelWithLMHead` (fp32, CPU) and
     decoder_config.json into output_dir, which must not exist yet. max_length: the longest sequence, prompt
     plus generated tokens, the graphs must serve (2 to max_position_embeddings, the default); runtimes refuse
@@ -101,18 +105,21 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, max
     (`opset`, `custom_ops`); an AOTInductor package targets the portable CPU instruction set unless
     `native_isa` (exporters.aoti.cpu_march). `quantize` "int8": both ONNX graphs quantized (exporters.quantize;
     decoder_config.json records how under "quantization"), verified by their task verdict, with bits per token
-    on `held_out` windows where given. The caller's model is left as it was (dtype, device, training mode).
+    on `held_out` windows where given. `tokenizer_files` (names to contents) are written beside the graphs. The
+    caller's model is left as it was (dtype, device, training mode).
     Returns (the description written to decoder_config.json plus `metadata`, the VerificationReport or None).
     Raises ExportError (VerificationError, carrying the report, when verification failed and the graphs were
     not kept)."""
     output_dir, max_length = checked_request(model, output_dir, fmt, max_length, quantize)
     with training_modes_kept(model):  # model_as puts the caller's model itself in eval mode when it needs no copy
         model = model_as(model, "fp32", "cpu")
-        description = {**decoder_description(model.config, fmt, max_length), **(metadata or {})}
+        description = {**decoder_description(model.config, fmt, max_length), **(metadata or {}),
+                       "tokenizer_files": sorted(tokenizer_files or {})}
         report = None
         with staging_folder(output_dir) as staging:
             folder = os.path.join(staging, os.path.basename(output_dir))
             os.mkdir(folder)
+            write_tokenizer_files(tokenizer_files or {}, folder)
             write_graphs(IncrementalDecoder(model), folder, description, format_options, quantize)
             if verify:
                 quantized = {} if quantize is None else {"quantized": True, "held_out": held_out}

@@ -123,7 +123,7 @@ class GraphFormat(Format, ABC):
         return self.exporter()(resolved.model, resolved.spec, path, dtype=settings["dtype"],
                                device=settings["device"], max_length=settings["max_length"],
                                with_buckets=settings.get("with_buckets", False), replay=replay,
-                               metadata=resolved.metadata(), **self.exporter_options(settings)) or {}
+                               metadata=resolved.graph_metadata(), **self.exporter_options(settings)) or {}
 
 
 class OnnxFormat(GraphFormat):

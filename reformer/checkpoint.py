@@ -16,6 +16,7 @@ import torch
 from .config import CONFIG_NAME, ConfigError, ReformerConfig
 from .files import atomic_write, write_json
 from .messages import first_line
+from .tokenizer import TOKENIZER_FILES
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -24,8 +25,8 @@ PYTORCH_NAME = "pytorch_model.bin"
 LEGACY_ALIASES = {"lm_head.bias": "lm_head.decoder.bias"}
 # A Hub model id as huggingface_hub spells it: namespace/name, each of letters, digits, '-', '_' and '.'.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-# What a checkpoint needs from a Hub repository (read_state_dict picks among the weight files).
-HUB_CHECKPOINT_FILES = [CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME, PYTORCH_NAME]
+# What a checkpoint needs from a Hub repository (read_state_dict picks among the weight files), and its tokenizer.
+HUB_CHECKPOINT_FILES = [CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME, PYTORCH_NAME, *TOKENIZER_FILES]
 # The dtypes a model loads in (transformers' `dtype` takes them as torch dtypes or by name).
 FLOAT_DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64")}
 
@@ -77,8 +78,8 @@ def is_hub_id(text: str) -> bool:
 
 
 def download_checkpoint(hub_id: str) -> str:
-    """The local snapshot (in huggingface_hub's cache) of the config and weights of Hub model `hub_id`.
-    Raises CheckpointError, in one line, when huggingface_hub is missing or cannot provide it."""
+    """The local snapshot (in huggingface_hub's cache) of the config, weights and tokenizer files of Hub model
+    `hub_id`. Raises CheckpointError, in one line, when huggingface_hub is missing or cannot provide it."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:

@@ -1,11 +1,14 @@
-"""Running exported Reformer graphs with ONNX Runtime, for applications: numpy and onnxruntime only.
+"""Running exported Reformer graphs with ONNX Runtime, for applications: numpy and onnxruntime only (text in and
+out: the `text` extra's tokenizers and sentencepiece, see reformer/tokenizer.py).
 
 - `OnnxModel(path)`: one exported task graph (`reformer-export --format onnx`); call it with token ids and an
-  optional mask, get the task's named outputs as arrays.
+  optional mask (or text, where the graph carries its checkpoint's tokenizer), get the task's named outputs as
+  arrays.
 - `OnnxGenerator(directory)`: text generation over the prefill and decoder-step graphs that
   `reformer-export --task causal-lm-with-past` writes (see exporters/decoder.py for the directory layout), with
   the options and prompt batches of eager `reformer.generation.generate`, whose loop (`reformer.sampling`) it
-  runs: `generate` returns the sequences, `stream` yields each step's tokens as they come.
+  runs: `generate` returns the sequences, `stream` yields each step's tokens as they come, `generate_text` takes
+  and returns text.
   On CUDA the cache stays on the device between steps (IO binding); only the last logits come to the host.
 
 The same calls on a model served by Triton Inference Server: `exporters.triton.client.TritonModel`.
@@ -28,6 +31,7 @@ returns host arrays, so its outputs are copied to the host either way.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -37,6 +41,15 @@ import numpy as np
 import onnxruntime
 
 from .sampling import DECODER_CONFIG_NAME, Prompts, TokenChooser, generation_steps
+from .tokenizer import (
+    Tokenizer,
+    files_from_metadata,
+    is_text,
+    load_tokenizer,
+    prompt_ids,
+    text_generation,
+    tokenizer_from_files,
+)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -168,15 +181,26 @@ class OnnxModel:
                              if bucket_outputs or not BUCKET_OUTPUT.fullmatch(output.name)]
         # Padding is masked out, so its id changes no output at a real position.
         self.pad_token_id = pad_token_id
+        self.path = os.fspath(path)
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer | None:
+        """The tokenizer the graph carries in its metadata (exports of checkpoints with tokenizer files), None
+        when it carries none (a byte-vocabulary graph: use reformer.tokenizer.ByteTokenizer). Read on first use,
+        so that graphs run without the `text` extra's libraries."""
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        return tokenizer_from_files(files_from_metadata(metadata), None, self.path)
 
     @property
     def providers_in_use(self) -> list[str]:
         return self.session.get_providers()
 
     def __call__(self, input_ids, attention_mask=None) -> dict[str, np.ndarray]:
-        """input_ids: int array B, L or a list of token-id lists (ragged rows are padded for you);
-        attention_mask: same shape, 1 for real tokens (None: all real). Returns {output name: array}; outputs
-        at padded positions are not defined."""
+        """input_ids: int array B, L or a list of token-id lists (ragged rows are padded for you), or a text or
+        list of texts for a graph that carries its tokenizer; attention_mask: same shape, 1 for real tokens
+        (None: all real). Returns {output name: array}; outputs at padded positions are not defined."""
+        if is_text(input_ids):
+            input_ids = prompt_ids(self.tokenizer, input_ids)
         ids, mask = pad_batch(input_ids, attention_mask, self.pad_token_id)
         feeds = {"input_ids": ids, "attention_mask": mask}
         outputs = self.session.run(self.output_names, {name: feeds[name] for name in self.input_names},
@@ -219,6 +243,19 @@ class OnnxGenerator:
     @property
     def providers_in_use(self) -> list[str]:
         return self.sessions["step"].get_providers()
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer | None:
+        """The model's tokenizer (reformer.tokenizer.load_tokenizer): the tokenizer files the export carries
+        beside decoder_config.json, else the byte tokenizer for a byte vocabulary, else None. Read on first use,
+        so that exports run as token ids without the `text` extra's libraries."""
+        return load_tokenizer(self.directory, self.vocab_size)
+
+    def generate_text(self, prompts, max_new_tokens: int, **options) -> str | list[str]:
+        """Text in, text out: each prompt (a text, or a list of texts of any lengths) followed by up to
+        `max_new_tokens` generated tokens' text, up to the `eos_token_id` where given; options as for
+        `generate`. reformer.tokenizer.TokenizerError when the export has no usable tokenizer."""
+        return text_generation(self.generate, self.tokenizer, prompts, max_new_tokens, options)
 
     def generate(self, input_ids, max_new_tokens: int, attention_mask=None, **options) -> np.ndarray:
         """The prompts followed by up to `max_new_tokens` new tokens: int64 B, T + new tokens.

@@ -10,7 +10,9 @@ outputs, their dtypes and dims, what it records about itself) and renames the wh
     REPO/<model>-<task>/1/model.pt      backend pytorch (TorchScript)
     REPO/<model>-<task>/1/model.py      backend python: exporters.triton.backend through reformer.runtime
     REPO/<model>-causal-lm-with-past/1/graphs/   task causal-lm-with-past: the prefill and step graphs, served
-                                        by a python-backend generation loop (model.py)
+                                        by a python-backend generation loop (model.py), with the
+                                        checkpoint's tokenizer files (exporters/tokenizer_files.py; a task
+                                        graph carries them in its metadata)
 
 Every config.pbtxt is parsed with Triton's own schema (`tritonclient.grpc.model_config_pb2`) before anything
 is written: a field or enum Triton does not know fails the export. The Python backend is the default: it is
