@@ -39,7 +39,7 @@ with package_metadata / load_metadata here:
                             example's [batch, sequence]), cpu_march (the compiler's target, CPU_TARGETS) and
                             program_ops (the exported program's operator counts, which verification compares
                             with the twin's)
-    "decoder_config.json"   (exporters.decoder_files.CONFIG_NAME) in both models of decoder.pt2: the content of the
+    "decoder_config.json"   (reformer.sampling.DECODER_CONFIG_NAME) in both models of decoder.pt2: the content of the
                             decoder_config.json beside it
     Inductor's own: "AOTI_DEVICE_KEY" ("cpu" or "cuda"), "AOTI_CPU_ISA" (the vector instruction set of the CPU
                             kernels, e.g. "AVX2"), "AOTI_PLATFORM", "AOTI_MACHINE", "AOTI_COMPUTE_CAPABILITY".

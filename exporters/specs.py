@@ -1,5 +1,6 @@
-"""One export spec per task: what the graph takes, what it returns, which axes are dynamic, how close it
-must stay to eager. Exporters and the verifier read only this."""
+"""One export spec per task: what the graph takes, what it returns, which axes are dynamic (named: the ONNX
+dimensions and torch.export's, exporters.program, both come from them), how close it must stay to eager.
+The exporters and the verifier take a graph's inputs, outputs and axes from here."""
 
 from __future__ import annotations
 
