@@ -24,10 +24,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from exporters import api  # noqa: E402
-from exporters.decoder_files import CONFIG_NAME, FILES  # noqa: E402
+from exporters.formats import GRAPH_FORMATS  # noqa: E402
 from reformer import tokenizer  # noqa: E402
 from reformer.files import write_json  # noqa: E402
 from reformer.runtime import CPU, OnnxGenerator  # noqa: E402
+from reformer.sampling import DECODER_CONFIG_NAME  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "js", "test", "fixtures", "tiny")
 PROMPTS = ["import ", "    def __init__(self", "é"]  # three lengths, one of them a two-byte character
@@ -100,7 +101,7 @@ def main() -> None:
         expected["tokenizer"] = expected_tokenizer_generations(generator, tokenizer)
         shutil.rmtree(FIXTURE, ignore_errors=True)
         os.makedirs(os.path.join(FIXTURE, "unigram"))
-        for name in [CONFIG_NAME, *FILES["onnx"].values()]:
+        for name in [DECODER_CONFIG_NAME, *GRAPH_FORMATS["onnx"].decoder_files.values()]:
             shutil.copy(os.path.join(folder, name), FIXTURE)
     tokenizer.save(os.path.join(FIXTURE, "unigram", "tokenizer.json"))
     write_json(expected, os.path.join(FIXTURE, "expected.json"))
