@@ -146,13 +146,13 @@ def read_decoder_description(directory: str | os.PathLike) -> dict:
     return description
 
 
-def description_problem(description, directory) -> str | None:
+def description_problem(description, directory: str) -> str | None:
     if not isinstance(description, dict):
         return "holds no JSON object"
     if description.get("format") != "onnx":
-        return f"{directory} holds a {description.get('format')} export, not ONNX"
+        return f"describes a {description.get('format')} export, not ONNX"
     if "max_length" not in description:
-        return "no max_length: the directory was exported by an older version; export it again"
+        return "no max_length: the directory was exported by an older version, export it again"
     files = description.get("files")
     if not isinstance(files, dict) or sorted(files) != sorted(GRAPH_KINDS):
         return f"'files' must name the {' and '.join(GRAPH_KINDS)} graphs, got {files!r}"
