@@ -217,7 +217,12 @@ def check_generation_options(request: ExportRequest) -> None:
 
 
 def check_paths(request: ExportRequest) -> None:
+    """A path that is a symbolic link is refused: renaming the export into place would replace the link, not
+    write where it points, and writing through it would put files outside the path given."""
     for what, path in (("output", request.output), ("report", request.report)):
+        if path and os.path.islink(path):
+            raise ExportRequestError(f"the {what} {path} is a symbolic link (to {os.readlink(path)}): give the path "
+                                     "itself, or remove the link")
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             raise ExportRequestError(f"cannot write the {what} {path}: {folder} is not a directory")

@@ -86,8 +86,14 @@ def export_torchscript(
                                        device=device)
     description.update(trace_shape=list(example[0].shape), **(metadata or {}))
     extra_files = {METADATA_NAME: json.dumps(description, indent=2, sort_keys=True)}
-    with legacy_jit():
-        atomic_write(path, lambda temporary: torch.jit.save(traced, temporary, _extra_files=extra_files))
+    atomic_write(path, lambda temporary: save_module(traced, temporary, extra_files))
+
+
+def save_module(module: torch.jit.ScriptModule, path: str, extra_files: dict[str, str]) -> None:
+    """torch.jit.save through a Python file, whose failed writes raise OSError: given a path, torch writes
+    in C++ and a full disk aborts the whole process (its zip writer throws from a destructor)."""
+    with legacy_jit(), open(path, "wb") as handle:
+        torch.jit.save(module, handle, _extra_files=extra_files)
 
 
 def load_metadata(path: str) -> dict:
@@ -130,8 +136,7 @@ def export_decoder(decoder, folder: str, description: dict) -> None:
     if foreign:
         raise ExportError(f"the traced decoder holds ops a C++ host cannot run without Python: {', '.join(foreign)}")
     extra_files = {DECODER_CONFIG_NAME: json.dumps(description, indent=2, sort_keys=True)}
-    with legacy_jit():
-        torch.jit.save(traced, os.path.join(folder, description["files"]["module"]), _extra_files=extra_files)
+    save_module(traced, os.path.join(folder, description["files"]["module"]), extra_files)
 
 
 def decoder_callables(folder: str, files: dict[str, str]) -> dict:

@@ -33,7 +33,6 @@ returns host arrays, so its outputs are copied to the host either way.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from typing import Iterator, Sequence
@@ -41,7 +40,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnxruntime
 
-from .sampling import DECODER_CONFIG_NAME, Prompts, TokenChooser, generation_steps
+from .file_checks import check_external_data, check_graph, read_decoder_description
+from .sampling import Prompts, TokenChooser, generation_steps
 from .tokenizer import (
     Tokenizer,
     files_from_metadata,
@@ -100,9 +100,11 @@ def open_session(path: str | os.PathLike, providers: Sequence | None = None, qui
                  threads: int | None = None, tf32: bool = False,
                  profile_prefix: str | None = None) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session on `providers` (names, or (name, options) pairs; default `default_providers()`),
+    for a graph whose external data lie in its folder (reformer.file_checks.check_external_data: ModelFileError),
     CUDA with `cuda_provider_options(tf32)` under any options given. quiet: errors only, for callers that
     report a provider that could not start themselves; threads: intra-op threads (None: one per core);
     profile_prefix: write ONNX Runtime's profile of every run (`session.end_profiling()` names the file)."""
+    check_external_data(path)
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     # No memory pattern: ONNX Runtime plans one after a run for the shapes it saw and from then on allocates all
@@ -228,18 +230,12 @@ class OnnxGenerator:
         hand back the arena memory it grew and no longer uses (see `shrink_arena_run_options`). Steps keep
         theirs: a shrink after each would free and allocate again for every token."""
         self.directory = os.fspath(directory)
-        path = os.path.join(directory, DECODER_CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {DECODER_CONFIG_NAME} in {directory}: export with --task causal-lm-with-past")
-        with open(path, encoding="utf-8") as handle:
-            self.description = json.load(handle)
-        if self.description["format"] != "onnx":
-            raise ValueError(f"{directory} holds a {self.description['format']} export, not ONNX")
-        if "max_length" not in self.description:
-            raise ValueError(f"{directory} was exported by an older version (no max_length in {DECODER_CONFIG_NAME}): "
-                             f"export it again")
-        self.sessions = {kind: open_session(os.path.join(directory, file), providers, threads=threads, tf32=tf32)
-                         for kind, file in self.description["files"].items()}
+        self.description = read_decoder_description(directory)
+        self.sessions = {}
+        for kind, file in self.description["files"].items():
+            path = os.path.join(directory, file)
+            self.sessions[kind] = open_session(path, providers, threads=threads, tf32=tf32)
+            check_graph(self.sessions[kind], self.description, kind, path)
         self.run_options = {kind: shrink_arena_run_options(session) if shrink_arena and kind == "prefill" else None
                             for kind, session in self.sessions.items()}
         self.device = "cuda" if CUDA in self.sessions["step"].get_providers() else "cpu"

@@ -79,6 +79,16 @@ def mis_shaped_weights(root: str) -> list[str]:
     return ["--model", directory]
 
 
+def config_beyond_memory(root: str) -> list[str]:
+    """A valid config.json asking for 10^9 hidden units (2.6e11 parameters, the word embeddings most)."""
+    directory = save_checkpoint(os.path.join(root, "ckpt"))
+    config = json.load(open(os.path.join(directory, "config.json")))
+    config.update(hidden_size=10**9, axial_pos_embds=False)
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        json.dump(config, handle)
+    return ["--model", directory]
+
+
 def code_running_pickle(root: str) -> list[str]:
     directory = save_checkpoint(os.path.join(root, "ckpt"))
     os.remove(os.path.join(directory, "model.safetensors"))
@@ -107,6 +117,14 @@ def output_is_a_dir(root: str) -> list[str]:
     return ["--output", os.path.join(root, "taken")]
 
 
+def symlinked(option: str, name: str) -> Callable[[str], list[str]]:
+    """The path given links to one that does not exist yet: writing through the link would create it."""
+    def arguments(root: str) -> list[str]:
+        os.symlink(os.path.join(root, "elsewhere"), os.path.join(root, name))
+        return [option, os.path.join(root, name)]
+    return arguments
+
+
 def report_in_missing_dir(root: str) -> list[str]:
     return ["--report", os.path.join(root, "missing", "report.json")]
 
@@ -127,6 +145,8 @@ BAD_INPUTS = [
     BadInput("config_without_weights", config_without_weights, "no weights in"),
     BadInput("mis_shaped_weights", mis_shaped_weights, "mis-shaped weight(s)"),
     BadInput("code_running_pickle", code_running_pickle, "holds more than tensors and was not loaded"),
+    BadInput("config_beyond_memory", config_beyond_memory,
+             "config.json describes a model of 260,000,000,064 parameters, whose fp32 weights need 968.6 GiB"),
     BadInput("model_is_a_file", model_is_a_file, "is a file"),
     BadInput("unknown_task", lambda root: ["--task", "translation"], "Invalid value for '--task'", 2),
     BadInput("task_does_not_fit_config", lambda root: ["--task", "masked-lm"], "needs a bidirectional model"),
@@ -135,6 +155,10 @@ BAD_INPUTS = [
     BadInput("output_in_missing_dir", output_in_missing_dir, "cannot write"),
     BadInput("output_is_a_dir", output_is_a_dir, "is a directory", 2),
     BadInput("report_in_missing_dir", report_in_missing_dir, "cannot write the report"),
+    BadInput("output_is_a_symlink", symlinked("--output", OUTPUT), "is a symbolic link (to"),
+    BadInput("report_is_a_symlink", symlinked("--report", "report.json"), "is a symbolic link (to"),
+    BadInput("triton_output_is_a_symlink", symlinked("--output", "repository"), "is a symbolic link (to",
+             format="triton"),
     BadInput("max_length_too_long", lambda root: ["--max-length", "100000"], "must be between 1 and"),
     BadInput("torchscript_max_length_too_long", lambda root: ["--max-length", "2000"], "must be between 1 and",
              format="torchscript"),
