@@ -17,8 +17,8 @@ Providers default to CUDA (when this onnxruntime build has it) then CPU. ONNX Ru
 the CPU when CUDA cannot load: `providers_in_use` says what a session really runs on.
 
 Sessions (`open_session`, which both classes use) get every optimisation (ORT_ENABLE_ALL), keep ONNX Runtime's
-CPU arena, go without its memory patterns and planned buffer reuse (open_session's comments have the
-measurements), and on CUDA the options of
+CPU arena, go without its memory patterns and planned buffer reuse, let idle intra-op threads sleep instead
+of spinning (open_session's comments have the measurements), and on CUDA the options of
 `cuda_provider_options`: an arena that grows by what a run asks for, strict fp32 matmuls as eager PyTorch
 computes them (`tf32=True` allows TF32), copies on the compute stream. An arena keeps the most any run needed
 until its session ends; with `shrink_arena=True` the classes hand back what no tensor uses after each run that

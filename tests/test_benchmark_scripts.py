@@ -38,6 +38,7 @@ def run_script(*arguments: str) -> subprocess.CompletedProcess:
                           timeout=120, check=False)
 
 
+@pytest.mark.slow  # the GPU script end to end on the CPU, about 40 s on 2 cores; its parts have fast tests here
 def test_quick_cpu_run_prints_the_table_and_writes_the_results(tmp_path):
     result = run_script("--out", str(tmp_path), "--quick", "--models", "tiny", "--lengths", "32",
                         "--checks", "verify,benchmark,cost", "--threads", "1")

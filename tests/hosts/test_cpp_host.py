@@ -139,9 +139,7 @@ def test_host_matches_eager(host, tmp_path, kind, case_name, prompt, new_tokens)
 
 
 # The packages of lm_mixed only: each config costs three AOTInductor compiles (the verifier's tests run every
-# config through AOTInductor; here the host's loading, cache passing and checks are under test). Slow: the
-# compiles take about 80 s on 2 cores; the default run tests the host on TorchScript files.
-@pytest.mark.slow
+# config through AOTInductor; here the host's loading, cache passing and checks are under test).
 @pytest.mark.parametrize("kind", KINDS)
 def test_host_runs_packages_as_eager(host, lm_mixed_file, kind):
     case_name, prompt, new_tokens = CASES[0]
