@@ -23,6 +23,7 @@ from .decoder_graphs import GRAPHS, dynamic_graphs
 from .errors import ExportError, first_line
 from .precision import model_as
 from .program import export_dynamic, export_program
+from .runners import Runner, onnxruntime_providers
 from .specs import INPUT_NAMES, METADATA_PREFIX, TaskSpec, graph_description, resolve_max_length, wrapper_example_inputs
 
 # A protobuf file cannot exceed 2 GiB; weights above this share (the graph needs the rest) go to a data file.
@@ -244,6 +245,30 @@ def node_kinds(path: str) -> collections.Counter:
 
 
 def open_runner(path: str, device: str, tf32: bool = False) -> tuple:
-    from .runners import open_onnxruntime
+    """(exporters.runners.Runner, "") over an ONNX Runtime session of the graph at path on device, or (None,
+    why not)."""
+    from reformer.runtime import CPU, CUDA, open_session, shrink_arena_run_options
 
-    return open_onnxruntime(path, device, tf32)
+    provider = {"cpu": CPU, "cuda": CUDA}[device]
+    if provider not in onnxruntime_providers():
+        return None, f"onnxruntime lists no {provider}"
+    try:
+        # Quiet: a CUDA provider that cannot load is reported in `skipped`, not logged. TF32 as eager's run
+        # (open_session's CUDA options: strict fp32 unless tf32).
+        session = open_session(path, [provider], quiet=True, tf32=tf32)
+    except Exception as error:
+        if device == "cuda":  # the provider is listed but cannot start (no GPU, missing CUDA libraries)
+            return None, f"{provider} failed to start: {first_line(error)}"
+        raise ExportError(f"ONNX Runtime cannot load {path}: {first_line(error)}") from None
+    if provider not in session.get_providers():
+        return None, f"{provider} is listed but the session fell back to {session.get_providers()}"
+    input_names = [graph_input.name for graph_input in session.get_inputs()]
+    # Verification keeps a graph's and its twin's sessions open together: their arenas shrink after each run
+    # (a long input's CUDA arena is tens of GiB).
+    run_options = shrink_arena_run_options(session)
+
+    def run(inputs):
+        feeds = {name: tensor.cpu().numpy() for name, tensor in zip(input_names, inputs)}
+        return [torch.from_numpy(output) for output in session.run(None, feeds, run_options)]
+
+    return Runner(run, device, [output.name for output in session.get_outputs()]), ""

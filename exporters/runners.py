@@ -1,7 +1,7 @@
-"""An exported graph loaded as a `Runner`, per runtime: ONNX Runtime (CPU, CUDA), AOTInductor packages and
-TorchScript modules (libtorch, CPU and CUDA); exporters.formats says which opens a format's files. A runtime
-that is not present here is not an error: the openers say why it cannot run, and the verifier reports it as
-skipped."""
+"""An exported graph loaded as a `Runner`, the one type the verifier, the generation checks and the tests run
+graphs through. Each format's module opens its files as one (`open_runner` in exporters/onnx.py, aoti.py,
+torchscript.py; exporters.formats dispatches): a runtime that is not present here is not an error, the opener
+says why it cannot run, and the verifier reports it as skipped."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Callable
 
 import torch
 
-from .errors import ExportError, first_line
 
 @dataclass
 class Runner:
@@ -26,7 +25,7 @@ class Runner:
 
 def onnxruntime_providers() -> list[str]:
     """Execution providers this onnxruntime build lists (none without onnxruntime). Listing is not running:
-    onnxruntime-gpu lists CUDA on machines without a GPU; `open_onnxruntime` checks the session's providers."""
+    onnxruntime-gpu lists CUDA on machines without a GPU; exporters.onnx.open_runner checks the session's providers."""
     try:
         import onnxruntime
     except ImportError:
@@ -57,34 +56,6 @@ def callable_runner(call: Callable, device: str, tf32: bool = False) -> Runner:
         return [tensor.cpu() for tensor in outputs]
 
     return Runner(run, device)
-
-
-def open_onnxruntime(path: str, device: str, tf32: bool = False) -> tuple[Runner | None, str]:
-    from reformer.runtime import CPU, CUDA, open_session, shrink_arena_run_options
-
-    provider = {"cpu": CPU, "cuda": CUDA}[device]
-    if provider not in onnxruntime_providers():
-        return None, f"onnxruntime lists no {provider}"
-    try:
-        # Quiet: a CUDA provider that cannot load is reported in `skipped`, not logged. TF32 as eager's run
-        # (open_session's CUDA options: strict fp32 unless tf32).
-        session = open_session(path, [provider], quiet=True, tf32=tf32)
-    except Exception as error:
-        if device == "cuda":  # the provider is listed but cannot start (no GPU, missing CUDA libraries)
-            return None, f"{provider} failed to start: {first_line(error)}"
-        raise ExportError(f"ONNX Runtime cannot load {path}: {first_line(error)}") from None
-    if provider not in session.get_providers():
-        return None, f"{provider} is listed but the session fell back to {session.get_providers()}"
-    input_names = [graph_input.name for graph_input in session.get_inputs()]
-    # Verification keeps a graph's and its twin's sessions open together: their arenas shrink after each run
-    # (a long input's CUDA arena is tens of GiB).
-    run_options = shrink_arena_run_options(session)
-
-    def run(inputs):
-        feeds = {name: tensor.cpu().numpy() for name, tensor in zip(input_names, inputs)}
-        return [torch.from_numpy(output) for output in session.run(None, feeds, run_options)]
-
-    return Runner(run, device, [output.name for output in session.get_outputs()]), ""
 
 
 @contextlib.contextmanager

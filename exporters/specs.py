@@ -80,7 +80,6 @@ class ExportWrapper(nn.Module):
         super().__init__()
         self.model = model
         self.spec = spec
-        self.output_names = spec.output_names
         self.with_buckets = with_buckets
         self.replay = replay
 
@@ -97,7 +96,7 @@ class ExportWrapper(nn.Module):
         if self.replay != (forced_buckets is not None):
             raise ValueError("forced_buckets are the verification twin's input, and only its")
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, forced_buckets=forced_buckets)
-        tensors = tuple(getattr(output, name) for name in self.output_names)
+        tensors = tuple(getattr(output, name) for name in self.spec.output_names)
         return tensors + tuple(output.buckets) if self.with_buckets else tensors
 
 
