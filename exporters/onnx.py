@@ -15,19 +15,15 @@ import torch
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.optimizer import fold_constants
 
-from reformer.files import publish, staging_folder
-
 from . import ops
 from .choices import DEFAULT_CUSTOM_OPS, DEFAULT_OPSET, SUPPORTED_OPSETS
 from .decoder_graphs import GRAPHS, dynamic_graphs
 from .errors import ExportError, first_line
+from .onnx_files import save_atomically
 from .precision import model_as
 from .program import export_dynamic, export_program
 from .runners import Runner, onnxruntime_providers
 from .specs import INPUT_NAMES, METADATA_PREFIX, TaskSpec, graph_description, resolve_max_length, wrapper_example_inputs
-
-# A protobuf file cannot exceed 2 GiB; weights above this share (the graph needs the rest) go to a data file.
-EXTERNAL_DATA_THRESHOLD = int(0.9 * 2**31)
 
 
 def export_onnx(
@@ -52,12 +48,12 @@ def export_onnx(
     (B, H, N, L int64) as extra outputs when `with_buckets` (for checking bucket agreement; deployment
     graphs go without: verification has the twin). `replay` writes the verification twin instead
     (exporters.specs.ExportWrapper: extra inputs `forced_buckets_<i>`, bucket outputs always), through the same
-    path. `external_data` None: weights go to `<path>.data` only when the file would pass 2 GiB. dtype "fp16"
-    writes a half-precision graph, meant for CUDA runtimes; ONNX Runtime CPU runs it too (thanks to the
-    registry's logsumexp lowering). custom_ops: one of ops.CUSTOM_OPS_MODES (see exporters/ops/registry.py;
-    "auto": each op's measured choice). trace_metadata: keep what the exporter records per node (module names,
-    stack traces; see strip_trace_metadata), for profiling by layer. Raises ExportError with a one-line
-    message; leaves nothing at `path` on failure."""
+    path. `external_data` None: weights go to `<path>.data` only when the file would pass 2 GiB
+    (exporters.onnx_files). dtype "fp16" writes a half-precision graph, meant for CUDA runtimes; ONNX Runtime
+    CPU runs it too (thanks to the registry's logsumexp lowering). custom_ops: one of ops.CUSTOM_OPS_MODES (see
+    exporters/ops/registry.py; "auto": each op's measured choice). trace_metadata: keep what the exporter
+    records per node (module names, stack traces; see strip_trace_metadata), for profiling by layer. Raises
+    ExportError with a one-line message; leaves nothing at `path` on failure."""
     config = model.config
     max_length = resolve_max_length(config, max_length)
     if opset not in SUPPORTED_OPSETS:
@@ -87,8 +83,6 @@ def export_onnx(
         export_metadata(config, spec, max_length, opset, custom_ops, lowerings, dtype, wrapper.with_buckets)
     )
     onnx_model.metadata_props.update({key: str(value) for key, value in (metadata or {}).items()})
-    if external_data is None:
-        external_data = initializer_bytes(onnx_model) > EXTERNAL_DATA_THRESHOLD
     save_atomically(onnx_model, path, external_data)
 
 
@@ -170,33 +164,11 @@ def export_metadata(config, spec, max_length, opset, custom_ops, lowerings, dtyp
     return {METADATA_PREFIX + key: json.dumps(value) for key, value in values.items()}
 
 
-def initializer_bytes(model: ir.Model) -> int:
-    return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value is not None)
-
-
-def save_atomically(model: ir.Model, path: Path, external_data: bool) -> None:
-    """Write into a staging folder next to `path`, check the file, then move it (its data file first) in place."""
-    data_name = path.name + ".data"
-    try:
-        with staging_folder(str(path)) as staging:
-            staged = Path(staging) / path.name
-            ir.save(model, staged, external_data=data_name if external_data else None)
-            try:
-                onnx.checker.check_model(str(staged))
-            except onnx.checker.ValidationError as error:
-                raise ExportError(f"the exported ONNX file is invalid: {first_line(error)}") from error
-            if external_data:
-                publish(str(Path(staging) / data_name), str(path.parent / data_name))
-            publish(str(staged), str(path))
-    except OSError as error:
-        raise ExportError(f"cannot write {path}: {error.strerror}") from None
-
-
 def export_decoder(decoder, folder: str, description: dict, *, opset: int = DEFAULT_OPSET,
                    custom_ops: str = DEFAULT_CUSTOM_OPS, quantize: str | None = None) -> None:
     """The prefill and step graphs of causal-lm-with-past (exporters.decoder_graphs) into folder under the names
-    in description["files"], through to_onnx_model (the registry's lowerings) and quantized when asked. The
-    description gains the opset, the lowering per op and (quantized) "quantization"."""
+    in description["files"] (each with its data file when over 2 GiB, exporters.onnx_files), through to_onnx_model
+    (the registry's lowerings) and quantized when asked. The description gains the opset, the lowering per op and (quantized) "quantization"."""
     from .quantize import quantized_into
 
     try:
@@ -213,7 +185,7 @@ def export_decoder(decoder, folder: str, description: dict, *, opset: int = DEFA
             raise ExportError(f"ONNX export of the {name} graph failed: {first_line(error)}") from error
         path = os.path.join(folder, description["files"][name])
         with quantized_into(path, quantize) as fp32_path:
-            save_atomically(model, Path(fp32_path), external_data=False)
+            save_atomically(model, Path(fp32_path))
     description["opset"], description["lowerings"] = opset, lowerings
     if quantize is not None:
         from .quantize import quantization_of

@@ -38,6 +38,7 @@ from typing import Iterator
 import onnx
 
 from .errors import ExportError, first_line
+from .onnx_files import data_file_name, needs_external_data
 from .specs import METADATA_PREFIX
 
 # Graph metadata key (with exporters.specs.METADATA_PREFIX) of the description quantize_onnx returns.
@@ -50,10 +51,10 @@ HASHING_REACH = 8
 
 def quantize_onnx(source: str | os.PathLike, destination: str | os.PathLike) -> dict:
     """Write the dynamic int8 quantization of the fp32 graph `source` to `destination`, with the graph's
-    metadata and the description returned (also recorded under the metadata key QUANTIZATION_KEY). Raises
-    ExportError with a one-line message."""
+    metadata and the description returned (also recorded under the metadata key QUANTIZATION_KEY); with a data
+    file beside it (exporters.onnx_files) only where the source has one and the int8 weights still need it.
+    Raises ExportError with a one-line message."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-
 
     source, destination = Path(source), Path(destination)
     graph = onnx.load(source, load_external_data=False)
@@ -65,7 +66,10 @@ def quantize_onnx(source: str | os.PathLike, destination: str | os.PathLike) -> 
                              nodes_to_exclude=kept_fp32, use_external_data_format=external_data)
     except Exception as error:  # the quantizer raises many kinds; the caller needs one, with the reason
         raise ExportError(f"int8 quantization failed: {type(error).__name__}: {first_line(error)}") from error
-    quantized = onnx.load(destination, load_external_data=False)
+    # The quantizer keeps the source's data file form; int8 weights a quarter the size may fit in one file.
+    data_file = destination.with_name(data_file_name(destination.name))
+    one_file = external_data and data_file.exists() and not needs_external_data(data_file.stat().st_size)
+    quantized = onnx.load(destination, load_external_data=one_file)
     integer_products = sum(node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
                            for node in quantized.graph.node)
     description = {
@@ -81,8 +85,10 @@ def quantize_onnx(source: str | os.PathLike, destination: str | os.PathLike) -> 
     metadata[METADATA_PREFIX + QUANTIZATION_KEY] = json.dumps(description)
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(onnx.StringStringEntryProto(key=key, value=value) for key, value in metadata.items())
-    # Loaded without external data, so weights the quantizer wrote to a data file stay there untouched.
+    # Loaded without external data unless one_file, so weights the quantizer wrote to a data file stay there.
     destination.write_bytes(quantized.SerializeToString())
+    if one_file:
+        data_file.unlink()
     return description
 
 

@@ -17,10 +17,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from exporters import api, quantize
-from exporters.onnx import METADATA_PREFIX
+from exporters import api, onnx_files, quantize
+from exporters.models import resolve_model
+from exporters.onnx import METADATA_PREFIX, export_onnx
 from exporters.task_verdict import Sample, judge
 from exporters.verification_failures import AccuracyFailure
+from reformer.runtime import CPU, OnnxModel
 from tiny_configs import build, task_configs
 
 REAL_QUANTIZER = quantize.quantize_onnx
@@ -197,3 +199,25 @@ def test_triton_repository_carries_the_quantized_graph(tmp_path):
     assert quantize.quantization_of(output / "tiny-causal-lm" / "1" / "model.onnx") is not None
     with pytest.raises(api.ExportRequestError, match="--quantize applies to ONNX graphs only"):
         api.check_options(api.ExportRequest("triton", model="tiny", triton_backend="pytorch", quantize="int8"))
+
+
+def test_int8_of_a_graph_with_a_data_file_keeps_one_only_where_still_needed(tmp_path, monkeypatch):
+    """An fp32 source over 2 GiB has its weights in a data file (exporters.onnx_files): int8 weights a quarter
+    their size go into the graph's own file when they fit, else into a data file of the int8 graph's. Thresholds
+    lowered so that the tiny model takes each path; both forms hold the same graph."""
+    resolved = resolve_model("tiny")
+    fp32 = tmp_path / "fp32" / "model.onnx"
+    fp32.parent.mkdir()
+    export_onnx(resolved.model, resolved.spec, fp32, max_length=64, external_data=True)
+    fp32_data = os.path.getsize(tmp_path / "fp32" / "model.onnx.data")
+    outputs = {}
+    for form, threshold in (("kept", 0), ("one file", fp32_data // 2)):
+        monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_THRESHOLD", threshold)
+        int8 = tmp_path / form / "model.onnx"
+        int8.parent.mkdir()
+        quantize.quantize_onnx(fp32, int8)
+        assert sorted(os.listdir(int8.parent)) == ["model.onnx"] + (["model.onnx.data"] if form == "kept" else [])
+        assert quantize.quantization_of(int8)["quantized_products"] > 0
+        outputs[form] = OnnxModel(int8, providers=[CPU])(np.arange(1, 41)[None])["logits"]
+    assert sorted(os.listdir(fp32.parent)) == ["model.onnx", "model.onnx.data"]  # the source is left as it was
+    np.testing.assert_array_equal(outputs["kept"], outputs["one file"])

@@ -19,7 +19,7 @@ pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritoncl
 
 from google.protobuf import json_format  # noqa: E402
 
-from exporters import api  # noqa: E402
+from exporters import api, onnx_files  # noqa: E402
 from exporters.triton.backend import (  # noqa: E402
     BadRequest,
     GenerationModel,
@@ -29,6 +29,7 @@ from exporters.triton.backend import (  # noqa: E402
     steps_until_finished,
 )
 from exporters.triton.layout import parse_config  # noqa: E402
+from reformer.file_checks import external_data_locations  # noqa: E402
 from reformer.runtime import OnnxGenerator, OnnxModel  # noqa: E402
 
 VOCAB, MAX_LENGTH = 258, 64  # models/tiny/config.json's vocabulary; the export's maximum length
@@ -102,6 +103,25 @@ def test_a_batch_of_mixed_requests_answers_each_as_alone(tmp_path, triton_utils)
     for index, (_, message) in bad.items():
         assert responses[index].error is not None and not responses[index].outputs
         assert re.search(message, responses[index].error)
+
+
+def test_a_graph_with_a_data_file_is_served_from_its_folder(tmp_path, triton_utils, monkeypatch):
+    """A graph over 2 GiB (the threshold lowered so the tiny model is one) keeps its weights in a data file:
+    the version folder holds Triton's folder form, 1/model.onnx/ with the graph and the data file under the
+    name the graph gives it, which the backend opens through reformer.runtime."""
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_THRESHOLD", 0)
+    api.run_export(api.ExportRequest("triton", model="tiny", max_length=MAX_LENGTH, output=str(tmp_path / "repo"),
+                                     verify=False))
+    version = tmp_path / "repo" / "tiny-causal-lm" / "1"
+    assert sorted(os.listdir(version)) == ["model.onnx", "model.py"]
+    assert sorted(os.listdir(version / "model.onnx")) == ["model.onnx", "model.onnx.data"]
+    assert set(external_data_locations(version / "model.onnx" / "model.onnx")) == {"model.onnx.data"}
+    model = initialized(TaskModel(), str(tmp_path / "repo"), "tiny-causal-lm")
+    input_ids = np.arange(1, 8)[None]
+    response, = model.execute([request(input_ids=input_ids)])
+    assert response.error is None
+    np.testing.assert_array_equal(response.outputs["logits"],
+                                  OnnxModel(version / "model.onnx" / "model.onnx")(input_ids)["logits"])
 
 
 def test_generation_batches_answer_each_request_as_alone(tmp_path, triton_utils):
