@@ -1,11 +1,12 @@
 """`reformer-serve REPOSITORY`: Triton Inference Server on a model repository that `reformer-export --format
-triton` wrote, in the foreground until Ctrl-C or SIGTERM, which stop the server and its model processes; thin
-over exporters.triton.server.TritonServer."""
+triton` wrote, in the foreground until Ctrl-C or SIGTERM, which stop the server and its model processes (exit
+status 0), or until the server or one of its models' processes ends (one `Error:` line, exit status 1, so that
+a supervisor restarts it: Triton itself goes on answering a model whose process died with errors); thin over
+exporters.triton.server.TritonServer."""
 
 from __future__ import annotations
 
 import os
-import time
 
 import click
 
@@ -42,10 +43,7 @@ def main(repository, http_port, grpc_port, metrics_port, binary, log_path):
                 server.start()
                 click.echo(f"Serving {', '.join(models)} over HTTP at {server.http_url} and gRPC at {server.grpc_url} "
                            f"(metrics at localhost:{metrics_port}/metrics); Ctrl-C stops the server.")
-                while server.process.poll() is None:
-                    time.sleep(0.5)
-                raise TritonServerError(f"tritonserver exited with status {server.process.returncode}: "
-                                        f"{server.log_tail()}")
+                server.wait()
             finally:
                 status = server.stop()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the way to stop a server, so a success

@@ -39,7 +39,7 @@ with package_metadata / load_metadata here:
                             example's [batch, sequence]), cpu_march (the compiler's target, CPU_TARGETS) and
                             program_ops (the exported program's operator counts, which verification compares
                             with the twin's)
-    "decoder_config.json"   (exporters.decoder_files.CONFIG_NAME) in both models of decoder.pt2: the content of the
+    "decoder_config.json"   (reformer.sampling.DECODER_CONFIG_NAME) in both models of decoder.pt2: the content of the
                             decoder_config.json beside it
     Inductor's own: "AOTI_DEVICE_KEY" ("cpu" or "cuda"), "AOTI_CPU_ISA" (the vector instruction set of the CPU
                             kernels, e.g. "AVX2"), "AOTI_PLATFORM", "AOTI_MACHINE", "AOTI_COMPUTE_CAPABILITY".
@@ -57,6 +57,7 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import platform
 import time
 import zipfile
@@ -66,10 +67,13 @@ import torch._inductor
 from torch import nn
 
 from reformer.files import atomic_write
+from reformer.sampling import DECODER_CONFIG_NAME
 
+from .decoder_graphs import GRAPHS, dynamic_graphs
 from .errors import ExportError, first_line
 from .precision import model_as
-from .program import export_program, size_oblivious
+from .program import export_dynamic, export_program, size_oblivious
+from .runners import module_runner
 from .specs import TaskSpec, embedded_description, resolve_max_length, wrapper_example_inputs
 from .torchscript import METADATA_NAME
 
@@ -251,3 +255,44 @@ def runnable_isa_mismatch_dropped():
         yield
     finally:
         logger.removeFilter(dropped)
+
+
+def export_decoder(decoder, folder: str, description: dict, *, native_isa: bool = False) -> None:
+    """The prefill and step graphs of causal-lm-with-past (exporters.decoder_graphs) as the models "prefill"
+    and "step" of one package (description["files"]["package"]), each with decoder_config.json's content (the
+    description, which gains cpu_march here) as metadata."""
+    march = description["cpu_march"] = cpu_march(native_isa)
+    programs = {}
+    for name, module, inputs, axes in dynamic_graphs(decoder, description):
+        try:
+            programs[name] = export_dynamic(module, inputs, axes)
+        except Exception as error:  # torch.export raises many kinds; the caller needs one, with the reason
+            raise ExportError(f"torch.export of the {name} graph failed: {first_line(error)}") from error
+    compile_package(os.path.join(folder, description["files"]["package"]), programs,
+                    {DECODER_CONFIG_NAME: json.dumps(description, indent=2, sort_keys=True)}, march)
+
+
+def decoder_callables(folder: str, files: dict[str, str]) -> dict:
+    """{"prefill" | "step": the package's model of that name} (export_decoder's package in folder), on the CPU."""
+    path = os.path.join(folder, files["package"])
+    return {kind: load_package(path, kind) for kind in GRAPHS}
+
+
+def node_kinds(path: str) -> collections.Counter:
+    """The compiled package holds no graph: its description counts the exported program's ops."""
+    return collections.Counter(load_metadata(path)["program_ops"])
+
+
+def open_runner(path: str, device: str, tf32: bool = False) -> tuple:
+    """(exporters.runners.Runner, "") over the package at path on device, or (None, why not): a package runs on
+    the device it was compiled for only."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return None, "torch sees no CUDA device"
+    compiled_for = package_metadata(path)["AOTI_DEVICE_KEY"]
+    if compiled_for != device:
+        return None, f"the package is compiled for {compiled_for}"
+    try:
+        package = load_package(path)
+    except Exception as error:  # a package torch cannot load is a failed verification, not a crash
+        raise ExportError(f"cannot load AOTInductor package {path}: {first_line(error)}") from None
+    return module_runner(package, device, tf32), ""

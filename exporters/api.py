@@ -21,7 +21,6 @@ from .formats import FORMATS, GRAPH_FORMATS, TRITON
 from .precision import check_device
 from .request import ExportRequest
 from .result import ExportResult
-from .runtimes import require_runtime
 from .specs import resolve_max_length
 
 # In the staging folder: the verification twin (exporters.specs.ExportWrapper), which is never shipped.
@@ -78,8 +77,9 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
         keep = verification is None or verification.passed or request.keep_failed
         if keep:
             move_into_place(staging, output)
+    notes = export_notes(resolved.model.config) + resolved.tokenizer.notes
     result = ExportResult(request, resolved.describe(), resolved.spec.name, output if keep else None, size_bytes,
-                          settings, export_notes(resolved.model.config), seconds, verification)
+                          settings, notes, seconds, verification)
     write_report(request, result)
     return result
 
@@ -105,7 +105,8 @@ def run_generation_export(request: ExportRequest, progress: Callable[[str], None
         _, verification = export_causal_lm_with_past(
             resolved.model, output, request.format, **GRAPH_FORMATS[request.format].exporter_options(settings),
             quantize=request.quantize, held_out=held_out, max_length=settings["max_length"], verify=request.verify,
-            atol=request.atol, keep_failed=request.keep_failed, metadata=resolved.metadata())
+            atol=request.atol, keep_failed=request.keep_failed, metadata=resolved.metadata(),
+            tokenizer_files=resolved.tokenizer.files)
     except VerificationError as error:
         verification = error.report
     seconds["export and verify" if request.verify else "export"] = time.perf_counter() - timer
@@ -113,8 +114,9 @@ def run_generation_export(request: ExportRequest, progress: Callable[[str], None
         verification.path = output  # the output as given, as for the task graphs
     kept = os.path.isdir(output) and (verification is None or verification.passed or request.keep_failed)
     size_bytes = sum(os.path.getsize(os.path.join(output, name)) for name in os.listdir(output)) if kept else 0
+    notes = export_notes(resolved.model.config) + resolved.tokenizer.notes
     result = ExportResult(request, resolved.describe(), GENERATION_TASK, output if kept else None, size_bytes,
-                          settings, export_notes(resolved.model.config), seconds, verification)
+                          settings, notes, seconds, verification)
     write_report(request, result)
     return result
 
@@ -162,7 +164,8 @@ def applied_settings(request: ExportRequest, config) -> dict:
 
 
 def export_notes(config) -> list[str]:
-    """What a user should know about a graph that exported as asked."""
+    """What a user should know about a graph that exported as asked (the caller adds the tokenizer's notes,
+    exporters.tokenizer_files)."""
     if config.hash_seed is None and "lsh" in config.attn_layers:
         return [f"config.json sets no hash_seed, so the LSH rotations come from seed {config.resolved_hash_seed}; "
                 "transformers draws new rotations on every call for such a config, so no graph can match it: "
@@ -189,7 +192,6 @@ def check_options(request: ExportRequest) -> None:
     check_verification_options(request)
     check_generation_options(request)
     check_device(request.device)
-    require_runtime(graph_format, request.verify)
     GRAPH_FORMATS[graph_format].require(request)
     if request.dtype == "fp16" and request.device != "cuda":
         raise ExportRequestError("fp16 export is for the CUDA runtimes: use device cuda (fp32 on the CPU)")
@@ -215,7 +217,12 @@ def check_generation_options(request: ExportRequest) -> None:
 
 
 def check_paths(request: ExportRequest) -> None:
+    """A path that is a symbolic link is refused: renaming the export into place would replace the link, not
+    write where it points, and writing through it would put files outside the path given."""
     for what, path in (("output", request.output), ("report", request.report)):
+        if path and os.path.islink(path):
+            raise ExportRequestError(f"the {what} {path} is a symbolic link (to {os.readlink(path)}): give the path "
+                                     "itself, or remove the link")
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             raise ExportRequestError(f"cannot write the {what} {path}: {folder} is not a directory")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from reformer.generation import DecoderCache, IncrementalDecoder, cache_names
+from reformer.sampling import DECODER_CONFIG_NAME
 
 from .comparison import (
     agreement_note,
@@ -30,8 +31,8 @@ from .comparison import (
     record_certificates,
     shape_mismatch,
 )
-from .decoder_files import CONFIG_NAME, load_graphs
 from .errors import first_line
+from .formats import GRAPH_FORMATS
 from .near_ties import PRECISIONS, certify, lsh_layers, recorded_hash_inputs
 from .specs import example_length
 from .task_verdict import Sample, TaskVerdict, judge
@@ -50,6 +51,16 @@ class Prefill:
     present: list[torch.Tensor]  # the graph's cache
 
 
+def load_graphs(folder: str, fmt: str):
+    """run(kind, input_ids, past) -> (logits, present) over the graphs in folder, torch tensors in and out (CPU)."""
+    graphs = GRAPH_FORMATS[fmt].decoder_runners(folder)
+
+    def run(kind, input_ids, past):
+        logits, *present = graphs[kind].run([input_ids, *past])
+        return logits, present
+    return run
+
+
 def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol: float | None = None,
                    quantized: bool = False, held_out: torch.Tensor | None = None) -> VerificationReport:
     """The graphs in `folder` (written by exporters.decoder) against eager `model`, as the module docstring
@@ -60,7 +71,7 @@ def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol:
     decoder = IncrementalDecoder(model)
     max_length = served_length(folder)
     steps = steps or model.config.lsh_attn_chunk_length + 3
-    runtime = "onnxruntime" if fmt == "onnx" else fmt
+    runtime = GRAPH_FORMATS[fmt].runtime
     report = VerificationReport(fmt, folder)
     samples = []
     for tokens in verification_prompts(model.config, max_length):
@@ -77,7 +88,7 @@ def verify_decoder(model, folder: str, fmt: str, steps: int | None = None, atol:
 
 def served_length(folder: str) -> int:
     """max_length in the folder's decoder_config.json: the longest sequence the graphs serve."""
-    with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as handle:
+    with open(os.path.join(folder, DECODER_CONFIG_NAME), encoding="utf-8") as handle:
         return json.load(handle)["max_length"]
 
 

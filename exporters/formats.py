@@ -1,8 +1,9 @@
 """The export formats, one entry each in FORMATS, importable without torch so that `reformer-export --help`
 offers them at once. An entry knows its name, file suffix and description, and does for exporters.api what
 is particular to its format: the checks of its options (and their refusal in requests for other formats), the
-settings it adds, their words in the summary, and the export of a task graph through its exporter module
-(imported only then).
+settings it adds, their words in the summary, the export of a task graph and of the causal-lm-with-past graphs
+through its exporter module (imported only then), the file names of the latter, how its files open as
+exporters.runners.Runner for the verifier, and their node kinds.
 
 The graph formats (GraphFormat) are onnx, aoti and torchscript (exporters/onnx.py, aoti.py, torchscript.py);
 triton (TritonRepository) is a layout over one of them: the graph its backend serves is exported and verified
@@ -11,7 +12,9 @@ its exporter module and an entry here."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import collections
+import importlib
+from abc import ABC
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +22,7 @@ from .choices import (
     CUSTOM_OPS_MODES,
     DEFAULT_CUSTOM_OPS,
     DEFAULT_OPSET,
+    DEVICES,
     GENERATION_TASK,
     QUANTIZATIONS,
     SUPPORTED_OPSETS,
@@ -52,6 +56,49 @@ class GraphFormat(Format, ABC):
     """A format whose exporter writes a task graph (and the verification twin) from exporters.models'
     ResolvedModel, and whose graphs exporters.decoder writes for causal-lm-with-past."""
 
+    module_name = ""  # the exporter module (see exporter_module)
+    exporter_name = ""  # its task graph exporter (see exporter)
+    decoder_files: dict[str, str] = {}  # the causal-lm-with-past graphs' files (decoder_config.json's "files")
+    quantizable = False  # whether --quantize applies (exporters.quantize)
+
+    @property
+    def runtime(self) -> str:
+        """What runs this format's graphs, as verification reports name it."""
+        return self.name
+
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtimes exporters.verify can run this format's graphs on, one per device: `runtime-device`."""
+        return tuple(f"{self.runtime}-{device}" for device in DEVICES)
+
+    def exporter_module(self):
+        """The format's exporter module, imported now (it imports torch): module_name, relative to this package.
+        Besides its exporter it has open_runner(path, device, tf32), node_kinds(path), export_decoder(decoder,
+        folder, description, **options) and decoder_callables(folder, decoder_files)."""
+        return importlib.import_module(self.module_name, __package__)
+
+    def open_runner(self, path: str, device: str, tf32: bool = False) -> tuple:
+        """(exporters.runners.Runner, "") over the graph at path on device, or (None, why it cannot run here)."""
+        return self.exporter_module().open_runner(path, device, tf32)
+
+    def node_kinds(self, path: str) -> collections.Counter:
+        """How many nodes of each kind the graph at path has (exporters.twin_difference)."""
+        return self.exporter_module().node_kinds(path)
+
+    def export_decoder(self, decoder, folder: str, description: dict, **options) -> None:
+        """The prefill and step graphs of the reformer.generation.IncrementalDecoder into folder, under the names
+        in description["files"]; `options` are exporter_options'. The description (decoder_config.json) may gain
+        entries."""
+        self.exporter_module().export_decoder(decoder, folder, description, **options)
+
+    def decoder_runners(self, folder: str) -> dict:
+        """The prefill and step graphs that export_decoder wrote into folder, as Runners on the CPU:
+        {"prefill" | "step": [input_ids, *past] -> [logits, *present]}."""
+        from .runners import callable_runner
+
+        callables = self.exporter_module().decoder_callables(folder, self.decoder_files)
+        return {kind: callable_runner(call, "cpu") for kind, call in callables.items()}
+
     def settings(self, request: ExportRequest) -> dict:
         """The settings this format adds to the common ones (exporters.api.applied_settings)."""
         return {}
@@ -64,10 +111,10 @@ class GraphFormat(Format, ABC):
         """This format's keyword arguments of its exporter and of exporters.decoder's, from its settings."""
         return {}
 
-    @abstractmethod
     def exporter(self) -> Callable:
         """The exporter function: (model, spec, path, *, dtype, device, max_length, with_buckets, replay,
         metadata, **exporter_options) -> the seconds of each step, or None for one step."""
+        return getattr(self.exporter_module(), self.exporter_name)
 
     def export(self, settings: dict, resolved, path: str, replay: bool = False) -> dict[str, float]:
         """The task graph `settings` describe, of the exporters.models.ResolvedModel `resolved`, or (`replay`)
@@ -76,10 +123,24 @@ class GraphFormat(Format, ABC):
         return self.exporter()(resolved.model, resolved.spec, path, dtype=settings["dtype"],
                                device=settings["device"], max_length=settings["max_length"],
                                with_buckets=settings.get("with_buckets", False), replay=replay,
-                               metadata=resolved.metadata(), **self.exporter_options(settings)) or {}
+                               metadata=resolved.graph_metadata(), **self.exporter_options(settings)) or {}
 
 
 class OnnxFormat(GraphFormat):
+    module_name, exporter_name = ".onnx", "export_onnx"
+    decoder_files = {"prefill": "prefill.onnx", "step": "decoder_step.onnx"}
+    quantizable = True
+
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime"
+
+    def require(self, request: ExportRequest) -> None:
+        if request.verify:
+            from .runtimes import require_onnxruntime
+
+            require_onnxruntime()
+
     def settings(self, request: ExportRequest) -> dict:
         return {"opset": DEFAULT_OPSET if request.opset is None else request.opset,
                 "custom_ops": request.custom_ops or DEFAULT_CUSTOM_OPS}
@@ -126,11 +187,6 @@ class OnnxFormat(GraphFormat):
     def exporter_options(self, settings: dict) -> dict:
         return {"opset": settings["opset"], "custom_ops": settings["custom_ops"]}
 
-    def exporter(self) -> Callable:
-        from .onnx import export_onnx
-
-        return export_onnx
-
     def export(self, settings: dict, resolved, path: str, replay: bool = False) -> dict[str, float]:
         """As for every graph format, through a scratch fp32 graph quantized into path where settings ask."""
         from .quantize import quantized_into
@@ -140,6 +196,9 @@ class OnnxFormat(GraphFormat):
 
 
 class AotiFormat(GraphFormat):
+    module_name, exporter_name = ".aoti", "export_aoti"
+    decoder_files = {"package": "decoder.pt2"}
+
     def settings(self, request: ExportRequest) -> dict:
         from .aoti import cpu_march
 
@@ -171,17 +230,10 @@ class AotiFormat(GraphFormat):
 
         return {"native_isa": settings["cpu_march"] == NATIVE_MARCH}
 
-    def exporter(self) -> Callable:
-        from .aoti import export_aoti
-
-        return export_aoti
-
 
 class TorchScriptFormat(GraphFormat):
-    def exporter(self) -> Callable:
-        from .torchscript import export_torchscript
-
-        return export_torchscript
+    module_name, exporter_name = ".torchscript", "export_torchscript"
+    decoder_files = {"module": "decoder.pt"}
 
 
 class TritonRepository(Format):

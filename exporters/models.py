@@ -10,7 +10,7 @@ are reproducible; the export's metadata says so."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 import reformer
 from reformer import tokenizer
+from reformer.tokenizer import tokenizer_metadata
 from reformer.checkpoint import (
     PYTORCH_NAME,
     SAFETENSORS_INDEX_NAME,
@@ -31,6 +32,7 @@ from reformer.config import CONFIG_NAME, ConfigError, ReformerConfig
 from .choices import DEFAULT_MODEL
 from .errors import ExportError
 from .specs import MODEL_CLASS_TO_TASK, TASKS, TaskSpec
+from .tokenizer_files import CarriedTokenizer, carried_tokenizer
 
 # pyproject.toml installs models/ as this package: a name no other distribution's folder can take, where any
 # package's top-level `models/` would hide the built-in models.
@@ -61,6 +63,7 @@ class ResolvedModel:
     built_in: bool
     random_weights_seed: int | None  # set when the weights were drawn at random (config-only built-in model)
     hub_id: str | None = None  # set when the model came from the Hugging Face Hub
+    tokenizer: CarriedTokenizer = field(default_factory=CarriedTokenizer)  # the checkpoint's tokenizer files
 
     @property
     def source(self) -> str:
@@ -97,6 +100,10 @@ class ResolvedModel:
             "random_weights_seed": self.random_weights_seed,
         }
 
+    def graph_metadata(self) -> dict:
+        """What a single graph records: `metadata` and the tokenizer files as entries (exporters.tokenizer_files)."""
+        return {**self.metadata(), **tokenizer_metadata(self.tokenizer.files)}
+
 
 def built_in_models(models_dir: Path = MODELS_DIR) -> list[str]:
     if not models_dir.is_dir():
@@ -116,13 +123,14 @@ def resolve_model(path_or_name: str | None, task: str | None = None, models_dir:
     check_config_fits_task(config, task)
     model_class = reformer.MODEL_CLASSES[TASKS[task].model_class]
     name = path_or_name if built_in else os.path.basename(os.path.normpath(hub_id or directory))
+    tokenizer = carried_tokenizer(directory, config.vocab_size)
     if built_in and not any(os.path.isfile(os.path.join(directory, weights)) for weights in WEIGHT_FILES):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
             model = model_class(config).eval()
-        return ResolvedModel(model, TASKS[task], name, directory, built_in, RANDOM_WEIGHTS_SEED)
+        return ResolvedModel(model, TASKS[task], name, directory, built_in, RANDOM_WEIGHTS_SEED, tokenizer=tokenizer)
     model = model_class.from_pretrained(directory, config=config)
-    return ResolvedModel(model, TASKS[task], name, directory, built_in, None, hub_id)
+    return ResolvedModel(model, TASKS[task], name, directory, built_in, None, hub_id, tokenizer)
 
 
 def locate(path_or_name: str, models_dir: Path) -> tuple[str, bool, str | None]:

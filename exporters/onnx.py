@@ -3,6 +3,7 @@ lowered through `exporters.ops`, metadata recorded, the file checked and written
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from pathlib import Path
@@ -18,14 +19,15 @@ from reformer.files import publish, staging_folder
 
 from . import ops
 from .choices import DEFAULT_CUSTOM_OPS, DEFAULT_OPSET, SUPPORTED_OPSETS
+from .decoder_graphs import GRAPHS, dynamic_graphs
 from .errors import ExportError, first_line
 from .precision import model_as
-from .program import export_program
-from .specs import INPUT_NAMES, TaskSpec, graph_description, resolve_max_length, wrapper_example_inputs
+from .program import export_dynamic, export_program
+from .runners import Runner, onnxruntime_providers
+from .specs import INPUT_NAMES, METADATA_PREFIX, TaskSpec, graph_description, resolve_max_length, wrapper_example_inputs
 
 # A protobuf file cannot exceed 2 GiB; weights above this share (the graph needs the rest) go to a data file.
 EXTERNAL_DATA_THRESHOLD = int(0.9 * 2**31)
-METADATA_PREFIX = "reformer_export."
 
 
 def export_onnx(
@@ -76,11 +78,11 @@ def export_onnx(
     try:
         onnx_model, lowerings = to_onnx_model(
             lambda: export_program(wrapper, example, max_length), custom_ops, context, opset, output_names,
-            spec.input_names(lsh_layers, replay), trace_metadata,
+            wrapper.input_names(), trace_metadata,
         )
     except Exception as error:  # the exporters raise many kinds; the caller needs one, with the reason
         raise ExportError(f"ONNX export failed: {type(error).__name__}: {first_line(error)}") from error
-    name_dynamic_dims(onnx_model, spec.dynamic_axes(lsh_layers, wrapper.with_buckets, replay))
+    name_dynamic_dims(onnx_model, wrapper.dynamic_axes())
     onnx_model.metadata_props.update(
         export_metadata(config, spec, max_length, opset, custom_ops, lowerings, dtype, wrapper.with_buckets)
     )
@@ -188,3 +190,85 @@ def save_atomically(model: ir.Model, path: Path, external_data: bool) -> None:
             publish(str(staged), str(path))
     except OSError as error:
         raise ExportError(f"cannot write {path}: {error.strerror}") from None
+
+
+def export_decoder(decoder, folder: str, description: dict, *, opset: int = DEFAULT_OPSET,
+                   custom_ops: str = DEFAULT_CUSTOM_OPS, quantize: str | None = None) -> None:
+    """The prefill and step graphs of causal-lm-with-past (exporters.decoder_graphs) into folder under the names
+    in description["files"], through to_onnx_model (the registry's lowerings) and quantized when asked. The
+    description gains the opset, the lowering per op and (quantized) "quantization"."""
+    from .quantize import quantized_into
+
+    try:
+        ops.check_mode(custom_ops, opset)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    context = ops.LoweringContext.from_config(decoder.config, description["max_length"])
+    lowerings = {}
+    for name, module, inputs, axes in dynamic_graphs(decoder, description):
+        try:
+            model, lowerings = to_onnx_model(lambda: export_dynamic(module, inputs, axes), custom_ops, context, opset,
+                                             description[name]["outputs"], description[name]["inputs"])
+        except Exception as error:  # the exporters raise many kinds; the caller needs one, with the reason
+            raise ExportError(f"ONNX export of the {name} graph failed: {first_line(error)}") from error
+        path = os.path.join(folder, description["files"][name])
+        with quantized_into(path, quantize) as fp32_path:
+            save_atomically(model, Path(fp32_path), external_data=False)
+    description["opset"], description["lowerings"] = opset, lowerings
+    if quantize is not None:
+        from .quantize import quantization_of
+
+        description["quantization"] = quantization_of(path)
+
+
+def decoder_callables(folder: str, files: dict[str, str]) -> dict:
+    """{"prefill" | "step": (input_ids, *past) -> [logits, *present]} over the graphs in folder, on the CPU
+    through the runtime apps use (reformer.runtime.OnnxGenerator, which reads the file names from
+    decoder_config.json as apps do, so `files` goes unused), torch tensors in and out."""
+    from reformer.runtime import CPU, OnnxGenerator
+
+    generator = OnnxGenerator(folder, providers=[CPU], io_binding=False)
+
+    def graph(kind: str):
+        def call(input_ids, *past):
+            logits, present = generator.run(kind, input_ids.numpy(), [tensor.numpy() for tensor in past])
+            return [torch.from_numpy(logits), *map(torch.from_numpy, present)]
+        return call
+
+    return {kind: graph(kind) for kind in GRAPHS}
+
+
+def node_kinds(path: str) -> collections.Counter:
+    """How many nodes of each op type the graph at path has."""
+    model = onnx.load(path, load_external_data=False)
+    return collections.Counter(node.op_type for node in model.graph.node)
+
+
+def open_runner(path: str, device: str, tf32: bool = False) -> tuple:
+    """(exporters.runners.Runner, "") over an ONNX Runtime session of the graph at path on device, or (None,
+    why not)."""
+    from reformer.runtime import CPU, CUDA, open_session, shrink_arena_run_options
+
+    provider = {"cpu": CPU, "cuda": CUDA}[device]
+    if provider not in onnxruntime_providers():
+        return None, f"onnxruntime lists no {provider}"
+    try:
+        # Quiet: a CUDA provider that cannot load is reported in `skipped`, not logged. TF32 as eager's run
+        # (open_session's CUDA options: strict fp32 unless tf32).
+        session = open_session(path, [provider], quiet=True, tf32=tf32)
+    except Exception as error:
+        if device == "cuda":  # the provider is listed but cannot start (no GPU, missing CUDA libraries)
+            return None, f"{provider} failed to start: {first_line(error)}"
+        raise ExportError(f"ONNX Runtime cannot load {path}: {first_line(error)}") from None
+    if provider not in session.get_providers():
+        return None, f"{provider} is listed but the session fell back to {session.get_providers()}"
+    input_names = [graph_input.name for graph_input in session.get_inputs()]
+    # Verification keeps a graph's and its twin's sessions open together: their arenas shrink after each run
+    # (a long input's CUDA arena is tens of GiB).
+    run_options = shrink_arena_run_options(session)
+
+    def run(inputs):
+        feeds = {name: tensor.cpu().numpy() for name, tensor in zip(input_names, inputs)}
+        return [torch.from_numpy(output) for output in session.run(None, feeds, run_options)]
+
+    return Runner(run, device, [output.name for output in session.get_outputs()]), ""

@@ -6,6 +6,8 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch.export import Dim
 
+from .specs import FORCED_BUCKETS_PREFIX
+
 MAX_BATCH = 4096
 
 
@@ -13,14 +15,20 @@ def batch_dim() -> Dim:
     return Dim("batch_size", min=1, max=MAX_BATCH)
 
 
-def dynamic_shapes(max_length: int, forced_buckets: int | None = None) -> dict[str, object]:
-    """A task graph's inputs: input_ids and attention_mask, [batch, sequence]; a verification twin's also
-    `forced_buckets` tensors [batch, heads, rounds, sequence] (their number given)."""
-    batch = batch_dim()
-    sequence = Dim("sequence_length", min=1, max=max_length)
-    shapes: dict[str, object] = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
-    if forced_buckets is not None:
-        shapes["forced_buckets"] = tuple({0: batch, 3: sequence} for _ in range(forced_buckets))
+def dynamic_shapes(axes: dict[str, dict[int, str]], input_names: list[str], max_length: int) -> dict[str, object]:
+    """torch.export's dynamic shapes of a task graph's inputs, from its spec's axes (exporters.specs.TaskSpec
+    .dynamic_axes, whose names the ONNX graph's dimensions also take): input_ids and attention_mask
+    [batch, sequence], and a verification twin's forced buckets [batch, heads, rounds, sequence] as the one
+    tuple argument exporters.specs.ExportWrapper takes."""
+    dims = {"batch_size": batch_dim(), "sequence_length": Dim("sequence_length", min=1, max=max_length)}
+
+    def shape(name: str) -> dict:
+        return {axis: dims[dim] for axis, dim in axes[name].items()}
+
+    forced = [name for name in input_names if name.startswith(FORCED_BUCKETS_PREFIX)]
+    shapes: dict[str, object] = {name: shape(name) for name in input_names if name not in forced}
+    if forced:
+        shapes["forced_buckets"] = tuple(map(shape, forced))
     return shapes
 
 
@@ -38,8 +46,9 @@ def export_dynamic(module: torch.nn.Module, example_inputs: tuple, shapes) -> to
         return torch.export.export(module, example_inputs, dynamic_shapes=shapes)
 
 
-def export_program(module: torch.nn.Module, example_inputs: tuple, max_length: int):
-    """A task graph's ExportedProgram, valid for every batch size and every length up to max_length.
-    example_inputs: (input_ids, attention_mask), and for a verification twin a tuple of forced buckets."""
-    forced = len(example_inputs[2]) if len(example_inputs) > 2 else None
-    return export_dynamic(module, example_inputs, dynamic_shapes(max_length, forced))
+def export_program(wrapper, example_inputs: tuple, max_length: int):
+    """The ExportedProgram of a task graph (an exporters.specs.ExportWrapper), valid for every batch size and
+    every length up to max_length. example_inputs: (input_ids, attention_mask), and for a verification twin a
+    tuple of forced buckets."""
+    return export_dynamic(wrapper, example_inputs, dynamic_shapes(wrapper.dynamic_axes(), wrapper.input_names(),
+                                                                  max_length))

@@ -38,8 +38,9 @@ from typing import Iterator
 import onnx
 
 from .errors import ExportError, first_line
+from .specs import METADATA_PREFIX
 
-# Graph metadata key (with exporters.onnx.METADATA_PREFIX) of the description quantize_onnx returns.
+# Graph metadata key (with exporters.specs.METADATA_PREFIX) of the description quantize_onnx returns.
 QUANTIZATION_KEY = "quantization"
 PRODUCTS = ("MatMul", "Gemm")
 # How far (in nodes) from a product to the ArgMax that reads it: the hashing reshapes and concatenates the
@@ -53,7 +54,6 @@ def quantize_onnx(source: str | os.PathLike, destination: str | os.PathLike) -> 
     ExportError with a one-line message."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .onnx import METADATA_PREFIX
 
     source, destination = Path(source), Path(destination)
     graph = onnx.load(source, load_external_data=False)
@@ -147,7 +147,6 @@ def quiet_quantizer():
 
 def quantization_of(path: str | os.PathLike) -> dict | None:
     """The description a quantized graph records (quantize_onnx), None for an fp32 graph."""
-    from .onnx import METADATA_PREFIX
 
     graph = onnx.load(path, load_external_data=False)
     for entry in graph.metadata_props:

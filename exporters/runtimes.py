@@ -1,18 +1,15 @@
-"""The runtime an export's verification needs, checked before any slow step: ONNX graphs are verified with
-ONNX Runtime (either build, `onnxruntime` or `onnxruntime-gpu`, an optional dependency), AOTInductor packages
-and TorchScript files with torch itself (an AOTInductor export also needs a C++ compiler:
-exporters.aoti.require_compiler)."""
+"""The runtime an ONNX export's verification needs, checked before any slow step (exporters.formats,
+`require`): ONNX Runtime, either build, `onnxruntime` or `onnxruntime-gpu`, an optional dependency.
+AOTInductor packages and TorchScript files are verified with torch itself (an AOTInductor export also needs a
+C++ compiler: exporters.aoti.require_compiler)."""
 
 from __future__ import annotations
 
 from .errors import ExportError, first_line
 
 
-def require_runtime(fmt: str, verify: bool) -> None:
-    """Raise ExportError, with the install command, when verifying a `fmt` export needs a runtime that does
-    not import here."""
-    if fmt != "onnx" or not verify:
-        return
+def require_onnxruntime() -> None:
+    """Raise ExportError, with the install command, when ONNX Runtime does not import here."""
     try:
         # A name from the package, not just the package: the folder that uninstalling one of two builds
         # installed together leaves behind imports as an empty namespace package.

@@ -1,5 +1,6 @@
-"""One export spec per task: what the graph takes, what it returns, which axes are dynamic, how close it
-must stay to eager. Exporters and the verifier read only this."""
+"""One export spec per task: what the graph takes, what it returns, which axes are dynamic (named: the ONNX
+dimensions and torch.export's, exporters.program, both come from them), how close it must stay to eager.
+The exporters and the verifier take a graph's inputs, outputs and axes from here."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .choices import DEFAULT_OPSET  # noqa: F401  (exporters.decoder imports it from here)
 from .choices import TASK_HEADS
 from .errors import ExportError
 
@@ -35,7 +35,7 @@ class TaskSpec:
             # reformer/attention/flex.py says why torch.export does not take FlexAttention yet.
             raise ExportError(f"models with attn_implementation={model.config.attn_implementation!r} do not export "
                               "yet: call model.set_attn_implementation('eager') first (the same numbers)")
-        return ExportWrapper(model, self.output_names, with_buckets or replay, replay)
+        return ExportWrapper(model, self, with_buckets or replay, replay)
 
     def input_names(self, lsh_layers: int = 0, replay: bool = False) -> list[str]:
         return list(INPUT_NAMES) + ([f"{FORCED_BUCKETS_PREFIX}{index}" for index in range(lsh_layers)] if replay else [])
@@ -76,19 +76,27 @@ class ExportWrapper(nn.Module):
     what is left of the difference to eager is arithmetic, and checks every bucket it would have chosen
     otherwise. A twin is never shipped."""
 
-    def __init__(self, model: nn.Module, output_names: tuple[str, ...], with_buckets: bool, replay: bool = False):
+    def __init__(self, model: nn.Module, spec: TaskSpec, with_buckets: bool, replay: bool = False):
         super().__init__()
         self.model = model
-        self.output_names = output_names
+        self.spec = spec
         self.with_buckets = with_buckets
         self.replay = replay
+
+    def input_names(self) -> list[str]:
+        return self.spec.input_names(self.model.config.attn_layers.count("lsh"), self.replay)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """The spec's axes of this graph's inputs and outputs, named (the ONNX dimensions' names and, through
+        exporters.program.dynamic_shapes, torch.export's dimensions)."""
+        return self.spec.dynamic_axes(self.model.config.attn_layers.count("lsh"), self.with_buckets, self.replay)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 forced_buckets: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
         if self.replay != (forced_buckets is not None):
             raise ValueError("forced_buckets are the verification twin's input, and only its")
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, forced_buckets=forced_buckets)
-        tensors = tuple(getattr(output, name) for name in self.output_names)
+        tensors = tuple(getattr(output, name) for name in self.spec.output_names)
         return tensors + tuple(output.buckets) if self.with_buckets else tensors
 
 
@@ -130,6 +138,10 @@ def wrapper_example_inputs(wrapper: ExportWrapper, config, max_length: int, devi
     with torch.no_grad():
         buckets = wrapper.model(input_ids=input_ids, attention_mask=attention_mask).buckets
     return input_ids, attention_mask, tuple(buckets)
+
+
+# The key prefix of a graph's description entries in ONNX metadata (exporters.onnx, exporters.quantize).
+METADATA_PREFIX = "reformer_export."
 
 
 def graph_description(config, spec: TaskSpec, *, max_length: int, dtype: str, with_buckets: bool) -> dict:

@@ -11,17 +11,22 @@ tensor. The graph holds only ATen ops, which libtorch runs without Python."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
+import os
 import warnings
 
 import torch
 from torch import nn
 
 from reformer.files import atomic_write
+from reformer.sampling import DECODER_CONFIG_NAME
 
+from .decoder_graphs import DecoderGraphs, example_prompt
 from .errors import ExportError, first_line
 from .precision import model_as
+from .runners import module_runner
 from .specs import TaskSpec, embedded_description, resolve_max_length, wrapper_example_inputs
 
 METADATA_NAME = "reformer_export.json"
@@ -81,8 +86,14 @@ def export_torchscript(
                                        device=device)
     description.update(trace_shape=list(example[0].shape), **(metadata or {}))
     extra_files = {METADATA_NAME: json.dumps(description, indent=2, sort_keys=True)}
-    with legacy_jit():
-        atomic_write(path, lambda temporary: torch.jit.save(traced, temporary, _extra_files=extra_files))
+    atomic_write(path, lambda temporary: save_module(traced, temporary, extra_files))
+
+
+def save_module(module: torch.jit.ScriptModule, path: str, extra_files: dict[str, str]) -> None:
+    """torch.jit.save through a Python file, whose failed writes raise OSError: given a path, torch writes
+    in C++ and a full disk aborts the whole process (its zip writer throws from a destructor)."""
+    with legacy_jit(), open(path, "wb") as handle:
+        torch.jit.save(module, handle, _extra_files=extra_files)
 
 
 def load_metadata(path: str) -> dict:
@@ -93,7 +104,7 @@ def load_metadata(path: str) -> dict:
     return json.loads(extra_files[METADATA_NAME])
 
 
-def node_kinds(module: torch.jit.ScriptModule) -> list[str]:
+def module_node_kinds(module: torch.jit.ScriptModule) -> list[str]:
     """The kind of every node of the module's inlined graph, nested blocks included."""
     kinds = []
 
@@ -109,4 +120,45 @@ def node_kinds(module: torch.jit.ScriptModule) -> list[str]:
 
 def non_host_ops(module: torch.jit.ScriptModule) -> list[str]:
     """Kinds of the nodes (nested blocks included) that a libtorch host cannot run without Python."""
-    return [kind for kind in node_kinds(module) if not kind.startswith(HOST_OP_NAMESPACES) or kind == PYTHON_OP]
+    return [kind for kind in module_node_kinds(module) if not kind.startswith(HOST_OP_NAMESPACES) or kind == PYTHON_OP]
+
+
+def export_decoder(decoder, folder: str, description: dict) -> None:
+    """The prefill (`forward`) and step (`step`) of causal-lm-with-past (exporters.decoder_graphs) as one module
+    (description["files"]["module"]), decoder_config.json's content as an extra file."""
+    prompt = example_prompt(decoder.config, description["max_length"])
+    _, cache = decoder.prefill(prompt)
+    module = DecoderGraphs(decoder).eval()
+    with legacy_jit():
+        traced = torch.jit.trace_module(
+            module, {"forward": (prompt,), "step": (prompt[:, -1:].clone(), *cache.tensors())}, check_trace=False)
+    foreign = sorted(set(non_host_ops(traced)) | set(non_host_ops(traced.step)))
+    if foreign:
+        raise ExportError(f"the traced decoder holds ops a C++ host cannot run without Python: {', '.join(foreign)}")
+    extra_files = {DECODER_CONFIG_NAME: json.dumps(description, indent=2, sort_keys=True)}
+    save_module(traced, os.path.join(folder, description["files"]["module"]), extra_files)
+
+
+def decoder_callables(folder: str, files: dict[str, str]) -> dict:
+    """{"prefill": the module's `forward`, "step": its `step`} (export_decoder's module in folder), on the CPU."""
+    with legacy_jit():
+        module = torch.jit.load(os.path.join(folder, files["module"]), map_location="cpu")
+    return {"prefill": module.forward, "step": module.step}
+
+
+def node_kinds(path: str) -> collections.Counter:
+    """How many nodes of each kind the module in the file at path has."""
+    with legacy_jit():
+        return collections.Counter(module_node_kinds(torch.jit.load(path, map_location="cpu")))
+
+
+def open_runner(path: str, device: str, tf32: bool = False) -> tuple:
+    """(exporters.runners.Runner, "") over the module in the file at path on device, or (None, why not)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return None, "torch sees no CUDA device"
+    try:
+        with legacy_jit():
+            module = torch.jit.load(path, map_location=device)
+    except Exception as error:  # a file torch cannot load is a failed verification, not a crash
+        raise ExportError(f"cannot load TorchScript file {path}: {first_line(error)}") from None
+    return module_runner(module, device, tf32), ""

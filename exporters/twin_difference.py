@@ -6,29 +6,14 @@ from __future__ import annotations
 
 import collections
 
-import torch
+from .formats import GRAPH_FORMATS
 
 
 def twin_node_difference(path: str, twin_path: str, fmt: str) -> tuple[collections.Counter, collections.Counter]:
     """(node kinds only the twin has, node kinds only the shipped graph has), with their counts."""
-    shipped, twin = node_kinds(path, fmt), node_kinds(twin_path, fmt)
+    node_kinds = GRAPH_FORMATS[fmt].node_kinds
+    shipped, twin = node_kinds(path), node_kinds(twin_path)
     return twin - shipped, shipped - twin
-
-
-def node_kinds(path: str, fmt: str) -> collections.Counter:
-    if fmt == "onnx":
-        import onnx
-
-        model = onnx.load(path, load_external_data=False)
-        return collections.Counter(node.op_type for node in model.graph.node)
-    if fmt == "aoti":  # the compiled package holds no graph; its description counts the exported program's ops
-        from .aoti import load_metadata
-
-        return collections.Counter(load_metadata(path)["program_ops"])
-    from .torchscript import legacy_jit, node_kinds as torchscript_node_kinds
-
-    with legacy_jit():
-        return collections.Counter(torchscript_node_kinds(torch.jit.load(path, map_location="cpu")))
 
 
 def twin_difference_text(extra: dict[str, int], missing: dict[str, int]) -> str:

@@ -48,9 +48,10 @@ from .comparison import (
     run_checked,
 )
 from .errors import ExportError
+from .formats import GRAPH_FORMATS
 from .near_ties import PRECISIONS, Disagreement, Precision, certify, lsh_layers, recorded_hash_inputs
 from .precision import check_device, model_as
-from .runners import FORMATS, RUNTIMES, Runner, open_runtime, tf32_matmuls
+from .runners import Runner, tf32_matmuls
 from .specs import TaskSpec
 from .task_verdict import Sample, TaskVerdict, judge
 from .twin_difference import twin_node_difference
@@ -74,8 +75,8 @@ def verify_export(
     quantized: bool = False,
     held_out: torch.Tensor | None = None,
 ) -> VerificationReport:
-    """Run the graph at `path` on every runtime present (or those named in `runtimes`, from RUNTIMES) at
-    `shapes` (batch, length; default `default_shapes`) and compare with eager `model` on the same device in
+    """Run the graph at `path` on every runtime present (or those named in `runtimes`, from its format's
+    `runtimes`: exporters.formats) at `shapes` (batch, length; default `default_shapes`) and compare with eager `model` on the same device in
     `dtype` (with `tf32`: CUDA runtimes and eager with TF32 matmuls, judged by the fp16 rule). `twin_path`:
     the graph's verification twin, needed when the model has LSH layers (else their rows fail, saying so).
     `device` is the device the graph was exported on (CUDA exports get a note when no CUDA runtime could
@@ -83,24 +84,27 @@ def verify_export(
     the rows' tolerance and near-tie certificates, which its rows report as information; `held_out`: token
     windows (W, L) for its LM metrics (exporters.models.held_out_windows; None: the verifier's inputs).
     Never raises for a failed comparison: the report carries it."""
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt not in GRAPH_FORMATS:
+        raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(GRAPH_FORMATS)}")
     check_device(device)
-    unknown = sorted(set(runtimes or ()) - set(RUNTIMES[fmt]))
+    graph_format = GRAPH_FORMATS[fmt]
+    unknown = sorted(set(runtimes or ()) - set(graph_format.runtimes))
     if unknown:
-        raise ExportError(f"unknown runtime {', '.join(unknown)} for {fmt}: choose from {', '.join(RUNTIMES[fmt])}")
+        raise ExportError(f"unknown runtime {', '.join(unknown)} for {fmt}: choose from "
+                          f"{', '.join(graph_format.runtimes)}")
     config = model.config
     shapes = list(shapes) if shapes is not None else default_shapes(config)
     report = VerificationReport(fmt, str(path))
     if twin_path is not None:
         extra, missing = twin_node_difference(str(path), str(twin_path), fmt)
         report.twin_extra_nodes, report.twin_missing_nodes = dict(extra), dict(missing)
-    for name in runtimes or RUNTIMES[fmt]:
-        runner, reason = open_runtime(name, fmt, str(path), tf32)
+    for name in runtimes or graph_format.runtimes:
+        device_of_runtime = name.rsplit("-", 1)[1]
+        runner, reason = graph_format.open_runner(str(path), device_of_runtime, tf32)
         if runner is None:
             report.skipped.append(f"{name}: {reason}")
             continue
-        twin = None if twin_path is None else open_runtime(name, fmt, str(twin_path), tf32)[0]
+        twin = None if twin_path is None else graph_format.open_runner(str(twin_path), device_of_runtime, tf32)[0]
         eager = spec.wrap(model_as(model, dtype, runner.device), with_buckets=True)
         samples = [] if quantized else None
         for batch, length in shapes:

@@ -8,6 +8,7 @@ _MODULE_OF = {
     "CheckpointError": ".checkpoint",
     "ConfigError": ".config",
     "MODEL_CLASSES": ".models",
+    "ModelFileError": ".file_checks",
     "ReformerConfig": ".config",
     "ReformerForMaskedLM": ".models",
     "ReformerForQuestionAnswering": ".models",

@@ -14,8 +14,10 @@ import re
 import torch
 
 from .config import CONFIG_NAME, ConfigError, ReformerConfig
+from .file_checks import stays_inside
 from .files import atomic_write, write_json
 from .messages import first_line
+from .tokenizer import TOKENIZER_FILES
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -24,8 +26,8 @@ PYTORCH_NAME = "pytorch_model.bin"
 LEGACY_ALIASES = {"lm_head.bias": "lm_head.decoder.bias"}
 # A Hub model id as huggingface_hub spells it: namespace/name, each of letters, digits, '-', '_' and '.'.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-# What a checkpoint needs from a Hub repository (read_state_dict picks among the weight files).
-HUB_CHECKPOINT_FILES = [CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME, PYTORCH_NAME]
+# What a checkpoint needs from a Hub repository (read_state_dict picks among the weight files), and its tokenizer.
+HUB_CHECKPOINT_FILES = [CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME, PYTORCH_NAME, *TOKENIZER_FILES]
 # The dtypes a model loads in (transformers' `dtype` takes them as torch dtypes or by name).
 FLOAT_DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64")}
 
@@ -35,41 +37,89 @@ class CheckpointError(ValueError):
 
 
 def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint directory, read without running any pickled code."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Tensors of a checkpoint directory, read without running any pickled code, and from files inside the
+    directory only (a shard index naming `../x` is refused)."""
     directory = os.fspath(directory)
-    try:
-        if os.path.isfile(os.path.join(directory, SAFETENSORS_NAME)):
-            return load_file(os.path.join(directory, SAFETENSORS_NAME))
-        index_path = os.path.join(directory, SAFETENSORS_INDEX_NAME)
-        if os.path.isfile(index_path):
-            with open(index_path, encoding="utf-8") as handle:
-                shards = sorted(set(json.load(handle)["weight_map"].values()))
-            state = {}
-            for shard in shards:
-                state.update(load_file(os.path.join(directory, shard)))
-            return state
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read safetensors weights in {directory}: {error}") from None
+    if os.path.isfile(os.path.join(directory, SAFETENSORS_NAME)):
+        return read_safetensors(os.path.join(directory, SAFETENSORS_NAME))
+    index_path = os.path.join(directory, SAFETENSORS_INDEX_NAME)
+    if os.path.isfile(index_path):
+        state = {}
+        for shard in shard_paths(index_path):
+            state.update(read_safetensors(shard))
+        return state
     pytorch_path = os.path.join(directory, PYTORCH_NAME)
     if os.path.isfile(pytorch_path):
-        try:
-            state = torch.load(pytorch_path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise CheckpointError(
-                f"{pytorch_path} holds more than tensors and was not loaded (only weights are unpickled): "
-                f"{first_line(error)}"
-            ) from None
-        except (RuntimeError, EOFError, OSError) as error:
-            raise CheckpointError(f"cannot read {pytorch_path}: {first_line(error)}") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{pytorch_path} does not hold a state dict of tensors")
-        return state
+        return read_pytorch_weights(pytorch_path)
     raise CheckpointError(
         f"no weights in {directory}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} or {PYTORCH_NAME}"
     )
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """safetensors checks the header against the file (sizes, offsets, dtypes) before reading any tensor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"cannot read safetensors weights {path}: {first_line(error)}") from None
+
+
+def shard_paths(index_path: str) -> list[str]:
+    """The shard files a safetensors index names, each a file inside the index's folder (symbolic links
+    there are followed, as in the Hugging Face cache, whose snapshot files link to its blobs)."""
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+    except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {index_path}: {first_line(error)}") from None
+    for shard in shards:
+        if not isinstance(shard, str) or not stays_inside(shard):
+            raise CheckpointError(f"{index_path} names the shard {shard!r}, which is not a file in its folder")
+    return [os.path.join(os.path.dirname(index_path), shard) for shard in shards]
+
+
+def read_pytorch_weights(pytorch_path: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(pytorch_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{pytorch_path} holds more than tensors and was not loaded (only weights are unpickled): "
+            f"{first_line(error)}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"cannot read {pytorch_path}: {first_line(error)}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{pytorch_path} does not hold a state dict of tensors")
+    return state
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (MemAvailable), else its free pages, else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(config: ReformerConfig, config_path: str) -> None:
+    """Refuse, before anything is allocated, a config whose weights alone (built in fp32, heads not counted)
+    would not fit in the memory available: a hostile or mistyped config.json otherwise ends in the allocator's
+    traceback, or in the machine swapping."""
+    needed, available = 4 * config.base_parameter_count, available_memory()
+    if available is not None and needed > available:
+        raise CheckpointError(f"{config_path} describes a model of {config.base_parameter_count:,} parameters, whose "
+                              f"fp32 weights need {needed / 2**30:,.1f} GiB; this machine has "
+                              f"{available / 2**30:,.1f} GiB available")
 
 
 def is_hub_id(text: str) -> bool:
@@ -77,8 +127,8 @@ def is_hub_id(text: str) -> bool:
 
 
 def download_checkpoint(hub_id: str) -> str:
-    """The local snapshot (in huggingface_hub's cache) of the config and weights of Hub model `hub_id`.
-    Raises CheckpointError, in one line, when huggingface_hub is missing or cannot provide it."""
+    """The local snapshot (in huggingface_hub's cache) of the config, weights and tokenizer files of Hub model
+    `hub_id`. Raises CheckpointError, in one line, when huggingface_hub is missing or cannot provide it."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -181,6 +231,7 @@ class CheckpointMixin:
                 raise CheckpointError(str(error)) from None
         if attn_implementation is not None:
             config = dataclasses.replace(config, attn_implementation=attn_implementation)
+        check_fits_in_memory(config, os.path.join(directory, CONFIG_NAME))
         model = cls(config)
         state = read_state_dict(directory)
         model.load_checkpoint_state(state)

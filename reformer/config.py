@@ -163,6 +163,21 @@ class ReformerConfig:
             return sum(self.num_buckets)
         return int(self.num_buckets)
 
+    @property
+    def base_parameter_count(self) -> int:
+        """Parameters of the base model (ReformerModel; a head adds its own): embeddings, and per layer the
+        attention projections, the feed-forward block and their layer norms; known before any is allocated."""
+        hidden, inner = self.hidden_size, self.num_attention_heads * self.attention_head_size
+        if self.axial_pos_embds:
+            positions = sum(length * dim for length, dim in zip(self.axial_pos_shape, self.axial_pos_embds_dim))
+        else:
+            positions = self.max_position_embeddings * hidden
+        projections = {"lsh": 2, "local": 3}  # LSH shares one projection between queries and keys
+        attention = sum(projections[kind] * hidden * inner + inner * hidden + 2 * hidden for kind in self.attn_layers)
+        feed_forward = self.num_hidden_layers * (2 * hidden + 2 * hidden * self.feed_forward_size
+                                                 + self.feed_forward_size + hidden)
+        return self.vocab_size * hidden + positions + attention + feed_forward + 4 * hidden
+
     def validate(self) -> None:
         def require(condition: bool, message: str) -> None:
             if not condition:

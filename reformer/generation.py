@@ -19,6 +19,7 @@ that hold filler (zero states, the padding bucket) which no attention sees.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -31,6 +32,7 @@ from .attention.chunking import length_as_tensor
 from .config import ReformerConfig
 from .models import ReformerModelWithLMHead
 from .sampling import LEFT_PADDING, PAST_LENGTH, Prompts, TokenChooser, generation_steps
+from .tokenizer import Tokenizer, text_generation
 
 
 @dataclass
@@ -211,6 +213,14 @@ def generate(model: ReformerModelWithLMHead, input_ids, max_new_tokens: int, use
     prompts, choose, decoding = start_generation(model, input_ids, attention_mask, options)
     steps = list(generation_steps(decoding, prompts, choose, max_new_tokens, use_cache))
     return torch.from_numpy(np.concatenate([prompts.ids, np.stack(steps, axis=1)], axis=1)).to(decoding.device)
+
+
+def generate_text(model: ReformerModelWithLMHead, tokenizer: Tokenizer | None, prompts, max_new_tokens: int,
+                  **options) -> str | list[str]:
+    """Text in, text out: each prompt (a text, or a list of texts of any lengths) followed by up to
+    `max_new_tokens` generated tokens' text, up to the `eos_token_id` where given; options as for `generate`.
+    tokenizer: the checkpoint's, `reformer.tokenizer.load_tokenizer(directory, model.config.vocab_size)`."""
+    return text_generation(functools.partial(generate, model), tokenizer, prompts, max_new_tokens, options)
 
 
 def start_generation(model: ReformerModelWithLMHead, input_ids, attention_mask, options: dict

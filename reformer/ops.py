@@ -75,9 +75,9 @@ def attend(
     """softmax(scale * query key^T + bias) value, within chunks: query B, H, K, S, D; key and value
     B, H, K, T, D; bias broadcast to B, H, K, S, T -> B, H, K, S, D. Dropout (training only) acts on the
     probabilities; exported graphs are for inference and have none."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale + bias
-    probs = torch.nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=dropout > 0)
-    return torch.matmul(probs, value)
+    # The scores are not kept in a name: eager frees them once softmax has written the probabilities.
+    probs = torch.softmax(torch.matmul(query, key.transpose(-1, -2)) * scale + bias, dim=-1)
+    return torch.matmul(torch.nn.functional.dropout(probs, p=dropout, training=dropout > 0), value)
 
 
 @replaceable

@@ -1,11 +1,14 @@
-"""Running exported Reformer graphs with ONNX Runtime, for applications: numpy and onnxruntime only.
+"""Running exported Reformer graphs with ONNX Runtime, for applications: numpy and onnxruntime only (text in and
+out: the `text` extra's tokenizers and sentencepiece, see reformer/tokenizer.py).
 
 - `OnnxModel(path)`: one exported task graph (`reformer-export --format onnx`); call it with token ids and an
-  optional mask, get the task's named outputs as arrays.
+  optional mask (or text, where the graph carries its checkpoint's tokenizer), get the task's named outputs as
+  arrays.
 - `OnnxGenerator(directory)`: text generation over the prefill and decoder-step graphs that
   `reformer-export --task causal-lm-with-past` writes (see exporters/decoder.py for the directory layout), with
   the options and prompt batches of eager `reformer.generation.generate`, whose loop (`reformer.sampling`) it
-  runs: `generate` returns the sequences, `stream` yields each step's tokens as they come.
+  runs: `generate` returns the sequences, `stream` yields each step's tokens as they come, `generate_text` takes
+  and returns text.
   On CUDA the cache stays on the device between steps (IO binding); only the last logits come to the host.
 
 The same calls on a model served by Triton Inference Server: `exporters.triton.client.TritonModel`.
@@ -14,7 +17,8 @@ Providers default to CUDA (when this onnxruntime build has it) then CPU. ONNX Ru
 the CPU when CUDA cannot load: `providers_in_use` says what a session really runs on.
 
 Sessions (`open_session`, which both classes use) get every optimisation (ORT_ENABLE_ALL), keep ONNX Runtime's
-CPU arena and memory patterns (open_session's comment has the measurements), and on CUDA the options of
+CPU arena, go without its memory patterns and planned buffer reuse, let idle intra-op threads sleep instead
+of spinning (open_session's comments have the measurements), and on CUDA the options of
 `cuda_provider_options`: an arena that grows by what a run asks for, strict fp32 matmuls as eager PyTorch
 computes them (`tf32=True` allows TF32), copies on the compute stream. An arena keeps the most any run needed
 until its session ends; with `shrink_arena=True` the classes hand back what no tensor uses after each run that
@@ -28,7 +32,7 @@ returns host arrays, so its outputs are copied to the host either way.
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import re
 from typing import Iterator, Sequence
@@ -36,9 +40,18 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnxruntime
 
+from .file_checks import check_external_data, check_graph, read_decoder_description
 from .sampling import Prompts, TokenChooser, generation_steps
+from .tokenizer import (
+    Tokenizer,
+    files_from_metadata,
+    is_text,
+    load_tokenizer,
+    prompt_ids,
+    text_generation,
+    tokenizer_from_files,
+)
 
-DECODER_CONFIG_NAME = "decoder_config.json"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # Task graphs may also output each LSH layer's buckets, for verification: `buckets_0`, `buckets_1`, ...
@@ -87,9 +100,11 @@ def open_session(path: str | os.PathLike, providers: Sequence | None = None, qui
                  threads: int | None = None, tf32: bool = False,
                  profile_prefix: str | None = None) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session on `providers` (names, or (name, options) pairs; default `default_providers()`),
+    for a graph whose external data lie in its folder (reformer.file_checks.check_external_data: ModelFileError),
     CUDA with `cuda_provider_options(tf32)` under any options given. quiet: errors only, for callers that
     report a provider that could not start themselves; threads: intra-op threads (None: one per core);
     profile_prefix: write ONNX Runtime's profile of every run (`session.end_profiling()` names the file)."""
+    check_external_data(path)
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     # No memory pattern: ONNX Runtime plans one after a run for the shapes it saw and from then on allocates all
@@ -99,6 +114,18 @@ def open_session(path: str | os.PathLike, providers: Sequence | None = None, qui
     # ms, one thread). The arena stays: without it the same forwards peaked at 0.53 GiB.
     options.enable_mem_pattern = False
     options.enable_cpu_mem_arena = True
+    # No planned reuse: ONNX Runtime's planner gives an output the freed buffer of an earlier one of exactly the
+    # same size, and a buffer is released only after the last tensor placed in it, so reuse chains span the
+    # forward and each tensor size keeps as many buffers as it ever had live at once, at peaks that never
+    # coincide. The `small` model at 65,536 tokens (CPU, 2 threads) peaked at 1.24 GiB with it and 0.80
+    # without, where the tensors live at once in ONNX Runtime's execution order never exceed 0.48 GiB; the
+    # arena's reuse of freed blocks serves every size instead. At 4,096 tokens forwards took as long either
+    # way (interleaved, 1 thread: fp32 810 and 791 ms, int8 396 and 386 ms; byte-lm generation the same).
+    options.enable_mem_reuse = False
+    # Idle intra-op threads sleep instead of spinning. With two threads on a 2-core machine shared with other
+    # work, spinning workers fight the main thread and the other processes for the cores: the int8 `small`
+    # graph at 4,096 tokens took 146-150 ms spinning and 103-127 ms not (fp32: 205 against 194-230 ms).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if quiet:
         options.log_severity_level = 3
     if threads:
@@ -165,15 +192,26 @@ class OnnxModel:
                              if bucket_outputs or not BUCKET_OUTPUT.fullmatch(output.name)]
         # Padding is masked out, so its id changes no output at a real position.
         self.pad_token_id = pad_token_id
+        self.path = os.fspath(path)
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer | None:
+        """The tokenizer the graph carries in its metadata (exports of checkpoints with tokenizer files), None
+        when it carries none (a byte-vocabulary graph: use reformer.tokenizer.ByteTokenizer). Read on first use,
+        so that graphs run without the `text` extra's libraries."""
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        return tokenizer_from_files(files_from_metadata(metadata), None, self.path)
 
     @property
     def providers_in_use(self) -> list[str]:
         return self.session.get_providers()
 
     def __call__(self, input_ids, attention_mask=None) -> dict[str, np.ndarray]:
-        """input_ids: int array B, L or a list of token-id lists (ragged rows are padded for you);
-        attention_mask: same shape, 1 for real tokens (None: all real). Returns {output name: array}; outputs
-        at padded positions are not defined."""
+        """input_ids: int array B, L or a list of token-id lists (ragged rows are padded for you), or a text or
+        list of texts for a graph that carries its tokenizer; attention_mask: same shape, 1 for real tokens
+        (None: all real). Returns {output name: array}; outputs at padded positions are not defined."""
+        if is_text(input_ids):
+            input_ids = prompt_ids(self.tokenizer, input_ids)
         ids, mask = pad_batch(input_ids, attention_mask, self.pad_token_id)
         feeds = {"input_ids": ids, "attention_mask": mask}
         outputs = self.session.run(self.output_names, {name: feeds[name] for name in self.input_names},
@@ -192,18 +230,12 @@ class OnnxGenerator:
         hand back the arena memory it grew and no longer uses (see `shrink_arena_run_options`). Steps keep
         theirs: a shrink after each would free and allocate again for every token."""
         self.directory = os.fspath(directory)
-        path = os.path.join(directory, DECODER_CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {DECODER_CONFIG_NAME} in {directory}: export with --task causal-lm-with-past")
-        with open(path, encoding="utf-8") as handle:
-            self.description = json.load(handle)
-        if self.description["format"] != "onnx":
-            raise ValueError(f"{directory} holds a {self.description['format']} export, not ONNX")
-        if "max_length" not in self.description:
-            raise ValueError(f"{directory} was exported by an older version (no max_length in {DECODER_CONFIG_NAME}): "
-                             f"export it again")
-        self.sessions = {kind: open_session(os.path.join(directory, file), providers, threads=threads, tf32=tf32)
-                         for kind, file in self.description["files"].items()}
+        self.description = read_decoder_description(directory)
+        self.sessions = {}
+        for kind, file in self.description["files"].items():
+            path = os.path.join(directory, file)
+            self.sessions[kind] = open_session(path, providers, threads=threads, tf32=tf32)
+            check_graph(self.sessions[kind], self.description, kind, path)
         self.run_options = {kind: shrink_arena_run_options(session) if shrink_arena and kind == "prefill" else None
                             for kind, session in self.sessions.items()}
         self.device = "cuda" if CUDA in self.sessions["step"].get_providers() else "cpu"
@@ -216,6 +248,19 @@ class OnnxGenerator:
     @property
     def providers_in_use(self) -> list[str]:
         return self.sessions["step"].get_providers()
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer | None:
+        """The model's tokenizer (reformer.tokenizer.load_tokenizer): the tokenizer files the export carries
+        beside decoder_config.json, else the byte tokenizer for a byte vocabulary, else None. Read on first use,
+        so that exports run as token ids without the `text` extra's libraries."""
+        return load_tokenizer(self.directory, self.vocab_size)
+
+    def generate_text(self, prompts, max_new_tokens: int, **options) -> str | list[str]:
+        """Text in, text out: each prompt (a text, or a list of texts of any lengths) followed by up to
+        `max_new_tokens` generated tokens' text, up to the `eos_token_id` where given; options as for
+        `generate`. reformer.tokenizer.TokenizerError when the export has no usable tokenizer."""
+        return text_generation(self.generate, self.tokenizer, prompts, max_new_tokens, options)
 
     def generate(self, input_ids, max_new_tokens: int, attention_mask=None, **options) -> np.ndarray:
         """The prompts followed by up to `max_new_tokens` new tokens: int64 B, T + new tokens.

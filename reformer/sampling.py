@@ -26,6 +26,9 @@ import numpy as np
 LEFT_PADDING = "left_padding"
 # The name of the cache tensors' axis of positions in their described shapes.
 PAST_LENGTH = "past_length"
+# The file of a causal-lm-with-past export that says how to drive its graphs (the exporters write it, the
+# runtimes read it).
+DECODER_CONFIG_NAME = "decoder_config.json"
 
 
 @dataclass(frozen=True)

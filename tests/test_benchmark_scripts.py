@@ -38,6 +38,7 @@ def run_script(*arguments: str) -> subprocess.CompletedProcess:
                           timeout=120, check=False)
 
 
+@pytest.mark.slow  # the GPU script end to end on the CPU, about 40 s on 2 cores; its parts have fast tests here
 def test_quick_cpu_run_prints_the_table_and_writes_the_results(tmp_path):
     result = run_script("--out", str(tmp_path), "--quick", "--models", "tiny", "--lengths", "32",
                         "--checks", "verify,benchmark,cost", "--threads", "1")
@@ -337,9 +338,10 @@ def test_cpu_speed_says_which_rows_differ_from_eager_and_where():
     assert token_agreement(expected, actual, prompt_length=2) == "no: 2 of 3 rows, first at new token 2"
 
 
+@pytest.mark.slow
 def test_cpu_speed_runs_every_part_on_the_tiny_model_and_writes_its_tables(tmp_path):
-    """The whole script at the smallest sizes (no AOTInductor compile): about 40 s, most of it the worker
-    processes' imports."""
+    """The whole script at the smallest sizes (no AOTInductor compile). Slow: about 60 s on 2 cores, most of it
+    the worker processes' imports; the default run tests its tables and options."""
     out = tmp_path / "speed.md"
     result = subprocess.run([sys.executable, "-m", "benchmarks.cpu_speed", "--model", "tiny", "--lengths", "32",
                              "--threads", "1", "--memory-length", "64", "--memory-rounds", "1", "--generation-models",

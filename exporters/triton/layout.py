@@ -10,7 +10,9 @@ outputs, their dtypes and dims, what it records about itself) and renames the wh
     REPO/<model>-<task>/1/model.pt      backend pytorch (TorchScript)
     REPO/<model>-<task>/1/model.py      backend python: exporters.triton.backend through reformer.runtime
     REPO/<model>-causal-lm-with-past/1/graphs/   task causal-lm-with-past: the prefill and step graphs, served
-                                        by a python-backend generation loop (model.py)
+                                        by a python-backend generation loop (model.py), with the
+                                        checkpoint's tokenizer files (exporters/tokenizer_files.py; a task
+                                        graph carries them in its metadata)
 
 Every config.pbtxt is parsed with Triton's own schema (`tritonclient.grpc.model_config_pb2`) before anything
 is written: a field or enum Triton does not know fails the export. The Python backend is the default: it is
@@ -237,7 +239,7 @@ def onnx_tensors(path: str) -> tuple[dict, tuple[Tensor, ...], tuple[Tensor, ...
     infos; the first axis must be the dynamic batch axis (it is left out of dims)."""
     import onnx
 
-    from ..onnx import METADATA_PREFIX
+    from ..specs import METADATA_PREFIX
 
     model = onnx.load(path, load_external_data=False)
     description = {prop.key.removeprefix(METADATA_PREFIX): json_or_text(prop.value) for prop in model.metadata_props}

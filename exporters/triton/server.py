@@ -100,6 +100,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def model_processes(server_pid: int) -> dict[int, str]:
+    """The Python models' processes (the backend's stubs) of the server `server_pid`, which are in its process
+    group: pid -> the model's name (the folder of its model.py). Empty without /proc."""
+    found = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
+                group = int(handle.read().rsplit(")", 1)[1].split()[2])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read().decode(errors="replace").split("\0")
+        except (OSError, ValueError, IndexError):  # not a process, or one that just ended
+            continue
+        if group == server_pid and os.path.basename(command[0]) == PYTHON_STUB and len(command) > 1:
+            found[int(entry)] = os.path.basename(os.path.dirname(os.path.dirname(command[1])))
+    return found
+
+
 class TritonServer:
     """One tritonserver process on `repository`. Ports: None picks a free one (ports[name] says which)."""
 
@@ -173,6 +190,20 @@ class TritonServer:
                                     f"extra (numpy<2), or name the package folders of an environment with numpy<2 in "
                                     f"{PYTHONPATH_VARIABLE}")
         return environment_paths()
+
+    def wait(self, poll_seconds: float = 0.5) -> None:
+        """Block while the server and its models' processes run. Raises TritonServerError when the server exits
+        or a Python model's process ends (killed, or out of memory): Triton (2.51) then reports that model ready
+        and answers each of its requests with an error (`Stub process '<model>_0_0' is not healthy.`) without
+        restarting the process, so the server is no longer serving it."""
+        models = model_processes(self.process.pid)
+        while self.process.poll() is None:
+            ended = sorted(models[pid] for pid in set(models) - set(model_processes(self.process.pid)))
+            if ended:
+                raise TritonServerError(f"the process of model {', '.join(ended)} ended: tritonserver answers its "
+                                        "requests with errors and does not restart it")
+            time.sleep(poll_seconds)
+        raise TritonServerError(f"tritonserver exited with status {self.process.returncode}: {self.log_tail()}")
 
     def wait_until_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -79,6 +79,16 @@ def mis_shaped_weights(root: str) -> list[str]:
     return ["--model", directory]
 
 
+def config_beyond_memory(root: str) -> list[str]:
+    """A valid config.json asking for 10^9 hidden units (2.6e11 parameters, the word embeddings most)."""
+    directory = save_checkpoint(os.path.join(root, "ckpt"))
+    config = json.load(open(os.path.join(directory, "config.json")))
+    config.update(hidden_size=10**9, axial_pos_embds=False)
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        json.dump(config, handle)
+    return ["--model", directory]
+
+
 def code_running_pickle(root: str) -> list[str]:
     directory = save_checkpoint(os.path.join(root, "ckpt"))
     os.remove(os.path.join(directory, "model.safetensors"))
@@ -107,6 +117,14 @@ def output_is_a_dir(root: str) -> list[str]:
     return ["--output", os.path.join(root, "taken")]
 
 
+def symlinked(option: str, name: str) -> Callable[[str], list[str]]:
+    """The path given links to one that does not exist yet: writing through the link would create it."""
+    def arguments(root: str) -> list[str]:
+        os.symlink(os.path.join(root, "elsewhere"), os.path.join(root, name))
+        return [option, os.path.join(root, name)]
+    return arguments
+
+
 def report_in_missing_dir(root: str) -> list[str]:
     return ["--report", os.path.join(root, "missing", "report.json")]
 
@@ -127,6 +145,8 @@ BAD_INPUTS = [
     BadInput("config_without_weights", config_without_weights, "no weights in"),
     BadInput("mis_shaped_weights", mis_shaped_weights, "mis-shaped weight(s)"),
     BadInput("code_running_pickle", code_running_pickle, "holds more than tensors and was not loaded"),
+    BadInput("config_beyond_memory", config_beyond_memory,
+             "config.json describes a model of 260,000,000,064 parameters, whose fp32 weights need 968.6 GiB"),
     BadInput("model_is_a_file", model_is_a_file, "is a file"),
     BadInput("unknown_task", lambda root: ["--task", "translation"], "Invalid value for '--task'", 2),
     BadInput("task_does_not_fit_config", lambda root: ["--task", "masked-lm"], "needs a bidirectional model"),
@@ -135,6 +155,10 @@ BAD_INPUTS = [
     BadInput("output_in_missing_dir", output_in_missing_dir, "cannot write"),
     BadInput("output_is_a_dir", output_is_a_dir, "is a directory", 2),
     BadInput("report_in_missing_dir", report_in_missing_dir, "cannot write the report"),
+    BadInput("output_is_a_symlink", symlinked("--output", OUTPUT), "is a symbolic link (to"),
+    BadInput("report_is_a_symlink", symlinked("--report", "report.json"), "is a symbolic link (to"),
+    BadInput("triton_output_is_a_symlink", symlinked("--output", "repository"), "is a symbolic link (to",
+             format="triton"),
     BadInput("max_length_too_long", lambda root: ["--max-length", "100000"], "must be between 1 and"),
     BadInput("torchscript_max_length_too_long", lambda root: ["--max-length", "2000"], "must be between 1 and",
              format="torchscript"),
@@ -245,9 +269,11 @@ def load_report(path) -> dict:
         return json.load(handle)
 
 
-# aoti: two compiles (the package and its twin), 1.5 to 4 minutes on 2 cores; in the default run, since the
-# default model's package passing verification is what `--format aoti` promises.
-@pytest.mark.parametrize("format_,suffix", [("onnx", ".onnx"), ("aoti", ".pt2"), ("torchscript", ".pt")])
+# aoti: two compiles (the package and its twin), 1.5 to 4 minutes on 2 cores, so with the slow tests; the
+# default run exports AOTInductor packages through the CLI on a tiny model
+# (test_aoti_package_exports_verifies_and_reports_its_compile_time).
+@pytest.mark.parametrize("format_,suffix", [("onnx", ".onnx"), pytest.param("aoti", ".pt2", marks=pytest.mark.slow),
+                                            ("torchscript", ".pt")])
 def test_default_model_exports_verifies_and_reports(format_, suffix, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cli(["--format", format_, "--report", "report.json"])
@@ -433,7 +459,8 @@ def test_generation_export_applies_opset_custom_ops_and_max_length(tmp_path, mon
     import onnx
 
     import exporters.decoder
-    from exporters.decoder_files import CONFIG_NAME, FILES
+    from exporters.formats import GRAPH_FORMATS
+    from reformer.sampling import DECODER_CONFIG_NAME
 
     received = {}
     export_causal_lm_with_past = exporters.decoder.export_causal_lm_with_past
@@ -448,10 +475,10 @@ def test_generation_export_applies_opset_custom_ops_and_max_length(tmp_path, mon
                       "--custom-ops", "standard", "--max-length", "64", "--no-verify", "--output", "generation"])
     assert result.exit_code == 0, result.output
     assert received["max_length"] == 64  # what the graphs make of it, exporters.decoder's tests check
-    with open(tmp_path / "generation" / CONFIG_NAME, encoding="utf-8") as handle:
+    with open(tmp_path / "generation" / DECODER_CONFIG_NAME, encoding="utf-8") as handle:
         description = json.load(handle)
     assert description["opset"] == 20 and set(description["lowerings"].values()) == {"standard"}
-    for name in FILES["onnx"].values():
+    for name in GRAPH_FORMATS["onnx"].decoder_files.values():
         proto = onnx.load(tmp_path / "generation" / name)
         assert onnx_opset(proto) == 20, name
         assert all(node.domain == "" for node in proto.graph.node) and not proto.functions, name

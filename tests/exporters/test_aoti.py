@@ -65,7 +65,7 @@ def assert_matches_eager(task: str, model, path: str) -> None:
     exported_length = example_length(config.padding_multiple, config.max_position_embeddings)
     shapes = [(1, 1), (3, 1), (1, 3), (3, 11), (4, config.max_position_embeddings)]
     assert all(shape != (2, exported_length) for shape in shapes)
-    assert_graph_matches_eager(TASKS[task], model, load_package(path), shapes)
+    assert_graph_matches_eager(TASKS[task], model, "aoti", path, shapes)
 
 
 @pytest.mark.parametrize("task,name,values", TABLE)
@@ -143,9 +143,9 @@ def test_a_cpu_package_is_not_run_on_cuda(shared_package):
     """A package runs on the device it was compiled for; verification says so instead of failing."""
     _, path = shared_package
     if torch.cuda.is_available():
-        from exporters.runners import open_aoti
+        from exporters.aoti import open_runner
 
-        assert open_aoti(path, "cuda") == (None, "the package is compiled for cpu")
+        assert open_runner(path, "cuda") == (None, "the package is compiled for cpu")
     assert package_metadata(path)["AOTI_DEVICE_KEY"] == "cpu"
 
 

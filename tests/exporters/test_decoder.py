@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from exporters.decoder import export_causal_lm_with_past
-from exporters.decoder_files import CONFIG_NAME, FILES, load_graphs
+from exporters.decoder_verification import load_graphs
+from exporters.formats import GRAPH_FORMATS
+from reformer.sampling import DECODER_CONFIG_NAME
 from exporters.decoder_verification import decoder_mismatch
 from exporters.errors import ExportError, VerificationError
 from exporters.verification_failures import CountFailure, ShapesFailure, ValuesFailure
@@ -37,8 +39,8 @@ def onnx_export(tmp_path_factory):
 
 def test_onnx_export_layout_and_verification(onnx_export):
     model, directory, description, report = onnx_export
-    assert sorted(os.listdir(directory)) == sorted([CONFIG_NAME, *FILES["onnx"].values()])
-    with open(directory / CONFIG_NAME, encoding="utf-8") as handle:
+    assert sorted(os.listdir(directory)) == sorted([DECODER_CONFIG_NAME, *GRAPH_FORMATS["onnx"].decoder_files.values()])
+    with open(directory / DECODER_CONFIG_NAME, encoding="utf-8") as handle:
         assert json.load(handle) == description
     assert report.passed and len(report.rows) == 2, report.summary_table()
     for row in report.rows:
@@ -55,7 +57,7 @@ def test_onnx_export_layout_and_verification(onnx_export):
     assert description["max_length"] == MAX_LENGTH and description["max_position_embeddings"] == 128
     assert not [name for name in os.listdir(directory.parent) if name != "decoder"]  # no staging folder left
     for kind in ("prefill", "step"):
-        proto = onnx.load(directory / FILES["onnx"][kind])
+        proto = onnx.load(directory / GRAPH_FORMATS["onnx"].decoder_files[kind])
         assert {opset.domain: opset.version for opset in proto.opset_import}[""] == 20  # the requested opset
         graph = proto.graph
         assert [value.name for value in graph.input] == description[kind]["inputs"]
@@ -68,7 +70,8 @@ def test_onnx_step_matches_eager_step(onnx_export):
     import onnxruntime
 
     model, directory, description, _ = onnx_export
-    session = onnxruntime.InferenceSession(str(directory / FILES["onnx"]["step"]), providers=["CPUExecutionProvider"])
+    step_path = directory / GRAPH_FORMATS["onnx"].decoder_files["step"]
+    session = onnxruntime.InferenceSession(str(step_path), providers=["CPUExecutionProvider"])
     decoder = IncrementalDecoder(model)
     with torch.no_grad():
         _, cache = decoder.prefill(prompt(4, 21, seed=1))  # past length 21: window mode, several chunks
@@ -87,7 +90,8 @@ def test_onnx_step_on_left_padded_cache_matches_eager(onnx_export):
     import onnxruntime
 
     model, directory, description, _ = onnx_export
-    session = onnxruntime.InferenceSession(str(directory / FILES["onnx"]["step"]), providers=["CPUExecutionProvider"])
+    step_path = directory / GRAPH_FORMATS["onnx"].decoder_files["step"]
+    session = onnxruntime.InferenceSession(str(step_path), providers=["CPUExecutionProvider"])
     decoder = IncrementalDecoder(model)
     _, cache = left_padded_prefill(model, mixed_prompts())
     past = [tensor.numpy() for tensor in cache.tensors()]
@@ -120,10 +124,11 @@ def test_torchscript_decoder_runs_prefill_and_step(tmp_path):
     directory = tmp_path / "decoder"
     description, report = export_causal_lm_with_past(model, str(directory), "torchscript")
     assert report.passed, report.summary_table()
-    assert sorted(os.listdir(directory)) == sorted([CONFIG_NAME, FILES["torchscript"]["module"]])
-    extra = {CONFIG_NAME: ""}
-    torch.jit.load(str(directory / FILES["torchscript"]["module"]), _extra_files=extra)
-    assert json.loads(extra[CONFIG_NAME])["cache"] == description["cache"]
+    assert sorted(os.listdir(directory)) == sorted([DECODER_CONFIG_NAME,
+                                                    GRAPH_FORMATS["torchscript"].decoder_files["module"]])
+    extra = {DECODER_CONFIG_NAME: ""}
+    torch.jit.load(str(directory / GRAPH_FORMATS["torchscript"].decoder_files["module"]), _extra_files=extra)
+    assert json.loads(extra[DECODER_CONFIG_NAME])["cache"] == description["cache"]
     assert_graphs_match_eager(model, load_graphs(str(directory), "torchscript"), description)
 
 
@@ -136,11 +141,12 @@ def test_aoti_decoder_package_runs_prefill_and_step(tmp_path):
     directory = tmp_path / "decoder"
     description, report = export_causal_lm_with_past(model, str(directory), "aoti")
     assert report.passed and {row.runtime for row in report.rows} == {"aoti"}, report.summary_table()
-    assert sorted(os.listdir(directory)) == sorted([CONFIG_NAME, FILES["aoti"]["package"]])
+    assert sorted(os.listdir(directory)) == sorted([DECODER_CONFIG_NAME,
+                                                    GRAPH_FORMATS["aoti"].decoder_files["package"]])
     assert description["cpu_march"] == "x86-64-v3"
     for kind in ("prefill", "step"):  # what a C++ host reads with AOTIModelPackageLoader(path, kind).get_metadata()
-        metadata = package_metadata(str(directory / FILES["aoti"]["package"]), kind)
-        assert json.loads(metadata[CONFIG_NAME]) == description and "AVX512" not in metadata["AOTI_CPU_ISA"]
+        metadata = package_metadata(str(directory / GRAPH_FORMATS["aoti"].decoder_files["package"]), kind)
+        assert json.loads(metadata[DECODER_CONFIG_NAME]) == description and "AVX512" not in metadata["AOTI_CPU_ISA"]
     assert_graphs_match_eager(model, load_graphs(str(directory), "aoti"), description)
 
 
@@ -284,7 +290,7 @@ def test_export_api_task(tmp_path):
     assert result.passed and result.task == "causal-lm-with-past" and result.output == str(output)
     assert isinstance(result.verification, VerificationReport) and result.verification.passed
     assert all(row.replay_max_abs <= row.tolerance for row in result.verification.rows)
-    with open(output / CONFIG_NAME, encoding="utf-8") as handle:
+    with open(output / DECODER_CONFIG_NAME, encoding="utf-8") as handle:
         assert json.load(handle)["model_name"] == "tiny"
     with pytest.raises(ExportRequestError, match="fp32"):
         run_export(ExportRequest(format="onnx", task="causal-lm-with-past", dtype="fp16", output=str(tmp_path / "x")))

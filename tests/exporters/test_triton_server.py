@@ -207,3 +207,62 @@ def test_reformer_serve_serves_until_sigterm_and_stops_cleanly(served):
         process.send_signal(signal.SIGTERM)
         _, errors = process.communicate(timeout=60)
     assert process.returncode == 0 and "Stopped (server exit status 0)." in errors
+
+
+def test_model_process_killed_mid_request_gives_an_error_and_stops_reformer_serve(served):
+    """kill -9 of the generation model's process while it generates: the client gets an error within seconds,
+    not a hang, and reformer-serve, which Triton would leave reporting the model ready while failing every request
+    to it, exits with status 1 and one line naming the model. A server of its own: the module's keeps serving."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from exporters.triton.server import free_port, model_processes
+
+    server, _, _ = served
+    ports = [str(free_port()) for _ in range(3)]
+    command = [sys.executable, "-m", "cli.serve", server.repository, "--http-port", ports[0], "--grpc-port", ports[1],
+               "--metrics-port", ports[2]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outcome = {}
+
+    def long_generation() -> None:
+        started = time.monotonic()
+        try:
+            with TritonModel(GENERATION_MODEL, f"localhost:{ports[0]}", "http") as model:
+                outcome["tokens"] = model.generate(np.full((8, 1), 5, dtype=np.int64), MAX_LENGTH - 1)
+        except ServerError as error:
+            outcome["error"] = str(error)
+        outcome["seconds"] = time.monotonic() - started
+
+    try:
+        assert process.stdout.readline().startswith("Serving "), process.stderr.read()
+        triton = next(pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                      if parent_of(pid) == process.pid)
+        generation = [pid for pid, model in model_processes(triton).items() if model == GENERATION_MODEL]
+        request = threading.Thread(target=long_generation)
+        request.start()
+        time.sleep(1.0)
+        assert request.is_alive(), f"the request ended before its model's process could be killed: {outcome}"
+        os.kill(generation[0], signal.SIGKILL)
+        request.join(60)
+        assert not request.is_alive(), "the client still waits 60 s after its model's process was killed"
+        _, errors = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=60)
+    assert "tokens" not in outcome and "is not healthy" in outcome["error"], outcome
+    assert process.returncode == 1 and "Traceback" not in errors
+    assert errors.splitlines()[-1] == (f"Error: the process of model {GENERATION_MODEL} ended: tritonserver answers "
+                                       "its requests with errors and does not restart it")
+    assert server.is_ready()  # the module's server, on the same repository, is untouched
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None

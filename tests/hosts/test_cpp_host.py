@@ -27,7 +27,7 @@ import torch
 
 from exporters.aoti import export_aoti
 from exporters.decoder import export_causal_lm_with_past
-from exporters.decoder_files import CONFIG_NAME as DECODER_METADATA
+from reformer.sampling import DECODER_CONFIG_NAME as DECODER_METADATA
 from exporters.specs import TASKS
 from exporters.torchscript import METADATA_NAME, export_torchscript
 from reformer import ReformerConfig, ReformerModelWithLMHead, tokenizer

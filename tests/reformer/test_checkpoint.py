@@ -241,3 +241,64 @@ def test_hub_id_without_huggingface_hub_says_what_to_install(monkeypatch):
     with pytest.raises(reformer.CheckpointError, match="Hugging Face Hub ids need huggingface_hub: pip install "
                                                        "huggingface_hub"):
         reformer.ReformerModelWithLMHead.from_pretrained("google/reformer-enwik8")
+
+
+# ----- hostile files: one line naming the file, nothing read outside the checkpoint directory -----
+
+def lying_header(state_path, lie: str) -> None:
+    """Rewrite model.safetensors' JSON header (after its 8-byte length) so that it lies about the data."""
+    raw = state_path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + length]), raw[8 + length:]
+    name = next(key for key in header if key != "__metadata__")
+    if lie == "tensor_past_the_end":
+        header[name]["shape"], header[name]["data_offsets"] = [10**6, 10**6], [0, 4 * 10**12]
+    elif lie == "shape_bigger_than_its_bytes":
+        header[name]["shape"] = [dim * 2 for dim in header[name]["shape"]]
+    text = json.dumps(header).encode()
+    declared = 2**40 if lie == "header_longer_than_the_file" else len(text)
+    state_path.write_bytes(declared.to_bytes(8, "little") + text + data)
+
+
+@pytest.mark.parametrize("lie, problem", [
+    ("tensor_past_the_end", "invalid offset"),
+    ("shape_bigger_than_its_bytes", "invalid shape, data type, or offset"),
+    ("header_longer_than_the_file", "header too large"),
+])
+def test_safetensors_header_that_lies_about_sizes_is_refused(transformers_directory, lie, problem):
+    directory, _ = transformers_directory
+    lying_header(directory / "model.safetensors", lie)
+    with pytest.raises(reformer.CheckpointError) as error:
+        reformer.ReformerModelWithLMHead.from_pretrained(directory)
+    message = str(error.value)
+    assert message.startswith(f"cannot read safetensors weights {directory / 'model.safetensors'}: ") and problem in \
+        message and "\n" not in message
+
+
+@pytest.mark.parametrize("shard", ["../model.safetensors", "/tmp/model.safetensors", "a/../../model.safetensors"])
+def test_shard_index_naming_a_file_outside_the_directory_is_refused(transformers_directory, tmp_path, shard):
+    directory, _ = transformers_directory
+    os.replace(directory / "model.safetensors", tmp_path / "model.safetensors")  # a shard that would load
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.decoder.bias": shard}}))
+    with pytest.raises(reformer.CheckpointError) as error:
+        reformer.ReformerModelWithLMHead.from_pretrained(directory)
+    assert str(error.value) == (f"{directory / 'model.safetensors.index.json'} names the shard {shard!r}, which is "
+                                "not a file in its folder")
+
+
+def test_config_beyond_the_machines_memory_is_refused_before_allocating(transformers_directory, monkeypatch):
+    """10^9 hidden units: the error names what the weights need, and no weight was allocated (torch.empty,
+    which every parameter's allocation goes through, is never reached)."""
+    directory, _ = transformers_directory
+    config = json.loads((directory / "config.json").read_text())
+    config.update(hidden_size=10**9, axial_pos_embds=False)
+    (directory / "config.json").write_text(json.dumps(config))
+
+    def no_allocation(*arguments, **options):
+        raise AssertionError("a tensor was allocated")
+
+    monkeypatch.setattr(torch, "empty", no_allocation)
+    with pytest.raises(reformer.CheckpointError) as error:
+        reformer.ReformerModelWithLMHead.from_pretrained(directory)
+    assert str(error.value).startswith(f"{directory / 'config.json'} describes a model of ")
+    assert "parameters, whose fp32 weights need" in str(error.value) and "GiB available" in str(error.value)

@@ -197,3 +197,97 @@ def test_onnx_model_returns_task_outputs(tmp_path):
             logits = model(input_ids=rows).logits
         bound = rounding_bound(lambda: model(input_ids=rows).logits)
         assert_within(shrinking(rows.numpy())["logits"], logits, bound, f"{tuple(rows.shape)}")
+
+
+# ----- hostile files: refused in one line naming the file, before anything outside the folder is read -----
+
+def graph_with_external_weight(folder, location: str) -> str:
+    """y = a + w, w's 4 floats kept in external data at `location` (relative to the graph's folder)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        weight.external_data.add(key=key, value=value)
+    graph = helper.make_graph([helper.make_node("Add", ["input_ids", "w"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])], [weight])
+    path = os.path.join(folder, "model.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "../../outside.bin", "sub/../../outside.bin",
+                                      "inside-link.bin", "ABSOLUTE"])
+def test_external_data_outside_the_graphs_folder_is_refused(location, tmp_path):
+    from reformer import ModelFileError
+
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(np.full(4, 7, np.float32).tobytes())
+    (tmp_path / "a" / "model").mkdir(parents=True)
+    os.symlink(outside, tmp_path / "a" / "model" / "inside-link.bin")
+    os.link(outside, tmp_path / "a" / "outside.bin")  # what ../ names from the graph's folder, as ../../ names outside
+    location = str(outside) if location == "ABSOLUTE" else location
+    path = graph_with_external_weight(tmp_path / "a" / "model", location)
+    with pytest.raises(ModelFileError) as error:
+        OnnxModel(path, providers=["CPUExecutionProvider"])
+    assert str(error.value) == (f"{path} refers to external data {location!r}, which is not a file in "
+                                f"{tmp_path / 'a' / 'model'}: refused, nothing outside a model's folder is read")
+
+
+def test_external_data_inside_the_graphs_folder_loads(tmp_path):
+    (tmp_path / "w.bin").write_bytes(np.full(4, 7, np.float32).tobytes())
+    path = graph_with_external_weight(tmp_path, "w.bin")
+    logits = OnnxModel(path, providers=["CPUExecutionProvider"]).session.run(None, {"input_ids": np.ones((1, 4),
+                                                                                                        np.float32)})
+    assert (logits[0] == 8).all()
+
+
+def tampered(description: dict, change: str) -> None:
+    if change == "graph_outside":
+        description["files"]["step"] = "../outside.onnx"
+    elif change == "max_length_text":
+        description["max_length"] = "1024"
+    elif change == "cache_wider":
+        description["cache_tensors"]["states_0"]["shape"][-1] += 1
+    elif change == "cache_dtype":
+        description["cache_tensors"]["buckets_1"]["dtype"] = "float32"
+    elif change == "outputs_reordered":
+        description["step"]["outputs"].reverse()
+    elif change == "cache_undescribed":
+        description["cache"].append("states_9")
+    elif change == "shape_not_a_list":
+        description["cache_tensors"]["left_padding"]["shape"] = "batch_size"
+
+
+@pytest.mark.parametrize("change, message", [
+    ("graph_outside", "the step graph '../outside.onnx' is not a file in"),
+    ("max_length_text", "max_length must be a positive integer, got '1024'"),
+    ("cache_wider", "takes past_states_0 as tensor(float) ["),
+    ("cache_dtype", "takes past_buckets_1 as tensor(int64)"),
+    ("outputs_reordered", "decoder_step.onnx has inputs"),
+    ("cache_undescribed", "'cache' must list names that 'cache_tensors' describes"),
+    ("shape_not_a_list", "cache tensor left_padding must have a shape of dimension names and positive sizes"),
+    ("not_json", "is not valid JSON"),
+])
+def test_tampered_decoder_config_is_refused_in_one_line(exported, change, message, tmp_path):
+    import json
+    import shutil
+
+    from reformer import ModelFileError
+    from reformer.sampling import DECODER_CONFIG_NAME
+
+    _, generator = exported
+    directory = tmp_path / "decoder"
+    shutil.copytree(generator.directory, directory)
+    shutil.copy(directory / "decoder_step.onnx", tmp_path / "outside.onnx")  # a graph that would load
+    config_path = directory / DECODER_CONFIG_NAME
+    description = json.loads(config_path.read_text())
+    tampered(description, change)
+    config_path.write_text("{" if change == "not_json" else json.dumps(description))
+    with pytest.raises(ModelFileError) as error:
+        OnnxGenerator(directory, providers=["CPUExecutionProvider"])
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert str(directory) in str(error.value)

@@ -66,7 +66,7 @@ def test_cpu_session_gets_the_options_and_computes_the_same(graph_path):
     session = open_session(graph_path, [CPU], quiet=True, threads=1)
     options = session.get_session_options()
     assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert not options.enable_mem_pattern and options.enable_cpu_mem_arena
+    assert not options.enable_mem_pattern and not options.enable_mem_reuse and options.enable_cpu_mem_arena
     assert options.intra_op_num_threads == 1 and options.log_severity_level == 3
     assert session.get_provider_options() == {CPU: {}}
     x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
