@@ -9,19 +9,29 @@ task sees, with bounds a correct int8 graph meets with a wide margin:
 - LM heads (causal-lm, masked-lm): bits per token (the negative log2 probability of each observed token,
   predicted from the position before it in a causal LM, at its own position in a masked LM) within
   BITS_PER_TOKEN_BOUND of eager's; on the model's held-out text, where it ships one
-  (exporters.models.ResolvedModel.held_out_windows), top-1 agreement with eager at least TOP1_AGREEMENT_BOUND;
+  (exporters.models.ResolvedModel.held_out_windows), top-1 agreement with eager at least TOP1_AGREEMENT_BOUND
+  at the positions where eager has decided: its choice at least TOP1_DECIDED_MARGIN more log-probability than
+  its runner-up (1.105 times as likely). Where eager's two best are closer, int8's error may swap them, and
+  bits per token, which is judged everywhere, is what the swap costs: it moves little, since the two are
+  near-equally likely. Agreement at every position is reported as information;
 - every choice (LM top-1, the class, QA start and end): no change where eager's margin between its choice and
   the graph's is decided, wider than twice the relative error bound times the row's largest magnitude. A
   random model's logits are near-ties everywhere: there a changed choice says nothing, so the verifier's random
   inputs judge decided choices only, and top-1 agreement on them is information.
 
-Measured with onnxruntime 1.32 on this project's CPU (tests/exporters/test_quantize.py makes these exports):
-correct graphs: models/byte-lm on its held-out text, logits 0.47% off, bits per token +0.0003 (3.5170 against
-3.5167), top-1 agreement 99.30%; the benchmarks' random `small` model at 4,096 tokens 2.1% off; tiny random test
-models 0.02-1.1% off. Planted defects in byte-lm: one feed-forward product's scale doubled, 8.4% off, +0.031
-bits per token, top-1 91.1%; two rows of its weight swapped, 2.6% off, +0.012 bits, top-1 93.1%. Only the top-1
-bound catches the second: the relative-error bound is for heads without held-out text, where a random model's
-layers barely move the output (a doubled feed-forward scale moved a tiny model's logits by 1.08% against 1.06%).
+Measured with onnxruntime 1.32 on this project's CPU (tests/exporters/test_quantize.py makes these exports;
+byte-lm's 8 held-out windows, 8,184 predictions), agreement where eager decided / everywhere:
+- correct graphs: models/byte-lm, logits 1.4% off, bits per token +0.0040 (2.4021 in fp32), top-1 99.33% /
+  97.37%. 6.5% of its predictions are undecided, and the changed choices there lead by a median 0.05. With
+  eager's buckets forced (exporters.verify's twin), everywhere 98.13%: the rest of the changes are buckets the
+  quantized hashing input chose differently. The model before it (3.45 bits per byte, fewer near-ties):
+  0.47% off, +0.0003 bits, 99.97% / 99.33%. The benchmarks' random `small` model at 4,096 tokens 2.1% off; tiny
+  random test models 0.02-1.1% off.
+- planted defects in byte-lm: one feed-forward product's scale doubled, 10.5% off, +0.060 bits, 89.7% / 86.8%;
+  two rows of its weight swapped, 4.3% off, +0.029 bits, 94.5% / 92.2%. In the model before it the swapped
+  rows moved bits by only +0.012 and only top-1 caught them (96.8% / 93.0%). The relative-error bound is for
+  heads without held-out text, where a random model's layers barely move the output (a doubled feed-forward
+  scale moved a tiny model's logits by 1.08% against 1.06%).
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import torch
 RELATIVE_ERROR_BOUND = 0.08
 BITS_PER_TOKEN_BOUND = 0.02
 TOP1_AGREEMENT_BOUND = 0.985
+TOP1_DECIDED_MARGIN = 0.1  # nats: eager's choice at least e^0.1 = 1.105 times as likely as its runner-up
 LM_TASKS = ("causal-lm", "masked-lm")
 
 
@@ -56,7 +67,8 @@ class TaskVerdict:
     bits_per_token_eager: float | None = None
     bits_per_token_graph: float | None = None
     tokens: int = 0  # how many tokens the LM metrics count
-    top1_agreement: float | None = None
+    top1_agreement: float | None = None  # every position (information)
+    decided_top1_agreement: float | None = None  # where eager decided (TOP1_DECIDED_MARGIN; judged on held-out text)
     argmax_agreement: dict[str, float] = field(default_factory=dict)  # classification, QA start and end
     decided_changes: int = 0  # choices (top-1, argmax) that changed though eager's margin was wide (judge)
     passed: bool = False
@@ -72,10 +84,11 @@ class TaskVerdict:
         parts = [f"relative error {', '.join(f'{name} {error:.2%}' for name, error in self.relative_error.items())} "
                  f"(bound {RELATIVE_ERROR_BOUND:.0%})"]
         if self.bits_per_token_eager is not None:
-            bound = f" (bound {TOP1_AGREEMENT_BOUND:.1%})" if self.held_out else ""
+            bound = f", bound {TOP1_AGREEMENT_BOUND:.1%}" if self.held_out else ""
             parts.append(f"bits per token {self.bits_per_token_graph:.4f} against eager's {self.bits_per_token_eager:.4f} "
                          f"({self.bits_per_token_change:+.4f}, bound {BITS_PER_TOKEN_BOUND}), top-1 agreement "
-                         f"{self.top1_agreement:.2%}{bound} over {self.tokens} tokens of {self.text}")
+                         f"{self.decided_top1_agreement:.2%} where eager decided (margin {TOP1_DECIDED_MARGIN}{bound}) "
+                         f"and {self.top1_agreement:.2%} everywhere, over {self.tokens} tokens of {self.text}")
         parts += [f"{name} argmax agreement {agreement:.2%}" for name, agreement in self.argmax_agreement.items()]
         parts.append(f"{self.decided_changes} changed choices where eager's margin was decided (bound 0)")
         return f"{self.runtime} task verdict: {'pass' if self.passed else 'FAIL'}: " + "; ".join(parts) + (
@@ -120,12 +133,12 @@ def judge(task: str, output_names, per_position, runtime: str, samples: list[Sam
         rows = [(want, got) for name, want, got in choices if name == what]
         agreement, decided_changes = compare_choices(rows)
         if what == "top-1":
-            verdict.top1_agreement = agreement
+            verdict.top1_agreement, verdict.decided_top1_agreement = agreement, decided_agreement(rows)
+            if held_out and verdict.decided_top1_agreement < TOP1_AGREEMENT_BOUND:
+                failures.append(f"top-1 agreement {verdict.decided_top1_agreement:.2%} where eager decided")
         else:
             verdict.argmax_agreement[what] = agreement
         verdict.decided_changes += decided_changes
-        if what == "top-1" and held_out and agreement < TOP1_AGREEMENT_BOUND:
-            failures.append(f"top-1 agreement {agreement:.2%}")
         if decided_changes:
             failures.append(f"{decided_changes} {what} choices differ from eager's where eager's margin exceeds "
                             "what the error bound could move")
@@ -150,6 +163,19 @@ def compare_choices(rows) -> tuple[float, int]:
         same += int((~changed).sum())
         total += changed.numel()
     return same / total, decided
+
+
+def decided_agreement(rows) -> float:
+    """Top-1 agreement of eager's (want) and the graph's (got) rows of logits at the positions where eager's
+    choice leads its runner-up by at least TOP1_DECIDED_MARGIN (a difference of logits is one of
+    log-probabilities); 1 where there is no such position."""
+    same = total = 0
+    for want, got in rows:
+        best, runner_up = want.topk(2, dim=-1).values.unbind(-1)
+        decided = best - runner_up >= TOP1_DECIDED_MARGIN
+        same += int((want.argmax(-1) == got.argmax(-1))[decided].sum())
+        total += int(decided.sum())
+    return same / total if total else 1.0
 
 
 def kept(want: torch.Tensor, got: torch.Tensor, attention_mask: torch.Tensor, per_position: bool):

@@ -151,13 +151,13 @@ class AccuracyFailure(VerificationFailure):
     reasons: str
     relative_error: dict[str, float]
     bits_per_token_change: float | None
-    top1_agreement: float | None
+    decided_top1_agreement: float | None
     decided_changes: int
 
     @classmethod
     def of(cls, verdict: TaskVerdict) -> AccuracyFailure:
         return cls(verdict.runtime, verdict.note, dict(verdict.relative_error), verdict.bits_per_token_change,
-                   verdict.top1_agreement, verdict.decided_changes)
+                   verdict.decided_top1_agreement, verdict.decided_changes)
 
     def message(self) -> str:
         return f"the quantized graph fails its task on {self.runtime}: {self.reasons}"

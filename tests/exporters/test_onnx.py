@@ -134,6 +134,15 @@ def test_metadata_and_custom_op_nodes(exported):
     assert [function.name for function in model.functions] == ["BucketArgsort"]
 
 
+def test_axial_positions_are_stored_per_axis(exported):
+    """The graph keeps each axis's table, not the full table of every position (which the exporter would fold
+    into a constant shaped [*axial_pos_shape, width], max_length x hidden values in all)."""
+    _, _, ours, path = exported
+    shapes = [list(tensor.dims) for tensor in onnx.load(str(path)).graph.initializer]
+    axial_shape = ours.config.axial_pos_shape if ours.config.axial_pos_embds else None
+    assert not [shape for shape in shapes if shape[:-1] == axial_shape]
+
+
 @pytest.mark.parametrize("name", ["lm_mixed", "base_local_wide"])
 def test_fused_attention_lowering_matches_eager(name, tmp_path):
     """custom_ops="ort" writes chunked attention as ONNX Runtime's MultiHeadAttention in local layers and in LSH
