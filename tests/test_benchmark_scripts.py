@@ -269,6 +269,45 @@ def test_serving_benchmark_refuses_fewer_requests_than_clients_in_one_line():
         "serving.py: error: every --clients must be at least 1, and --requests at least the largest (see --help)"]
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["--duration", "0"], "--duration and --sample-seconds must be positive"),
+    (["--malformed-every", "1"], "--clients must be at least 1 and --malformed-every at least 2"),
+    (["--repository", "no/such/folder"], "--repository no/such/folder is not a directory"),
+])
+def test_soak_bad_options_fail_in_one_line(arguments, message, capsys):
+    """benchmarks.soak runs a real server for minutes (tests/exporters/test_triton_server.py runs one minute of
+    it); its options fail before anything starts."""
+    from benchmarks.soak import parse_arguments as soak_arguments
+
+    with pytest.raises(SystemExit) as exit_info:
+        soak_arguments(arguments)
+    errors = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(errors) == 1 and errors[0].endswith(f": error: {message} (see --help)")
+
+
+def test_soak_verdict_names_each_missed_criterion():
+    from benchmarks.soak import ERROR, FORWARD, GENERATION, MALFORMED, RIGHT, WRONG, Load, failures, summary_lines
+
+    mib = 2**20
+    records = [(FORWARD, "http", RIGHT, 0.01), (GENERATION, "grpc", RIGHT, 0.2), (MALFORMED, "grpc", RIGHT, 0.01)]
+    memory = [(0.0, 1.0, {"tritonserver": 50 * mib}), (60.0, 1.0, {"tritonserver": 100 * mib, "model": 100 * mib}),
+              (600.0, 1.0, {"tritonserver": 105 * mib, "model": 114 * mib})]
+    passed = Load(records=records, memory=memory)
+    assert failures(passed, stop_status=0) == []
+    assert summary_lines(passed, 0)[1:] == ["resident memory: 200 MiB after the first minute, 219 MiB at the end, "
+                                            "growth +9.5% (limit 10%)", "verdict: passed"]
+    failed = Load(records=records + [(GENERATION, "http", WRONG, 0.1), (FORWARD, "grpc", ERROR, 0.1),
+                                     (MALFORMED, "http", WRONG, 0.01), (MALFORMED, "grpc", ERROR, 0.01)],
+                  memory=memory[:2] + [(600.0, 1.0, {"tritonserver": 120 * mib, "model": 100 * mib})], unanswered=1)
+    assert failures(failed, stop_status=1) == [
+        "1 errors and 1 wrong answers on valid requests",
+        "2 of 3 malformed requests not refused with their error",
+        "1 clients still waiting for an answer 60 s after the end",
+        "reformer-serve did not serve to the end and stop cleanly: exit status 1",
+        "the server's resident memory grew 10.0% after the first minute (limit 10%)"]
+    short = Load(records=records, memory=memory[:2])  # the first minute is all there is: memory is not judged
+    assert failures(short, stop_status=0) == [] and "not judged" in summary_lines(short, 0)[1]
+
 def test_kernel_sweep_counts_moved_comparisons_and_planted_defects():
     """benchmarks/kernel_sweep: a comparison moves when its largest gap differs from the first setting's; the
     closest approach to a bound leaves out comparisons outside it, which are counted on their own."""
