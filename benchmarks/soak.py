@@ -289,12 +289,26 @@ class ServeProcess:
 
 
 @dataclass
+class MemorySample:
+    seconds: float  # since the start of the load
+    load_average: float  # the machine's, over 1 minute
+    resident: dict[str, int]  # VmRSS bytes by process: tritonserver, each model's stub process
+    # RssShmem bytes summed over the same processes: the Python backend passes tensors through shared memory that
+    # tritonserver and the stubs both map, so these pages are in several processes' VmRSS.
+    shared: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.resident.values())
+
+
+@dataclass
 class Load:
     """What the clients and the memory sampler saw."""
 
     records: list = field(default_factory=list)  # (kind, protocol, outcome, seconds)
     problems: list = field(default_factory=list)  # (kind, protocol, outcome, message): the first few
-    memory: list = field(default_factory=list)  # (seconds since the start, 1-min load, {process: bytes})
+    memory: list[MemorySample] = field(default_factory=list)
     unanswered: int = 0  # clients still waiting GRACE_SECONDS after the end
     connect_errors: list = field(default_factory=list)
     seconds: float = 0.0
@@ -358,19 +372,20 @@ def run_client(index: int, server: ServeProcess, models: dict, pool: tuple, ever
         client.close()
 
 
-def server_memory(server_pid: int) -> dict[str, int]:
-    """Resident bytes of each process of the server's session: tritonserver, and each model's stub process by
-    the model's name."""
+def server_memory(server_pid: int, seconds: float) -> MemorySample:
+    """The resident memory of each process of the server's session: tritonserver, and each model's stub process
+    by the model's name."""
     from exporters.triton.server import model_processes, processes_in_group
 
-    names, memory = model_processes(server_pid), {}
+    names, resident, shared = model_processes(server_pid), {}, 0
     for pid in processes_in_group(server_pid):
         label = "tritonserver" if pid == server_pid else names.get(pid, "other")
         try:
-            memory[label] = memory.get(label, 0) + resident_bytes("VmRSS", pid)
+            resident[label] = resident.get(label, 0) + resident_bytes("VmRSS", pid)
+            shared += resident_bytes("RssShmem", pid)
         except OSError:  # ended since it was listed
             continue
-    return memory
+    return MemorySample(seconds, os.getloadavg()[0], resident, shared)
 
 
 def run_load(server: ServeProcess, models: dict, pool: tuple, args) -> Load:
@@ -388,7 +403,7 @@ def run_load(server: ServeProcess, models: dict, pool: tuple, args) -> Load:
     begin = time.monotonic()
     while True:
         elapsed = time.monotonic() - begin
-        load.memory.append((elapsed, os.getloadavg()[0], server_memory(server.server_pid)))
+        load.memory.append(server_memory(server.server_pid, elapsed))
         if elapsed >= args.duration or server.process.poll() is not None:
             break
         time.sleep(min(args.sample_seconds, max(0.0, args.duration - elapsed)))
@@ -417,24 +432,25 @@ def request_rows(load: Load) -> list[tuple]:
 
 def memory_rows(load: Load, models: dict, duration: float) -> list[tuple]:
     """The samples nearest to each minute (to each sixth of a run under 2 minutes) and the last: seconds, 1-min
-    load, MiB of tritonserver, of each model's process, of all."""
+    load, MiB of tritonserver, of each model's process, of all, of shared memory in them."""
     step = 60.0 if duration >= 120 else duration / 6
-    marks = list(np.arange(0.0, load.memory[-1][0], step)) + [load.memory[-1][0]] if load.memory else []
-    nearest = [min(range(len(load.memory)), key=lambda index: abs(load.memory[index][0] - mark)) for mark in marks]
+    marks = list(np.arange(0.0, load.memory[-1].seconds, step)) + [load.memory[-1].seconds] if load.memory else []
+    nearest = [min(range(len(load.memory)), key=lambda index: abs(load.memory[index].seconds - mark))
+               for mark in marks]
     rows = []
-    for elapsed, load_average, memory in (load.memory[index] for index in dict.fromkeys(nearest)):
-        columns = [memory.get(name, 0) for name in ("tritonserver", models[TASK], models[GENERATION])]
-        rows.append((f"{elapsed:.0f}", f"{load_average:.2f}", *(f"{value / 2**20:.0f}" for value in columns),
-                     f"{sum(memory.values()) / 2**20:.0f}"))
+    for sample in (load.memory[index] for index in dict.fromkeys(nearest)):
+        columns = [sample.resident.get(name, 0) for name in ("tritonserver", models[TASK], models[GENERATION])]
+        rows.append((f"{sample.seconds:.0f}", f"{sample.load_average:.2f}",
+                     *(f"{value / 2**20:.0f}" for value in columns + [sample.total, sample.shared])))
     return rows
 
 
 def memory_growth(load: Load) -> tuple[float, float, float] | None:
     """(MiB after the first minute, MiB at the end, growth as a fraction); None for runs under 2 minutes."""
-    if not load.memory or load.memory[-1][0] < 2 * MEMORY_BASELINE_SECONDS:
+    if not load.memory or load.memory[-1].seconds < 2 * MEMORY_BASELINE_SECONDS:
         return None
-    baseline = next(sum(memory.values()) for elapsed, _, memory in load.memory if elapsed >= MEMORY_BASELINE_SECONDS)
-    end = sum(load.memory[-1][2].values())
+    baseline = next(sample.total for sample in load.memory if sample.seconds >= MEMORY_BASELINE_SECONDS)
+    end = load.memory[-1].total
     return baseline / 2**20, end / 2**20, end / baseline - 1
 
 
@@ -504,7 +520,7 @@ def log(message: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_arguments(argv)
-    command = "python -m benchmarks.soak " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "-m", "benchmarks.soak", *(sys.argv[1:] if argv is None else argv)])
     out = args.out or f"results/cpu-{time.strftime('%Y-%m-%d', time.gmtime())}-soak.md"
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="soak-") as folder:
@@ -539,7 +555,7 @@ def main(argv=None) -> int:
     environment = environment_lines(command, load_before, os.getloadavg(), ("onnxruntime", "tritonclient",
                                                                             "nvidia-pytriton", "numpy"))
     memory_header = ("seconds", "load (1 min)", "tritonserver MiB", f"{models[TASK]} MiB", f"{models[GENERATION]} MiB",
-                     "total MiB")
+                     "total MiB", "of which shared memory MiB")
     tables = [("Requests", REQUEST_HEADER, request_rows(load)),
               ("Server resident memory", memory_header, memory_rows(load, models, args.duration))]
     problems = [f"- {kind} over {protocol}: {outcome}: {message}" for kind, protocol, outcome, message in load.problems]

@@ -286,19 +286,22 @@ def test_soak_bad_options_fail_in_one_line(arguments, message, capsys):
 
 
 def test_soak_verdict_names_each_missed_criterion():
-    from benchmarks.soak import ERROR, FORWARD, GENERATION, MALFORMED, RIGHT, WRONG, Load, failures, summary_lines
+    from benchmarks.soak import (ERROR, FORWARD, GENERATION, MALFORMED, RIGHT, WRONG, Load, MemorySample, failures,
+                                 summary_lines)
 
     mib = 2**20
     records = [(FORWARD, "http", RIGHT, 0.01), (GENERATION, "grpc", RIGHT, 0.2), (MALFORMED, "grpc", RIGHT, 0.01)]
-    memory = [(0.0, 1.0, {"tritonserver": 50 * mib}), (60.0, 1.0, {"tritonserver": 100 * mib, "model": 100 * mib}),
-              (600.0, 1.0, {"tritonserver": 105 * mib, "model": 114 * mib})]
+    memory = [MemorySample(0.0, 1.0, {"tritonserver": 50 * mib}, 0),
+              MemorySample(60.0, 1.0, {"tritonserver": 100 * mib, "model": 100 * mib}, mib),
+              MemorySample(600.0, 1.0, {"tritonserver": 105 * mib, "model": 114 * mib}, mib)]
     passed = Load(records=records, memory=memory)
     assert failures(passed, stop_status=0) == []
     assert summary_lines(passed, 0)[1:] == ["resident memory: 200 MiB after the first minute, 219 MiB at the end, "
                                             "growth +9.5% (limit 10%)", "verdict: passed"]
     failed = Load(records=records + [(GENERATION, "http", WRONG, 0.1), (FORWARD, "grpc", ERROR, 0.1),
                                      (MALFORMED, "http", WRONG, 0.01), (MALFORMED, "grpc", ERROR, 0.01)],
-                  memory=memory[:2] + [(600.0, 1.0, {"tritonserver": 120 * mib, "model": 100 * mib})], unanswered=1)
+                  memory=memory[:2] + [MemorySample(600.0, 1.0, {"tritonserver": 120 * mib, "model": 100 * mib}, mib)],
+                  unanswered=1)
     assert failures(failed, stop_status=1) == [
         "1 errors and 1 wrong answers on valid requests",
         "2 of 3 malformed requests not refused with their error",
