@@ -294,14 +294,15 @@ def test_soak_verdict_names_each_missed_criterion():
     memory = [MemorySample(0.0, 1.0, {"tritonserver": 50 * mib}, 0),
               MemorySample(60.0, 1.0, {"tritonserver": 100 * mib, "model": 100 * mib}, mib),
               MemorySample(600.0, 1.0, {"tritonserver": 105 * mib, "model": 114 * mib}, mib)]
-    passed = Load(records=records, memory=memory)
+    warm_up = MemorySample(20.0, 1.0, {"tritonserver": 90 * mib, "model": 100 * mib}, mib)
+    passed = Load(records=records, memory=memory, warm_up=warm_up)
     assert failures(passed, stop_status=0) == []
     assert summary_lines(passed, 0)[1:] == ["resident memory: 200 MiB after the first minute, 219 MiB at the end, "
                                             "growth +9.5% (limit 10%)", "verdict: passed"]
     failed = Load(records=records + [(GENERATION, "http", WRONG, 0.1), (FORWARD, "grpc", ERROR, 0.1),
                                      (MALFORMED, "http", WRONG, 0.01), (MALFORMED, "grpc", ERROR, 0.01)],
                   memory=memory[:2] + [MemorySample(600.0, 1.0, {"tritonserver": 120 * mib, "model": 100 * mib}, mib)],
-                  unanswered=1)
+                  warm_up=warm_up, unanswered=1)
     assert failures(failed, stop_status=1) == [
         "1 errors and 1 wrong answers on valid requests",
         "2 of 3 malformed requests not refused with their error",
@@ -310,6 +311,27 @@ def test_soak_verdict_names_each_missed_criterion():
         "the server's resident memory grew 10.0% after the first minute (limit 10%)"]
     short = Load(records=records, memory=memory[:2])  # the first minute is all there is: memory is not judged
     assert failures(short, stop_status=0) == [] and "not judged" in summary_lines(short, 0)[1]
+
+
+def test_soak_judges_memory_from_the_end_of_its_warm_up():
+    """The baseline is the first sample after the first minute and after the warm-up (each model's largest batch,
+    so that the arenas' high-water marks come before it); a long run whose warm-up never finished fails."""
+    from benchmarks.soak import GENERATION, TASK, Load, MemorySample, failures, memory_rows, summary_lines
+
+    mib = 2**20
+    memory = [MemorySample(seconds, 1.0, {"tritonserver": total * mib}, 0)
+              for seconds, total in ((0.0, 100), (60.0, 150), (70.0, 200), (300.0, 210), (600.0, 215))]
+    late = Load(memory=memory, warm_up=MemorySample(65.0, 1.0, {"tritonserver": 190 * mib}, 0))
+    assert failures(late, stop_status=0) == []
+    assert summary_lines(late, 0)[1] == ("resident memory: 200 MiB after the warm-up (70 s), 215 MiB at the end, "
+                                         "growth +7.5% (limit 10%)")
+    assert [row[0] for row in memory_rows(late, {TASK: "task", GENERATION: "generation"}, 600.0)] == [
+        "0", "60", "65 (warm-up done)", "70", "300", "600"]  # the samples nearest to each minute, in time order
+    unfinished = Load(memory=memory)
+    assert failures(unfinished, stop_status=0) == [
+        "the warm-up did not finish before the last memory sample: the memory growth is not judged"]
+    assert summary_lines(unfinished, 0)[1] == ("resident memory: not judged, the warm-up did not finish before the "
+                                               "last sample")
 
 def test_kernel_sweep_counts_moved_comparisons_and_planted_defects():
     """benchmarks/kernel_sweep: a comparison moves when its largest gap differs from the first setting's; the
