@@ -35,7 +35,6 @@ import contextlib
 import io
 import multiprocessing
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -45,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.cli import OneLineErrors
-from benchmarks.gpu_checks.environment import cpu_name
+from benchmarks.gpu_checks.environment import environment_lines
 from benchmarks.gpu_checks.timing import time_interleaved
 from benchmarks.models import MODEL_NAMES
 from benchmarks.tables import markdown_table, text_table
@@ -281,18 +280,6 @@ def token_agreement(expected, actual, prompt_length: int) -> str:
     return f"no: {int(rows.sum())} of {len(rows)} rows, first at new token {first}"
 
 
-def environment_lines(command: str, load_before: tuple, load_after: tuple) -> list[str]:
-    import importlib.metadata
-
-    versions = {package: importlib.metadata.version(package) for package in ("torch", "onnxruntime", "transformers")}
-    return [f"- processor: {cpu_name()}, {os.cpu_count()} cores",
-            f"- load average (1, 5, 15 min) before: {', '.join(f'{value:.2f}' for value in load_before)}; after: "
-            f"{', '.join(f'{value:.2f}' for value in load_after)}",
-            "- " + ", ".join(f"{package} {version}" for package, version in versions.items()) + f", Python "
-            f"{platform.python_version()}",
-            f"- command: `{command}`"]
-
-
 def ratio(numerator: float | None, denominator: float | None) -> str:
     """numerator / denominator as a speed-up, "-" where the row to compare with was not measured."""
     return f"{numerator / denominator:.2f}x" if numerator and denominator else "-"
@@ -400,7 +387,7 @@ def main(argv=None) -> int:
                                                args.generation_threads, folder)]
             sections.append((f"Greedy generation, prompt {args.prompt_length} tokens, {args.new_tokens} new, "
                              f"{args.generation_threads} thread(s), runtimes taking turns", *generation_table(rows)))
-    environment = environment_lines(command, load_before, os.getloadavg())
+    environment = environment_lines(command, load_before, os.getloadavg(), ("torch", "onnxruntime", "transformers"))
     print("\n".join(environment))
     for title, header, table in sections:
         print(f"\n{title}\n{text_table(header, table)}")

@@ -126,13 +126,14 @@ def random_ids(length: int, vocab_size: int):
     return np.random.default_rng(length).integers(1, vocab_size, (1, length), dtype=np.int64)
 
 
-def resident_bytes(field_name: str) -> int:
-    """VmRSS or VmHWM (the peak since the last reset) of this process, in bytes."""
-    with open("/proc/self/status", encoding="ascii") as status:
+def resident_bytes(field_name: str, pid: int | str = "self") -> int:
+    """VmRSS or VmHWM (the peak since the last reset) of this process or process `pid`, in bytes. OSError when
+    that process is gone."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
         for line in status:
             if line.startswith(field_name + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field_name} in /proc/self/status")
+    raise RuntimeError(f"no {field_name} in /proc/{pid}/status")
 
 
 def reset_peak() -> None:

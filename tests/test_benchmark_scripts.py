@@ -269,6 +269,70 @@ def test_serving_benchmark_refuses_fewer_requests_than_clients_in_one_line():
         "serving.py: error: every --clients must be at least 1, and --requests at least the largest (see --help)"]
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["--duration", "0"], "--duration and --sample-seconds must be positive"),
+    (["--malformed-every", "1"], "--clients must be at least 1 and --malformed-every at least 2"),
+    (["--repository", "no/such/folder"], "--repository no/such/folder is not a directory"),
+])
+def test_soak_bad_options_fail_in_one_line(arguments, message, capsys):
+    """benchmarks.soak runs a real server for minutes (tests/exporters/test_triton_server.py runs one minute of
+    it); its options fail before anything starts."""
+    from benchmarks.soak import parse_arguments as soak_arguments
+
+    with pytest.raises(SystemExit) as exit_info:
+        soak_arguments(arguments)
+    errors = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(errors) == 1 and errors[0].endswith(f": error: {message} (see --help)")
+
+
+def test_soak_verdict_names_each_missed_criterion():
+    from benchmarks.soak import (ERROR, FORWARD, GENERATION, MALFORMED, RIGHT, WRONG, Load, MemorySample, failures,
+                                 summary_lines)
+
+    mib = 2**20
+    records = [(FORWARD, "http", RIGHT, 0.01), (GENERATION, "grpc", RIGHT, 0.2), (MALFORMED, "grpc", RIGHT, 0.01)]
+    memory = [MemorySample(0.0, 1.0, {"tritonserver": 50 * mib}, 0),
+              MemorySample(60.0, 1.0, {"tritonserver": 100 * mib, "model": 100 * mib}, mib),
+              MemorySample(600.0, 1.0, {"tritonserver": 105 * mib, "model": 114 * mib}, mib)]
+    warm_up = MemorySample(20.0, 1.0, {"tritonserver": 90 * mib, "model": 100 * mib}, mib)
+    passed = Load(records=records, memory=memory, warm_up=warm_up)
+    assert failures(passed, stop_status=0) == []
+    assert summary_lines(passed, 0)[1:] == ["resident memory: 200 MiB after the first minute, 219 MiB at the end, "
+                                            "growth +9.5% (limit 10%)", "verdict: passed"]
+    failed = Load(records=records + [(GENERATION, "http", WRONG, 0.1), (FORWARD, "grpc", ERROR, 0.1),
+                                     (MALFORMED, "http", WRONG, 0.01), (MALFORMED, "grpc", ERROR, 0.01)],
+                  memory=memory[:2] + [MemorySample(600.0, 1.0, {"tritonserver": 120 * mib, "model": 100 * mib}, mib)],
+                  warm_up=warm_up, unanswered=1)
+    assert failures(failed, stop_status=1) == [
+        "1 errors and 1 wrong answers on valid requests",
+        "2 of 3 malformed requests not refused with their error",
+        "1 clients still waiting for an answer 60 s after the end",
+        "reformer-serve did not serve to the end and stop cleanly: exit status 1",
+        "the server's resident memory grew 10.0% after the first minute (limit 10%)"]
+    short = Load(records=records, memory=memory[:2])  # the first minute is all there is: memory is not judged
+    assert failures(short, stop_status=0) == [] and "not judged" in summary_lines(short, 0)[1]
+
+
+def test_soak_judges_memory_from_the_end_of_its_warm_up():
+    """The baseline is the first sample after the first minute and after the warm-up (each model's largest batch,
+    so that the arenas' high-water marks come before it); a long run whose warm-up never finished fails."""
+    from benchmarks.soak import GENERATION, TASK, Load, MemorySample, failures, memory_rows, summary_lines
+
+    mib = 2**20
+    memory = [MemorySample(seconds, 1.0, {"tritonserver": total * mib}, 0)
+              for seconds, total in ((0.0, 100), (60.0, 150), (70.0, 200), (300.0, 210), (600.0, 215))]
+    late = Load(memory=memory, warm_up=MemorySample(65.0, 1.0, {"tritonserver": 190 * mib}, 0))
+    assert failures(late, stop_status=0) == []
+    assert summary_lines(late, 0)[1] == ("resident memory: 200 MiB after the warm-up (70 s), 215 MiB at the end, "
+                                         "growth +7.5% (limit 10%)")
+    assert [row[0] for row in memory_rows(late, {TASK: "task", GENERATION: "generation"}, 600.0)] == [
+        "0", "60", "65 (warm-up done)", "70", "300", "600"]  # the samples nearest to each minute, in time order
+    unfinished = Load(memory=memory)
+    assert failures(unfinished, stop_status=0) == [
+        "the warm-up did not finish before the last memory sample: the memory growth is not judged"]
+    assert summary_lines(unfinished, 0)[1] == ("resident memory: not judged, the warm-up did not finish before the "
+                                               "last sample")
+
 def test_kernel_sweep_counts_moved_comparisons_and_planted_defects():
     """benchmarks/kernel_sweep: a comparison moves when its largest gap differs from the first setting's; the
     closest approach to a bound leaves out comparisons outside it, which are counted on their own."""

@@ -45,6 +45,20 @@ def load_average() -> list[float]:
     return [round(load, 2) for load in os.getloadavg()]
 
 
+def environment_lines(command: str, load_before: tuple, load_after: tuple, packages: tuple[str, ...]) -> list[str]:
+    """A results file's environment: processor, load average before and after the run, the versions of
+    `packages` and Python, the command."""
+    import importlib.metadata
+
+    versions = {package: importlib.metadata.version(package) for package in packages}
+    return [f"- processor: {cpu_name()}, {os.cpu_count()} cores",
+            f"- load average (1, 5, 15 min) before: {', '.join(f'{value:.2f}' for value in load_before)}; after: "
+            f"{', '.join(f'{value:.2f}' for value in load_after)}",
+            "- " + ", ".join(f"{package} {version}" for package, version in versions.items()) + f", Python "
+            f"{platform.python_version()}",
+            f"- command: `{command}`"]
+
+
 def card_name(device: str, env: dict) -> str:
     """Named on every figure: the GPU for CUDA rows, the processor for CPU rows."""
     return env["cuda_device"] if device == "cuda" else f"CPU {cpu_name()}"

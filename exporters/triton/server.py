@@ -32,6 +32,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from typing import Iterator
 
 PYTHONPATH_VARIABLE = "REFORMER_EXPORT_PYTHONPATH"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -100,20 +101,42 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def live_processes() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command name: state, parent, process group, ...) of every
+    process but zombies. Nothing without /proc."""
+    for entry in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:  # a process that just ended
+            continue
+        if fields[0] != "Z":
+            yield int(entry), fields
+
+
+def processes_in_group(group: int) -> list[int]:
+    """The live processes whose process group is `group`: a server's session, which holds the server and its
+    models' processes."""
+    return [pid for pid, fields in live_processes() if int(fields[2]) == group]
+
+
+def child_processes(parent: int) -> list[int]:
+    """The live processes whose parent is `parent` (reformer-serve's: its tritonserver)."""
+    return [pid for pid, fields in live_processes() if int(fields[1]) == parent]
+
+
 def model_processes(server_pid: int) -> dict[int, str]:
     """The Python models' processes (the backend's stubs) of the server `server_pid`, which are in its process
     group: pid -> the model's name (the folder of its model.py). Empty without /proc."""
     found = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+    for pid in processes_in_group(server_pid):
         try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
-                group = int(handle.read().rsplit(")", 1)[1].split()[2])
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
                 command = handle.read().decode(errors="replace").split("\0")
-        except (OSError, ValueError, IndexError):  # not a process, or one that just ended
+        except OSError:  # a process that just ended
             continue
-        if group == server_pid and os.path.basename(command[0]) == PYTHON_STUB and len(command) > 1:
-            found[int(entry)] = os.path.basename(os.path.dirname(os.path.dirname(command[1])))
+        if os.path.basename(command[0]) == PYTHON_STUB and len(command) > 1:
+            found[pid] = os.path.basename(os.path.dirname(os.path.dirname(command[1])))
     return found
 
 

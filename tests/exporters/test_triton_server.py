@@ -1,7 +1,8 @@
 """A real Triton Inference Server on repositories `reformer-export --format triton` writes for the default model
 (Python backend running ONNX Runtime): concurrent clients over HTTP and gRPC with mixed lengths, every answer
 checked against the graph run directly (OnnxModel, OnnxGenerator) on that request alone; bad requests get errors
-and the server keeps serving; stopping it leaves nothing running.
+and the server keeps serving; stopping it leaves nothing running; a minute of the soak (benchmarks/soak.py: 16
+clients through reformer-serve, 1 request in 20 malformed) gets every answer right.
 
 Needs a server (nvidia-pytriton's, from the serve extra, or a tritonserver on the PATH) and, for the wheel's
 Python backend, models running with numpy 1.x (the serve extra's; see exporters/triton/server.py): skipped
@@ -14,7 +15,9 @@ one with numpy 1.x, as in
 from __future__ import annotations
 
 import os
-import shutil
+import re
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,9 +26,13 @@ import pytest
 
 tritonclient_utils = pytest.importorskip("tritonclient.utils", reason="needs tritonclient (the serve extra)")
 
-from exporters import api  # noqa: E402
+REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPOSITORY_ROOT)  # `benchmarks` is a folder of scripts, not an installed package
+
+from benchmarks.soak import TASK, export_repository, malformed_requests  # noqa: E402
 from exporters.triton.client import TritonModel  # noqa: E402
-from exporters.triton.server import PYTHONPATH_VARIABLE, TritonServer, TritonServerError, find_server  # noqa: E402
+from exporters.triton.server import (PYTHONPATH_VARIABLE, TritonServer, TritonServerError,  # noqa: E402
+                                     child_processes, find_server, processes_in_group)
 from reformer.runtime import OnnxGenerator, OnnxModel  # noqa: E402
 
 TASK_MODEL = "byte-lm-causal-lm"
@@ -53,7 +60,8 @@ def server_unavailable() -> str | None:
 
 UNAVAILABLE = server_unavailable()
 # In the default run (CI): 50 to 90 s on 2 cores, most of it exporting and verifying the default model's task
-# and generation graphs before the server starts (the test extra has nvidia-pytriton's server).
+# and generation graphs before the server starts (the test extra has nvidia-pytriton's server), and the minute
+# of soak, about 70 s with its server's start and its expected answers.
 pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
 
@@ -61,33 +69,17 @@ pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE)
 def served(tmp_path_factory):
     """(server, task graph path, generation graphs folder): one repository with the default model's task model
     and its generation model, both exported and verified by run_export."""
-    root = tmp_path_factory.mktemp("triton")
-    repository, generation = root / "repository", root / "generation"
-    for task, output in (("causal-lm", repository), (api.GENERATION_TASK, generation)):
-        result = api.run_export(api.ExportRequest("triton", task=task, output=str(output)))
-        assert result.passed and result.verification is not None and result.output == str(output)
-    shutil.move(str(generation / GENERATION_MODEL), str(repository / GENERATION_MODEL))
+    repository = tmp_path_factory.mktemp("triton") / "repository"
+    results = export_repository(str(repository))
+    assert len(results) == 2 and all(result.passed and result.verification is not None for result in results)
+    assert [result.output for result in results] == [str(repository), f"{repository}-generation"]
+    assert sorted(os.listdir(repository)) == [TASK_MODEL, GENERATION_MODEL]
     server = TritonServer(str(repository), http_port=None, grpc_port=None, metrics_port=None)
     server.start()
     yield server, repository / TASK_MODEL / "1" / "model.onnx", repository / GENERATION_MODEL / "1" / "graphs"
     process_group = server.process.pid if server.process else None
     assert server.stop() is not None
-    assert process_group is None or not live_processes_in_group(process_group), "nothing left running"
-
-
-def live_processes_in_group(group: int) -> list[int]:
-    """Processes (not zombies) whose process group is `group`, the server's session."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == group and fields[0] != "Z":
-                found.append(int(entry))
-    return found
+    assert process_group is None or not processes_in_group(process_group), "nothing left running"
 
 
 def client(server, index: int, model: str) -> TritonModel:
@@ -157,26 +149,14 @@ def test_concurrent_generation_gives_the_tokens_of_each_request_alone(served):
     assert answers[5].shape[1] <= prompts[5].shape[1] + 3 < answers[0].shape[1] + prompts[5].shape[1] - 5
 
 
-@pytest.mark.parametrize("model_name, arrays, message", [
-    (TASK_MODEL, {"input_ids": np.ones((1, 5), dtype=np.int32)}, "data-type is 'INT32'.*expects 'INT64'"),
-    (TASK_MODEL, {"input_ids": np.ones(5, dtype=np.int64)}, "unexpected shape.*Expected \\[-1,-1\\], got \\[5\\]"),
-    (TASK_MODEL, {"input_ids": np.array([[3, VOCAB]], dtype=np.int64)}, "outside the vocabulary"),
-    (TASK_MODEL, {"input_ids": np.ones((1, MAX_LENGTH + 1), dtype=np.int64)}, "serves at most 1024"),
-    (TASK_MODEL, {"input_ids": np.ones((1, 0), dtype=np.int64)}, "input_ids is empty"),
-    (TASK_MODEL, {"input_ids": np.ones((1, 3), dtype=np.int64), "attention_mask": np.ones((1, 4), dtype=np.int64)},
-     "shape of input_ids"),
-    (GENERATION_MODEL, {"input_ids": np.ones((1, 1020), dtype=np.int64),
-                        "max_new_tokens": np.array([[10]], dtype=np.int32)}, "positions"),
-    (GENERATION_MODEL, {"input_ids": np.ones((1, 3), dtype=np.int64), "max_new_tokens": np.array([[2]], np.int32),
-                        "do_sample": np.array([[True]]), "temperature": np.array([[0.0]], np.float32)},
-     "temperature must be positive"),
-])
-def test_bad_requests_get_errors_and_the_server_keeps_serving(served, model_name, arrays, message):
+@pytest.mark.parametrize("malformed", malformed_requests(VOCAB, MAX_LENGTH), ids=lambda malformed: malformed.name)
+def test_bad_requests_get_errors_and_the_server_keeps_serving(served, malformed):
+    """The malformed requests of the soak (benchmarks/soak.py), one by one."""
     server, graph, _ = served
     for index in (0, 1):  # HTTP, then gRPC
-        with client(server, index, model_name) as model:
-            with pytest.raises(ServerError, match=message):
-                model.infer(arrays)
+        with client(server, index, TASK_MODEL if malformed.role == TASK else GENERATION_MODEL) as model:
+            with pytest.raises(ServerError, match=malformed.message):
+                model.infer(malformed.arrays)
     assert server.is_ready() and server.process.poll() is None
     ids = np.array([[5, 6, 7]], dtype=np.int64)
     with client(server, 1, TASK_MODEL) as model:
@@ -187,8 +167,6 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(served, model_name
 def test_reformer_serve_serves_until_sigterm_and_stops_cleanly(served):
     """The documented command, as a user runs it: ready line on stdout, a request answered, SIGTERM stops it."""
     import signal
-    import subprocess
-    import sys
 
     from exporters.triton.server import free_port
 
@@ -214,8 +192,6 @@ def test_model_process_killed_mid_request_gives_an_error_and_stops_reformer_serv
     not a hang, and reformer-serve, which Triton would leave reporting the model ready while failing every request
     to it, exits with status 1 and one line naming the model. A server of its own: the module's keeps serving."""
     import signal
-    import subprocess
-    import sys
     import time
 
     from exporters.triton.server import free_port, model_processes
@@ -238,8 +214,7 @@ def test_model_process_killed_mid_request_gives_an_error_and_stops_reformer_serv
 
     try:
         assert process.stdout.readline().startswith("Serving "), process.stderr.read()
-        triton = next(pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-                      if parent_of(pid) == process.pid)
+        (triton,) = child_processes(process.pid)
         generation = [pid for pid, model in model_processes(triton).items() if model == GENERATION_MODEL]
         request = threading.Thread(target=long_generation)
         request.start()
@@ -260,9 +235,21 @@ def test_model_process_killed_mid_request_gives_an_error_and_stops_reformer_serv
     assert server.is_ready()  # the module's server, on the same repository, is untouched
 
 
-def parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+
+def test_a_minute_of_soak_answers_every_valid_request_right_and_refuses_every_malformed_one(served, tmp_path):
+    """benchmarks/soak.py for 60 s on the module's repository (its 10-minute run is in results/): 16 clients,
+    forward and generation requests checked against the graphs run on each request alone, through a reformer-serve
+    of its own; the server's memory is judged only by the 10-minute run."""
+    server, _, _ = served
+    out = tmp_path / "soak.md"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--repository", server.repository,
+                             "--duration", "60", "--out", str(out)],
+                            cwd=REPOSITORY_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = re.search(r"requests (\d+) in \d+ s: valid (\d+) \(errors (\d+), wrong answers (\d+)\), malformed "
+                        r"(\d+) \(refused with their error (\d+)\), unanswered (\d+)", result.stdout)
+    requests, valid, errors, wrong, malformed, refused, unanswered = map(int, summary.groups())
+    assert requests == valid + malformed and valid > 10 * malformed > 0
+    assert errors == 0 and wrong == 0, result.stdout[-4000:]
+    assert refused == malformed and unanswered == 0, result.stdout[-4000:]
+    assert "verdict: passed" in out.read_text()
