@@ -525,6 +525,32 @@ def test_summary_notes_a_config_without_hash_seed(hash_seed, tmp_path, monkeypat
         assert notes == [] and note_lines == []
 
 
+@pytest.mark.parametrize("num_buckets", [None, 4])
+def test_summary_notes_a_config_without_num_buckets(num_buckets, tmp_path, monkeypatch):
+    """We resolve an unset num_buckets from max_position_embeddings, transformers from the first length a model
+    runs: the export must say which buckets the graph took, and how to pin them."""
+    from exporters.torchscript import load_metadata
+
+    directory = save_checkpoint(str(tmp_path / "ckpt"))  # config.json gets the resolved num_buckets: unset it
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path) as handle:
+        values = json.load(handle)
+    with open(config_path, "w") as handle:
+        json.dump({**values, "num_buckets": num_buckets}, handle)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["--model", directory, "--format", "torchscript", "--no-verify", "--output", "lm.pt",
+                      "--report", "report.json"])
+    assert result.exit_code == 0, result.output
+    notes = load_report(tmp_path / "report.json")["notes"]
+    note_lines = [line for line in result.stdout.splitlines() if re.match(r"note\s", line)]
+    assert load_metadata(str(tmp_path / "lm.pt"))["num_buckets_defaulted"] == (num_buckets is None)
+    if num_buckets is None:
+        assert len(notes) == 1 and "no num_buckets" in notes[0] and "set num_buckets to [4, 4]" in notes[0]
+        assert note_lines == [f"note          {notes[0]}"]
+    else:
+        assert notes == [] and note_lines == []
+
+
 def test_sigterm_during_export_exits_143_and_leaves_nothing(tmp_path):
     """SIGTERM used to end the process before cleanup, leaving the hidden staging folder beside the output."""
     output_folder = tmp_path / "out"

@@ -124,7 +124,7 @@ def test_metadata_and_custom_op_nodes(exported):
                 if prop.key.startswith(METADATA_PREFIX)}
     assert metadata["hash_seed"] == 3 and metadata["hash_seed_defaulted"] is False
     assert metadata["task"] == MODEL_CLASS_TO_TASK[case.model_class]
-    assert metadata["num_buckets"] == ours.config.num_buckets
+    assert metadata["num_buckets"] == ours.config.num_buckets and metadata["num_buckets_defaulted"] is False
     assert metadata["max_length"] == 32 and metadata["padding_multiple"] == ours.config.padding_multiple
     assert (metadata["opset"], metadata["custom_ops"], metadata["dtype"]) == (18, "auto", "fp32")
     # auto picks the ort lowerings: the bucket sort stays a custom-domain node with its model-local function.
