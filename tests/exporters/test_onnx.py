@@ -212,9 +212,8 @@ def test_standard_ops_defaulted_seed_and_external_data(tmp_path):
 
 
 def test_fp16_export_runs_on_onnxruntime_cpu(tmp_path):
-    """fp16 targets CUDA, but ONNX Runtime CPU runs it too (with the registry's logsumexp lowering; torchlib's
-    ReduceLogSumExp is NaN there in fp16). Verified against eager fp16 on the CPU: tolerance 1e-2 of the
-    output scale (exporters/verify.py)."""
+    """fp16 targets CUDA, but ONNX Runtime CPU runs it too. Verified against eager fp16 on the CPU: tolerance
+    1e-2 of the output scale (exporters/verify.py)."""
     case = CASES_BY_NAME["lm_mixed"]
     model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**case.config_values)).eval()
     path = tmp_path / "model.onnx"
