@@ -166,11 +166,18 @@ def applied_settings(request: ExportRequest, config) -> dict:
 def export_notes(config) -> list[str]:
     """What a user should know about a graph that exported as asked (the caller adds the tokenizer's notes,
     exporters.tokenizer_files)."""
+    notes = []
     if config.hash_seed is None and "lsh" in config.attn_layers:
-        return [f"config.json sets no hash_seed, so the LSH rotations come from seed {config.resolved_hash_seed}; "
-                "transformers draws new rotations on every call for such a config, so no graph can match it: "
-                "set hash_seed in config.json to pin the rotations (the graph records the seed it used)"]
-    return []
+        notes.append(f"config.json sets no hash_seed, so the LSH rotations come from seed {config.resolved_hash_seed}; "
+                     "transformers draws new rotations on every call for such a config, so no graph can match it: "
+                     "set hash_seed in config.json to pin the rotations (the graph records the seed it used)")
+    if config.num_buckets_defaulted:
+        notes.append(f"config.json sets no num_buckets, so the graph takes num_buckets {config.num_buckets}, "
+                     f"resolved from max_position_embeddings {config.max_position_embeddings}; transformers "
+                     "instead picks num_buckets from the first sequence length a model runs and keeps it, so a "
+                     "transformers model first run on a shorter input can hash into fewer buckets and give other "
+                     f"outputs: set num_buckets to {config.num_buckets} in config.json to pin it")
+    return notes
 
 
 def write_report(request: ExportRequest, result: ExportResult) -> None:

@@ -50,10 +50,10 @@ def export_onnx(
     (exporters.specs.ExportWrapper: extra inputs `forced_buckets_<i>`, bucket outputs always), through the same
     path. `external_data` None: weights go to `<path>.data` only when the file would pass 2 GiB
     (exporters.onnx_files). dtype "fp16" writes a half-precision graph, meant for CUDA runtimes; ONNX Runtime
-    CPU runs it too (thanks to the registry's logsumexp lowering). custom_ops: one of ops.CUSTOM_OPS_MODES (see
-    exporters/ops/registry.py; "auto": each op's measured choice). trace_metadata: keep what the exporter
-    records per node (module names, stack traces; see strip_trace_metadata), for profiling by layer. Raises
-    ExportError with a one-line message; leaves nothing at `path` on failure."""
+    CPU runs it too. custom_ops: one of ops.CUSTOM_OPS_MODES (see exporters/ops/registry.py; "auto": each op's
+    measured choice). trace_metadata: keep what the exporter records per node (module names, stack traces; see
+    strip_trace_metadata), for profiling by layer. Raises ExportError with a one-line message; leaves nothing
+    at `path` on failure."""
     config = model.config
     max_length = resolve_max_length(config, max_length)
     if opset not in SUPPORTED_OPSETS:

@@ -156,6 +156,8 @@ def graph_description(config, spec: TaskSpec, *, max_length: int, dtype: str, wi
         # The reference draws fresh rotations on every call when a config has no seed; the graph fixed one.
         "hash_seed_defaulted": config.hash_seed is None,
         "num_buckets": config.num_buckets,
+        # Resolved from max_position_embeddings; the reference picks them from the first length it runs.
+        "num_buckets_defaulted": config.num_buckets_defaulted,
         "vocab_size": config.vocab_size,
         "max_length": max_length,
         "padding_multiple": config.padding_multiple,

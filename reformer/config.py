@@ -53,6 +53,8 @@ class ReformerConfig:
     max_position_embeddings: longest sequence the model accepts.
     num_attention_heads: heads H.
     num_buckets: LSH buckets, an even int or a list of even factors (None: resolved from the maximum length).
+    num_buckets_defaulted: set when `num_buckets` came unset and was resolved here (the reference resolves it
+        later, from the first length it runs); not a config.json field.
     num_hashes: hashing rounds N.
     vocab_size: vocabulary size.
     tie_word_embeddings: kept for config round trips; Reformer heads are never tied.
@@ -106,6 +108,7 @@ class ReformerConfig:
     problem_type: str | None = None
     use_reversible_backward: bool = True
     attn_implementation: str = "eager"
+    num_buckets_defaulted: bool = field(default=False, compare=False)
     # Fields of config.json that this project does not use, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -120,6 +123,7 @@ class ReformerConfig:
             self.num_buckets = buckets_for_length(
                 self.max_position_embeddings, self.lsh_attn_chunk_length, self.max_position_embeddings
             )
+            self.num_buckets_defaulted = True
 
     # ----- derived values -----
     @property
@@ -222,7 +226,7 @@ class ReformerConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ReformerConfig":
         values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "num_buckets_defaulted"}
         if "id2label" in values and "num_labels" not in values:
             values["num_labels"] = len(values["id2label"])
         values.pop("num_hidden_layers", None)  # derived from attn_layers
@@ -231,7 +235,7 @@ class ReformerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("extra", "attn_implementation")}
+                  if f.name not in ("extra", "attn_implementation", "num_buckets_defaulted")}
         values["num_hidden_layers"] = self.num_hidden_layers
         values["model_type"] = "reformer"
         values.update(self.extra)

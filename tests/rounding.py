@@ -25,7 +25,10 @@ Local bounds on the gap between two evaluations, eps the op's dtype's epsilon, c
 - products (linear, matmul, bmm, einsum): gamma(n) (|a| @ |b| + |bias|), n the contraction length (+1 with a
   bias).
 - sums and means: gamma(n) sum|x| (a mean over n).
-- softmax: gamma(n + c + 1) p (positive terms: the normaliser's error is relative to itself).
+- softmax: gamma(n + c + 1) p (positive terms: the normaliser's error is relative to itself), plus
+  min(eps |lse|, lse - max) p for the reference's exp(x - logsumexp(x)): its log-sum-exp, max + log(sum
+  exp(x - max)), rounds at its own magnitude, which a softmax never forms (LSH's rounds at the self-mask,
+  x = -1e5 twice: 0.0022 off in fp32), unless the log is below that rounding (a row one key dominates).
 - logsumexp: gamma(n + c) + (c + 1) eps |out|.
 - layer_norm: |gamma_weight| (gamma(n) mean|x| / sigma + (n / 2 + 5) eps |x_hat|) + eps |beta| (mean, centring,
   the variance's positive sum, sqrt, division, scale and shift each round).
@@ -158,6 +161,16 @@ def loss_bound(func, args, kwargs, out):
     return gamma(int(kept.sum()) + 1, dtype) * magnitude(out) + rows[kept].mean()
 
 
+def softmax_bound(args, kwargs, out):
+    """gamma(n + c + 1) p and the reference's log-sum-exp rounding (see the module's docstring); a row of -inf
+    only (NaN in either arrangement) adds nothing."""
+    x, dim = args[0].detach().double(), argument(args, kwargs, 1, "dim")
+    eps, n = torch.finfo(out.dtype).eps, x.shape[dim]
+    lse = torch.logsumexp(x, dim, keepdim=True)
+    lse_rounding = torch.minimum(eps * lse.abs(), lse - x.amax(dim, keepdim=True)).nan_to_num(0.0)
+    return (gamma(n + ULPS_TRANSCENDENTAL + 1, out.dtype) + lse_rounding) * magnitude(out)
+
+
 def local_bound(func, args, kwargs, out: torch.Tensor):
     """The gap two evaluations of this op may have, element by element (None: the op does not round)."""
     dtype, eps, c = out.dtype, torch.finfo(out.dtype).eps, ULPS_TRANSCENDENTAL
@@ -169,7 +182,7 @@ def local_bound(func, args, kwargs, out: torch.Tensor):
         n = reduced_count(args[0], argument(args, kwargs, 1, "dim"))
         return gamma(n, dtype) * func(magnitude(args[0]), *args[1:], **kwargs)
     if func in SOFTMAX:
-        return gamma(args[0].shape[argument(args, kwargs, 1, "dim")] + c + 1, dtype) * magnitude(out)
+        return softmax_bound(args, kwargs, out)
     if func in LOGSUMEXP:
         n = reduced_count(args[0], argument(args, kwargs, 1, "dim"))
         return gamma(n + c, dtype) + (c + 1) * eps * magnitude(out)

@@ -278,13 +278,14 @@ def combine_rounds(out: torch.Tensor, log_normalizer: torch.Tensor | None, lsh_u
     out ..., N, D; log_normalizer ..., N -> ..., D. With one round the weight is exactly 1: the output is
     taken as it is, and the caller passes no log_normalizer (None).
     lsh_unchunked (bool, broadcast to ..., D): every round saw the same keys, where the reference attends
-    once and combines nothing; round 0 is taken as it is there (weighting equal rounds would shift a
-    self-masked row's -1e5 log-normaliser by log(N), below fp32 resolution at that magnitude).
-    The weights are computed in fp32 for every dtype: a row that sees only itself in every round has the
-    self-mask value (-1e3 in fp16) as its log-normaliser, where fp16's resolution is 0.5, so fp16 weights
-    exp(-1e3 - (-1e3 + log 2)) came out as exp(-0.5) instead of 1/2 (21% off)."""
+    once and combines nothing; round 0 is taken as it is there, as exact as the reference's (weights of 1/N
+    round where N is not a power of two).
+    The weights are a softmax over the rounds, which subtracts the largest log-normaliser before exp: a row
+    that sees only itself in every round has the self-mask value as its log-normaliser, -1e5 in fp32, where
+    fp32's spacing is 0.0078, so exp(l - logsumexp(l)) took a logsumexp rounded at that magnitude and weighed
+    two such rounds 0.4989 each instead of 1/2. They are computed in fp32 for every dtype and rounded once, to
+    the output's dtype."""
     if log_normalizer is None:
         return out.squeeze(-2)  # a view (a Reshape in ONNX), where indexing round 0 would copy
-    log_normalizer = log_normalizer.float()
-    weights = torch.exp(log_normalizer - torch.logsumexp(log_normalizer, dim=-1, keepdim=True)).to(out.dtype)
+    weights = torch.softmax(log_normalizer.float(), dim=-1).to(out.dtype)
     return torch.where(lsh_unchunked, out[..., 0, :], torch.sum(out * weights.unsqueeze(-1), dim=-2))

@@ -504,22 +504,47 @@ def test_generation_report_names_the_final_directory(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["generation", "report.json"]
 
 
+def export_notes_of(directory: str, folder, monkeypatch) -> tuple[list[str], list[str], dict]:
+    """Export the checkpoint to TorchScript without verification, in folder: (the report's notes, the summary's
+    note lines, the graph's metadata)."""
+    from exporters.torchscript import load_metadata
+
+    monkeypatch.chdir(folder)
+    result = run_cli(["--model", directory, "--format", "torchscript", "--no-verify", "--output", "lm.pt",
+                      "--report", "report.json"])
+    assert result.exit_code == 0, result.output
+    note_lines = [line for line in result.stdout.splitlines() if re.match(r"note\s", line)]
+    return load_report(folder / "report.json")["notes"], note_lines, load_metadata(str(folder / "lm.pt"))
+
+
 @pytest.mark.parametrize("hash_seed", [None, 3])
 def test_summary_notes_a_config_without_hash_seed(hash_seed, tmp_path, monkeypatch):
     """transformers draws new LSH rotations on every call when a config has no hash_seed: the export must
     say that no graph can match it, and what to do."""
-    from exporters.torchscript import load_metadata
-
     directory = save_checkpoint(str(tmp_path / "ckpt"), hash_seed=hash_seed)
-    monkeypatch.chdir(tmp_path)
-    result = run_cli(["--model", directory, "--format", "torchscript", "--no-verify", "--output", "lm.pt",
-                      "--report", "report.json"])
-    assert result.exit_code == 0, result.output
-    notes = load_report(tmp_path / "report.json")["notes"]
-    note_lines = [line for line in result.stdout.splitlines() if re.match(r"note\s", line)]
-    assert load_metadata(str(tmp_path / "lm.pt"))["hash_seed_defaulted"] == (hash_seed is None)
+    notes, note_lines, metadata = export_notes_of(directory, tmp_path, monkeypatch)
+    assert metadata["hash_seed_defaulted"] == (hash_seed is None)
     if hash_seed is None:
         assert len(notes) == 1 and "no hash_seed" in notes[0] and "set hash_seed in config.json" in notes[0]
+        assert note_lines == [f"note          {notes[0]}"]
+    else:
+        assert notes == [] and note_lines == []
+
+
+@pytest.mark.parametrize("num_buckets", [None, 4])
+def test_summary_notes_a_config_without_num_buckets(num_buckets, tmp_path, monkeypatch):
+    """We resolve an unset num_buckets from max_position_embeddings, transformers from the first length a model
+    runs: the export must say which buckets the graph took, and how to pin them."""
+    directory = save_checkpoint(str(tmp_path / "ckpt"))  # config.json gets the resolved num_buckets: unset it
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path) as handle:
+        values = json.load(handle)
+    with open(config_path, "w") as handle:
+        json.dump({**values, "num_buckets": num_buckets}, handle)
+    notes, note_lines, metadata = export_notes_of(directory, tmp_path, monkeypatch)
+    assert metadata["num_buckets_defaulted"] == (num_buckets is None)
+    if num_buckets is None:
+        assert len(notes) == 1 and "no num_buckets" in notes[0] and "set num_buckets to [4, 4]" in notes[0]
         assert note_lines == [f"note          {notes[0]}"]
     else:
         assert notes == [] and note_lines == []

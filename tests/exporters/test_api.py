@@ -267,6 +267,23 @@ def test_a_defaulted_hash_seed_is_noted_only_where_it_matters(overrides, noted):
         assert "seed 0" in notes[0] and "set hash_seed in config.json" in notes[0]
 
 
+@pytest.mark.parametrize("overrides,noted", [
+    (dict(num_buckets=None), True),
+    (dict(num_buckets=8), False),
+    (dict(num_buckets=None, attn_layers=["local", "local"]), False),  # no LSH layer: no buckets to resolve
+])
+def test_an_unset_num_buckets_is_noted_with_the_value_resolved(overrides, noted):
+    """transformers resolves an unset num_buckets from the first length a model runs, we from
+    max_position_embeddings (32 here, chunks of 4: 16 buckets, factorised as 4 x 4): the note says which we
+    took."""
+    config = reformer.ReformerConfig(**{**BASE, "attn_layers": ["local", "lsh"], **overrides})
+    notes = api.export_notes(config)
+    assert len(notes) == int(noted)
+    if noted:
+        assert "num_buckets [4, 4]" in notes[0] and "max_position_embeddings 32" in notes[0]
+        assert "first sequence length" in notes[0] and "set num_buckets to [4, 4] in config.json" in notes[0]
+
+
 def test_library_versions_name_the_installed_libraries():
     versions = library_versions()
     assert set(versions) == {"python", *REPORTED_DISTRIBUTIONS}

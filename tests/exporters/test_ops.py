@@ -1,12 +1,12 @@
 """Every registered op under every lowering, exported alone to ONNX and run in ONNX Runtime (CPU) against
 its eager implementation, on shapes other than the export's: length 1, odd lengths, ties in buckets.
 
-Tolerances: the index ops must match exactly (they are permutations). The float ops (logsumexp, attend,
-attend_with_log_normalizer, project_heads_into_chunks) within the first-order rounding bound of their eager computation, element by element
-(tests/rounding.py): sums and products bounded by n eps sum|terms|, not by the result, whose magnitude says
-nothing when terms cancel (a projection's sum of 12 products of size ~1 can be 1e-2). The lowerings sum the
-same products in other orders, with other kernels per processor, and the fused attention kernel scales the
-product instead of the keys."""
+Tolerances: the index ops must match exactly (they are permutations). The float ops (attend,
+attend_with_log_normalizer, project_heads_into_chunks) within the first-order rounding bound of their eager
+computation, element by element (tests/rounding.py): sums and products bounded by n eps sum|terms|, not by
+the result, whose magnitude says nothing when terms cancel (a projection's sum of 12 products of size ~1 can
+be 1e-2). The lowerings sum the same products in other orders, with other kernels per processor, and the
+fused attention kernel scales the product instead of the keys."""
 
 from __future__ import annotations
 
@@ -87,15 +87,6 @@ def projection_inputs(shape, generator, dtype):
     return hidden_states.to(dtype), torch.randn(6, 12, generator=generator).to(dtype)
 
 
-def masked_scores(shape, generator, dtype):
-    scores = 4 * torch.randn(shape, generator=generator)
-    masked = torch.rand(shape, generator=generator) < 0.3
-    scores = scores.masked_fill(masked, MASK_VALUE[dtype])
-    scores[0, 0] = MASK_VALUE[dtype]  # rows of masked keys only,
-    scores[0, 0, ..., 0] = SELF_MASK_VALUE[dtype]  # but for the query itself
-    return scores.to(dtype)
-
-
 # op name -> (input maker, dtypes, keyword arguments (or a function of the dtype giving them)[, dynamic
 # axes]); a maker returns a tensor or a tuple of them. Dynamic axes, per input: {axis: "batch", "length" or
 # "chunks" (a length of whole chunks)}; by default each input has its batch on axis 0 and its length (or
@@ -103,7 +94,6 @@ def masked_scores(shape, generator, dtype):
 INPUTS = {
     "sort_by_bucket": (buckets_with_ties, [torch.int64], {}),
     "invert_permutation": (random_permutations, [torch.int64], {}),
-    "logsumexp": (masked_scores, [torch.float32, torch.float16], {}),
     "attend": (attention_inputs, [torch.float32, torch.float16], {"scale": 0.4, "dropout": 0.0}),
     "attend_with_log_normalizer": (masked_attention_inputs, [torch.float32, torch.float16], mask_values),
     "project_heads_into_chunks": (projection_inputs, [torch.float32, torch.float16],

@@ -1,5 +1,6 @@
 """ReformerConfig: config.json round trips, validation, and the reference's rule for an unset num_buckets."""
 
+import dataclasses
 import json
 
 import pytest
@@ -79,3 +80,18 @@ def test_unset_num_buckets_follows_the_reference_rule(max_length, chunk_length):
     reference_attention = transformers.models.reformer.modeling_reformer.LSHSelfAttention(reference_config)
     reference_attention._set_num_buckets(max_length)
     assert ReformerConfig(**values).num_buckets == reference_attention.num_buckets
+
+
+def test_a_resolved_num_buckets_is_marked_and_the_mark_stays_out_of_config_json(tmp_path):
+    """The mark lets an export say the buckets were resolved here; it survives dataclasses.replace (as
+    from_pretrained with attn_implementation does), and config.json keeps only the resolved value."""
+    values = {**BASE, "attn_layers": ["local", "lsh"], "num_buckets": None}
+    resolved = ReformerConfig(**values)
+    assert resolved.num_buckets_defaulted and resolved.num_buckets == [4, 4]
+    assert dataclasses.replace(resolved, attn_implementation="flex_attention").num_buckets_defaulted
+    assert not ReformerConfig(**BASE).num_buckets_defaulted
+    assert not ReformerConfig(**{**values, "attn_layers": ["local"]}).num_buckets_defaulted  # nothing to resolve
+    written = resolved.to_dict()
+    assert "num_buckets_defaulted" not in written and written["num_buckets"] == [4, 4]
+    (tmp_path / "config.json").write_text(json.dumps({**written, "num_buckets_defaulted": True}))
+    assert not ReformerConfig.from_pretrained(tmp_path).num_buckets_defaulted  # a stray key is no config field

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from reformer import ReformerConfig, ops
+from reformer.attention.chunking import SELF_MASK_VALUE
 from reformer.attention.lsh import LSHSelfAttention, combine_rounds, gather_by_position, unsort_by_position
 
 
@@ -93,9 +94,10 @@ def test_rounds_over_disjoint_keys_combine_into_one_softmax_over_all_keys():
     """Round 0 attends to keys 0-1, round 1 to keys 2-4: weighted by each round's share of the attention mass
     (its log-normaliser, the log-sum-exp of its scores), the rounds give the softmax over all five keys.
     Tolerance: combine_rounds computes the weights in fp32 (see its docstring); casting the log-normalisers
-    (|l| <= M = 3) to fp32, their log-sum-exp, the difference and exp each cost at most a few units u = 2^-24
-    of the weight, together below (7 M + 6) u < 8 (1 + M) eps_fp32 relative to each weight w_n; the float64
-    softmaxes and sums add ~1e-16. So |combined - direct| <= 8 (1 + M) eps_fp32 sum_n w_n |out_n|."""
+    (|l| <= M = 3) to fp32, subtracting their maximum, exp, the sum and the division each cost at most a few
+    units u = 2^-24 of the weight, together below (8 M + 6) u < 8 (1 + M) eps_fp32 relative to each weight
+    w_n; the float64 softmaxes and sums add ~1e-16. So |combined - direct| <= 8 (1 + M) eps_fp32
+    sum_n w_n |out_n|."""
     generator = torch.Generator().manual_seed(1)
     scores = torch.tensor([[0.5, -1.0, 2.0, 0.0, 1.0], [-2.0, 1.5, 0.25, 1.0, -0.5]], dtype=torch.float64)  # Q, 5
     values = torch.randn(5, 3, generator=generator, dtype=torch.float64)  # 5 keys, D = 3
@@ -112,10 +114,21 @@ def test_rounds_over_disjoint_keys_combine_into_one_softmax_over_all_keys():
 
 @pytest.mark.parametrize("with_log_normalizer", [False, True])
 def test_a_single_round_is_taken_as_it_is(with_log_normalizer):
-    """One round: the model passes no log-normaliser; given one, its weight exp(l - logsumexp([l])) is
-    exp(0) = 1 exactly."""
+    """One round: the model passes no log-normaliser; given one, its weight, a softmax over one round, is
+    exp(0) / exp(0) = 1 exactly."""
     out = torch.randn(2, 3, 1, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)  # ..., N, D
     log_normalizer = torch.tensor([[[-1e5], [0.3], [7.0]]] * 2, dtype=torch.float64) if with_log_normalizer else None
+    assert torch.equal(combine_rounds(out, log_normalizer, torch.tensor(False)), out[..., 0, :])
+
+
+@pytest.mark.parametrize("rounds", [2, 4])
+def test_rounds_that_saw_only_the_query_itself_give_its_output_exactly(rounds):
+    """A query whose only key is itself has the self-mask value -1e5 as its log-normaliser in every round,
+    and the same output. fp32's spacing at 1e5 is 0.0078, so the weights may not be formed from a value
+    rounded at that magnitude (exp(l - logsumexp(l)) gave 0.4989 for two rounds); subtracting the largest
+    l leaves zeros, and 1/N, its products and their sums are exact for N a power of two."""
+    out = torch.randn(3, 1, 4, generator=torch.Generator().manual_seed(4)).expand(3, rounds, 4)  # ..., N, D
+    log_normalizer = torch.full((3, rounds), SELF_MASK_VALUE[torch.float32])
     assert torch.equal(combine_rounds(out, log_normalizer, torch.tensor(False)), out[..., 0, :])
 
 
