@@ -102,7 +102,7 @@ def to_onnx_model(
         program = trace()
     onnx_program = torch.onnx.export(
         program, dynamo=True, opset_version=opset, input_names=list(input_names), output_names=output_names,
-        custom_translation_table=ops.translation_table(mode), verbose=False,
+        verbose=False,
     )
     lowerings = ops.apply_lowerings(onnx_program.model, mode, context)
     fold_constant_layouts(onnx_program.model)

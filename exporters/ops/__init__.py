@@ -18,16 +18,14 @@ from .registry import (
     LOWERINGS,
     MODE_MIN_OPSET,
     REGISTRY,
-    AtenOverride,
     CustomOp,
     LoweringContext,
     apply_lowerings,
     onnx_placeholders,
     check_mode,
-    translation_table,
 )
 
 __all__ = [
-    "CUSTOM_OPS_MODES", "DOMAIN", "KEPT_LOWERINGS", "LOWERINGS", "MODE_MIN_OPSET", "REGISTRY", "AtenOverride",
-    "CustomOp", "LoweringContext", "apply_lowerings", "onnx_placeholders", "check_mode", "translation_table",
+    "CUSTOM_OPS_MODES", "DOMAIN", "KEPT_LOWERINGS", "LOWERINGS", "MODE_MIN_OPSET", "REGISTRY",
+    "CustomOp", "LoweringContext", "apply_lowerings", "onnx_placeholders", "check_mode",
 ]

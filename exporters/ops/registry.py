@@ -1,9 +1,5 @@
 """The custom-op registry: every op whose ONNX lowering the exporter chooses, with its eager implementation
-and its lowerings. Two kinds:
-
-- `CustomOp`: a replaceable function of `reformer.ops` (the one definition of its math).
-- `AtenOverride`: an ATen op the stock exporter lowers badly; its lowering replaces torchlib's through
-  torch.onnx's `custom_translation_table`. Its eager implementation is the ATen op itself.
+and its lowerings: a `CustomOp` for each replaceable function of `reformer.ops` (the one definition of its math).
 
 How a CustomOp reaches the ONNX file: while torch.export traces the model, `onnx_placeholders()` routes each
 registered `reformer.ops` function to a node `reformer::<OnnxName>` of the custom domain (in the exporting
@@ -67,32 +63,27 @@ class LoweringContext:
 
 
 @dataclass(frozen=True)
-class RegisteredOp:
-    """name: the registry key; lowerings: lowering name -> lowering (see the subclasses)."""
+class CustomOp:
+    """name: the function's name in `reformer.ops` (the registry key); onnx_name: the op's name in the custom
+    domain; lowerings: lowering name -> function of the LoweringContext giving the op's ONNX function body;
+    auto_lowering: the lowering mode "auto" picks where the op has it. A registered op returns
+    one tensor of its first input's dtype, and of its first input's shape unless `output_shape` (given the
+    op's inputs and attributes) says otherwise; an op with several outputs gives `output_shapes` instead (one
+    shape per output, each of the first input's dtype) and returns a tuple. The model passes its non-tensor
+    arguments by keyword, and they become the node's attributes."""
 
     name: str
+    onnx_name: str
     lowerings: dict[str, Callable]
     auto_lowering: str = "ort"
+    output_shape: Callable[..., tuple] | None = None
+    output_shapes: Callable[..., list[tuple]] | None = None
 
     def lowering_for(self, mode: str) -> str:
         """The lowering this op gets under a mode of CUSTOM_OPS_MODES."""
         if mode == "auto":
             mode = self.auto_lowering
         return mode if mode in self.lowerings else "standard"
-
-
-@dataclass(frozen=True)
-class CustomOp(RegisteredOp):
-    """name: the function's name in `reformer.ops`; onnx_name: the op's name in the custom domain;
-    lowerings: functions of the LoweringContext giving the op's ONNX function body. A registered op returns
-    one tensor of its first input's dtype, and of its first input's shape unless `output_shape` (given the
-    op's inputs and attributes) says otherwise; an op with several outputs gives `output_shapes` instead (one
-    shape per output, each of the first input's dtype) and returns a tuple. The model passes its non-tensor
-    arguments by keyword, and they become the node's attributes."""
-
-    onnx_name: str = ""
-    output_shape: Callable[..., tuple] | None = None
-    output_shapes: Callable[..., list[tuple]] | None = None
 
     @property
     def eager(self) -> Callable[..., torch.Tensor]:
@@ -119,29 +110,16 @@ class CustomOp(RegisteredOp):
         ).to(first.device)
 
 
-@dataclass(frozen=True)
-class AtenOverride(RegisteredOp):
-    """target: the ATen overload whose torchlib lowering this replaces; eager: a call of it as the model
-    makes it; lowerings: onnxscript functions with the ATen op's signature."""
-
-    target: torch._ops.OpOverload | None = None
-    eager: Callable[[torch.Tensor], torch.Tensor] | None = None
+REGISTRY: dict[str, CustomOp] = {}
 
 
-REGISTRY: dict[str, RegisteredOp] = {}
-
-
-def register(op: RegisteredOp) -> RegisteredOp:
+def register(op: CustomOp) -> CustomOp:
     if "standard" not in op.lowerings or not set(op.lowerings) <= set(LOWERINGS):
         raise ValueError(f"{op.name}: lowerings must include 'standard' and be among {LOWERINGS}")
-    if isinstance(op, CustomOp) and op.name not in reformer.ops.REPLACEABLE:
+    if op.name not in reformer.ops.REPLACEABLE:
         raise ValueError(f"reformer.ops has no replaceable function {op.name!r}")
     REGISTRY[op.name] = op
     return op
-
-
-def custom_ops_of(ops: dict[str, RegisteredOp] | None) -> dict[str, CustomOp]:
-    return {name: op for name, op in (REGISTRY if ops is None else ops).items() if isinstance(op, CustomOp)}
 
 
 def check_mode(custom_ops: str, opset: int | None = None) -> None:
@@ -155,28 +133,21 @@ def check_mode(custom_ops: str, opset: int | None = None) -> None:
                          f"add --opset {min_opset}")
 
 
-def onnx_placeholders(ops: dict[str, RegisteredOp] | None = None) -> contextlib.AbstractContextManager[None]:
+def onnx_placeholders(ops: dict[str, CustomOp] | None = None) -> contextlib.AbstractContextManager[None]:
     """Within, in this thread (or asyncio task) only: `reformer.ops` functions emit custom-domain placeholder
     nodes (for torch.export only)."""
-    return reformer.ops.replaced({name: op.placeholder for name, op in custom_ops_of(ops).items()})
-
-
-def translation_table(mode: str, ops: dict[str, RegisteredOp] | None = None) -> dict:
-    """torch.onnx's `custom_translation_table` for the ATen overrides under a mode."""
-    ops = REGISTRY if ops is None else ops
-    return {op.target: op.lowerings[op.lowering_for(mode)] for op in ops.values() if isinstance(op, AtenOverride)}
+    return reformer.ops.replaced({name: op.placeholder for name, op in (REGISTRY if ops is None else ops).items()})
 
 
 def apply_lowerings(
-    model: ir.Model, mode: str, context: LoweringContext, ops: dict[str, RegisteredOp] | None = None
+    model: ir.Model, mode: str, context: LoweringContext, ops: dict[str, CustomOp] | None = None
 ) -> dict[str, str]:
-    """Give each placeholder node its lowering (in place). Returns the lowering chosen per op name, ATen
-    overrides included (they were applied during translation)."""
+    """Give each placeholder node its lowering (in place). Returns the lowering chosen per op name."""
     ops = REGISTRY if ops is None else ops
     chosen = {name: op.lowering_for(mode) for name, op in ops.items()}
     used = {node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.domain == DOMAIN}
     kept = set()
-    for op in custom_ops_of(ops).values():
+    for op in ops.values():
         if op.onnx_name not in used:
             continue
         proto = op.lowerings[chosen[op.name]](context).to_function_proto()
