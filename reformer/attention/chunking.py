@@ -29,6 +29,13 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, -1, heads * head_size)
 
 
+def transposed_copy(x: torch.Tensor) -> torch.Tensor:
+    """B, M, N -> B, N, M, contiguous, by a copy that asks nothing about the layout: torch.export guards a
+    dynamic size against 1 where it checks a transposed tensor's contiguity (or a 4-d tensor's channels-last
+    strides), and a graph whose padded length may be 1 (chunk length 1) then failed to export."""
+    return x.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+
+
 def split_chunks(x: torch.Tensor, chunk_length: int) -> torch.Tensor:
     """B, H, L, ... -> B, H, K, C, ... for a contiguous x (L must be a multiple of C)."""
     return x.view(x.shape[0], x.shape[1], -1, chunk_length, *x.shape[3:])

@@ -12,7 +12,7 @@ from .. import ops
 from ..config import ReformerConfig
 from .chunking import (
     length_as_tensor, length_normalize, look_adjacent, mask_bias, mask_scores, masked_softmax_attend,
-    split_chunks,
+    split_chunks, transposed_copy,
 )
 from .flex import flex_applies, flex_chunk_attend
 
@@ -115,7 +115,7 @@ class LSHSelfAttention(nn.Module):
             positive_wins = torch.amax(part, dim=-1) >= -torch.amin(part, dim=-1)
             factor_buckets = torch.where(positive_wins, torch.argmax(part, dim=-1), torch.argmin(part, dim=-1) + half)
             buckets = factor_buckets if buckets is None else buckets + stride * factor_buckets
-        buckets = buckets.permute(0, 2, 3, 1)  # B, H, N, L
+        buckets = transposed_copy(buckets.flatten(2)).view(batch, self.num_heads, self.num_hashes, length)  # B, H, N, L
         return buckets.masked_fill(~attention_mask[:, None, None, :], self.padding_bucket)
 
     def attend_sorted(self, chunks: SortedChunks) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -265,11 +265,12 @@ def gather_by_position(vectors: torch.Tensor, positions: torch.Tensor) -> torch.
 def unsort_by_position(sorted_out: torch.Tensor, undo_positions: torch.Tensor) -> torch.Tensor:
     """sorted_out B, H, N, L, D in bucket order; undo_positions B, H, N, L (where each position went) ->
     B, L, H, N, D in position order. One gather of rows by a flat index laid out B, L, H, N, so that the heads
-    come out merged, with no transposed copy of the result."""
+    come out merged, with no transposed copy of the result (the index is built with H and N merged, for
+    transposed_copy)."""
     batch, heads, rounds, length, head_size = sorted_out.shape
     rows = sorted_out.reshape(-1, head_size)  # B*H*N*L, D
-    row_start = torch.arange(batch * heads * rounds, device=sorted_out.device).view(batch, heads, rounds, 1)
-    index = (row_start * length_as_tensor(sorted_out, 3) + undo_positions).permute(0, 3, 1, 2)  # B, L, H, N
+    row_start = torch.arange(batch * heads * rounds, device=sorted_out.device).view(batch, heads * rounds, 1)
+    index = transposed_copy(row_start * length_as_tensor(sorted_out, 3) + undo_positions.flatten(1, 2))  # B, L, H*N
     return rows.index_select(0, index.flatten()).view(batch, length, heads, rounds, head_size)
 
 
