@@ -74,15 +74,17 @@ def log(message: str) -> None:
 
 
 def load_model(name: str, max_length: int):
-    """(model, causal-lm spec): benchmarks/models.py's shapes with random weights, or a built-in model."""
+    """(model, causal-lm spec, held-out windows: a function of the window length, giving None without held-out
+    text): benchmarks/models.py's shapes with random weights, or a built-in model (an int8 graph's task verdict
+    is judged on its held-out text, as the CLI judges it)."""
     if name in MODEL_NAMES:
         from benchmarks.models import build_model
 
-        return build_model(name, max_length)
+        return (*build_model(name, max_length), lambda length: None)
     from exporters.models import resolve_model
 
     resolved = resolve_model(name, "causal-lm")
-    return resolved.model, resolved.spec
+    return resolved.model, resolved.spec, resolved.held_out_windows
 
 
 def export_files(name: str, max_length: int, aoti: bool, folder: str) -> Files:
@@ -91,7 +93,7 @@ def export_files(name: str, max_length: int, aoti: bool, folder: str) -> Files:
     from exporters.onnx import export_onnx
     from exporters.quantize import quantize_onnx
 
-    model, spec = load_model(name, max_length)
+    model, spec, _ = load_model(name, max_length)
     files = Files(name, max_length, model.config.vocab_size)
     files.paths[ORT_FP32] = os.path.join(folder, f"{name}-{max_length}.onnx")
     files.paths[ORT_INT8] = os.path.join(folder, f"{name}-{max_length}-int8.onnx")
@@ -111,7 +113,7 @@ def open_runners(files: Files, threads: int, runtimes: list[str]) -> dict:
     from benchmarks.gpu_checks.runners import OrtRunner, TorchRunner, TransformersRunner
     from benchmarks.models import reference_model
 
-    model, spec = load_model(files.model, files.max_length)
+    model, spec, _ = load_model(files.model, files.max_length)
     openers = {
         REFERENCE: lambda: TransformersRunner(reference_model(model), "cpu"),
         EAGER: lambda: TorchRunner(spec.wrap(model), "cpu"),
@@ -224,12 +226,13 @@ def generation_rows(name: str, batches: list[int], prompt_length: int, new_token
     from reformer.runtime import CPU, OnnxGenerator
 
     torch.set_num_threads(threads)
-    model, _ = load_model(name, GENERATION_MODEL_LENGTH)
+    model, _, held_out_windows = load_model(name, GENERATION_MODEL_LENGTH)
     generators = {}
     for runtime, quantize in ((ORT_FP32, None), (ORT_INT8, "int8")):
         directory = os.path.join(folder, f"{name}-decoder-{runtime.split()[-1]}")
         log(f"exporting {name} as causal-lm-with-past ({runtime}) ...")
-        export_causal_lm_with_past(model, directory, "onnx", max_length=prompt_length + new_tokens, quantize=quantize)
+        export_causal_lm_with_past(model, directory, "onnx", max_length=prompt_length + new_tokens, quantize=quantize,
+                                   held_out=held_out_windows(prompt_length + new_tokens))
         generators[runtime] = OnnxGenerator(directory, providers=[CPU], threads=threads)
     reference = reference_model(model)
     rows = []
