@@ -71,7 +71,7 @@ class ReplayedEager:
                                         keep, PRECISIONS["fp32"])
         ]
         uncertified = [disagreement.describe() for disagreement in disagreements if not disagreement.certified]
-        assert not uncertified, f"{label}: {len(uncertified)} buckets are no near-tie, e.g. {uncertified[0]}"
+        assert not uncertified, f"{label}: buckets that are no near-tie: {len(uncertified)}, first {uncertified[0]}"
         for name, got in zip(self.spec.output_names, outputs, strict=True):
             want = getattr(replay.output, name)
             assert got.dtype == want.dtype, f"{label} {name}: {got.dtype}, eager {want.dtype}"

@@ -26,12 +26,13 @@ def split_heads(x: torch.Tensor, num_heads: int, head_size: int) -> torch.Tensor
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """B, H, L, D -> B, L, H*D"""
     batch, heads, _, head_size = x.shape
-    return x.transpose(1, 2).reshape(batch, -1, heads * head_size)
+    return transposed_copy(x).view(batch, -1, heads * head_size)
 
 
 def transposed_copy(x: torch.Tensor) -> torch.Tensor:
-    """B, M, N -> B, N, M, contiguous, by a copy that asks nothing about the layout: torch.export guards a
-    dynamic size against 1 where it checks a transposed tensor's contiguity (or a 4-d tensor's channels-last
+    """B, M, N, ... -> B, N, M, ..., contiguous, by a copy that asks nothing about the layout (the copy a
+    reshape of the transposed tensor makes anyway): torch.export guards a dynamic size against 1 where it checks
+    a transposed tensor's contiguity or whether it can be viewed (or a permuted 4-d tensor's channels-last
     strides), and a graph whose padded length may be 1 (chunk length 1) then failed to export."""
     return x.transpose(1, 2).clone(memory_format=torch.contiguous_format)
 

@@ -103,6 +103,18 @@ def test_every_task_matches_eager_at_other_shapes(task, name, values, tmp_path):
     assert_graph_matches_eager(spec, model, "onnx", path, SHAPES)
 
 
+def test_local_attention_with_chunk_length_1_matches_eager(tmp_path):
+    """Chunk length 1 pads nothing, so the padded length may be 1: torch.export once guarded it against 1 where
+    merging the heads reshaped a transposed tensor (reformer.attention.chunking.transposed_copy), and refused the
+    export of local attention with more than one head. Found by tests/test_properties.py, at head size 1."""
+    values = dict(CASES_BY_NAME["lm_local_short"].config_values, local_attn_chunk_length=1, local_num_chunks_before=0,
+                  attention_head_size=1)
+    model = build("base", values)
+    path = tmp_path / "model.onnx"
+    export_onnx(model, TASKS["base"], path, with_buckets=True)
+    assert_graph_matches_eager(TASKS["base"], model, "onnx", path, SHAPES)
+
+
 def test_matches_transformers_reference(exported):
     case, reference, ours, path = exported
     session = session_for(path)
