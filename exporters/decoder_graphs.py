@@ -89,7 +89,9 @@ def decoder_specs(decoder: IncrementalDecoder, max_length: int) -> dict[str, Gra
     """The prefill's and the step's spec. Prefill: input_ids [batch, prompt_length] (1 to max_length) -> logits
     and the present cache, whose positions are the prompt's. Step: input_ids [batch, 1] and the past cache
     (past_length positions, 1 to max_length - 1) -> logits and the present cache, whose past_length + 1
-    positions are no dimension of their own. Traced at example_prompt and the step after it."""
+    positions are no dimension of their own. Traced at example_prompt and the step after it. (Their ONNX
+    graphs' dimensions keep torch.export's symbol names, s0, s1, ...: runtimes take the cache's axes from
+    decoder_config.json.)"""
     config, batch = decoder.config, {0: BATCH_SIZE}
     cache = cache_axes(config)
     present_names = tuple(PRESENT_PREFIX + name for name in cache)

@@ -28,9 +28,9 @@ BUCKETS_AXES = {0: BATCH_SIZE, 3: "sequence_length"}  # B, H, N, L
 @dataclass(frozen=True)
 class GraphSpec:
     """One exported graph: its input and output names, in order; the named dynamic axes of its inputs and
-    outputs (name -> axis -> dimension name, as torch.onnx's dynamic_axes: the ONNX graph's dimension names,
-    and through exporters.program.dynamic_shapes torch.export's dimensions) and each dimension's range
-    (min, max); the example inputs it is traced at, as its module takes them; and `packed`: (the module's
+    outputs (name -> axis -> dimension name, as torch.onnx's dynamic_axes: through exporters.program
+    .dynamic_shapes torch.export's dimensions, and a task graph's ONNX dimension names) and each dimension's
+    range (min, max); the example inputs it is traced at, as its module takes them; and `packed`: (the module's
     argument, a prefix) when that argument takes every input whose name has the prefix as one tuple."""
 
     input_names: tuple[str, ...]
