@@ -69,10 +69,10 @@ from torch import nn
 from reformer.files import atomic_write
 from reformer.sampling import DECODER_CONFIG_NAME
 
-from .decoder_graphs import GRAPHS, dynamic_graphs
+from .decoder_graphs import GRAPHS, graph_modules
 from .errors import ExportError, first_line
 from .precision import model_as
-from .program import export_dynamic, export_program, size_oblivious
+from .program import export_graph, export_program, size_oblivious
 from .runners import module_runner
 from .specs import TaskSpec, embedded_description, resolve_max_length, wrapper_example_inputs
 from .torchscript import METADATA_NAME
@@ -257,15 +257,16 @@ def runnable_isa_mismatch_dropped():
         logger.removeFilter(dropped)
 
 
-def export_decoder(decoder, folder: str, description: dict, *, native_isa: bool = False) -> None:
-    """The prefill and step graphs of causal-lm-with-past (exporters.decoder_graphs) as the models "prefill"
+def export_decoder(decoder, specs: dict, folder: str, description: dict, *, native_isa: bool = False) -> None:
+    """The prefill and step graphs of causal-lm-with-past (exporters.decoder_graphs: `specs` their axes and
+    example inputs) as the models "prefill"
     and "step" of one package (description["files"]["package"]), each with decoder_config.json's content (the
     description, which gains cpu_march here) as metadata."""
     march = description["cpu_march"] = cpu_march(native_isa)
     programs = {}
-    for name, module, inputs, axes in dynamic_graphs(decoder, description):
+    for name, module in graph_modules(decoder).items():
         try:
-            programs[name] = export_dynamic(module, inputs, axes)
+            programs[name] = export_graph(module, specs[name])
         except Exception as error:  # torch.export raises many kinds; the caller needs one, with the reason
             raise ExportError(f"torch.export of the {name} graph failed: {first_line(error)}") from error
     compile_package(os.path.join(folder, description["files"]["package"]), programs,

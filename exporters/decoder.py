@@ -60,26 +60,26 @@ from reformer.files import publish, staging_folder, write_json
 from reformer.generation import IncrementalDecoder, cache_layout
 from reformer.sampling import DECODER_CONFIG_NAME
 
+from .decoder_graphs import decoder_specs
 from .decoder_verification import verify_decoder
 from .errors import ExportError, VerificationError
 from .formats import GRAPH_FORMATS
 from .precision import model_as, training_modes_kept
-from .specs import resolve_max_length
+from .specs import GraphSpec, resolve_max_length
 from .tokenizer_files import write_tokenizer_files
 
 
-def decoder_description(config, fmt: str, max_length: int) -> dict:
-    """The content of decoder_config.json (see the module docstring)."""
+def decoder_description(config, fmt: str, max_length: int, specs: dict[str, GraphSpec]) -> dict:
+    """The content of decoder_config.json (see the module docstring); each graph's input and output names are
+    its spec's (exporters.decoder_graphs.decoder_specs)."""
     layout = cache_layout(config)
-    names = list(layout)
     return {
         "format": fmt,
         "files": GRAPH_FORMATS[fmt].decoder_files,
-        "cache": names,
+        "cache": list(layout),
         "cache_tensors": layout,
-        "prefill": {"inputs": ["input_ids"], "outputs": ["logits"] + [f"present_{name}" for name in names]},
-        "step": {"inputs": ["input_ids"] + [f"past_{name}" for name in names],
-                 "outputs": ["logits"] + [f"present_{name}" for name in names]},
+        **{graph: {"inputs": list(spec.input_names), "outputs": list(spec.output_names)}
+           for graph, spec in specs.items()},
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
         "vocab_size": config.vocab_size,
@@ -113,14 +113,16 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, max
     output_dir, max_length = checked_request(model, output_dir, fmt, max_length, quantize)
     with training_modes_kept(model):  # model_as puts the caller's model itself in eval mode when it needs no copy
         model = model_as(model, "fp32", "cpu")
-        description = {**decoder_description(model.config, fmt, max_length), **(metadata or {}),
+        decoder = IncrementalDecoder(model)
+        specs = decoder_specs(decoder, max_length)
+        description = {**decoder_description(model.config, fmt, max_length, specs), **(metadata or {}),
                        "tokenizer_files": sorted(tokenizer_files or {})}
         report = None
         with staging_folder(output_dir) as staging:
             folder = os.path.join(staging, os.path.basename(output_dir))
             os.mkdir(folder)
             write_tokenizer_files(tokenizer_files or {}, folder)
-            write_graphs(IncrementalDecoder(model), folder, description, format_options, quantize)
+            write_graphs(decoder, specs, folder, description, format_options, quantize)
             if verify:
                 quantized = {} if quantize is None else {"quantized": True, "held_out": held_out}
                 report = verify_decoder(model, folder, fmt, atol=atol, **quantized)
@@ -151,12 +153,12 @@ def checked_request(model, output_dir: str, fmt: str, max_length: int | None, qu
     return output_dir, max_length
 
 
-def write_graphs(decoder: IncrementalDecoder, folder: str, description: dict, format_options: dict,
-                 quantize: str | None) -> None:
-    """The graphs of description["format"] and decoder_config.json (the description, which the exporters
-    complete) into folder."""
+def write_graphs(decoder: IncrementalDecoder, specs: dict[str, GraphSpec], folder: str, description: dict,
+                 format_options: dict, quantize: str | None) -> None:
+    """The graphs of description["format"] (as `specs` say) and decoder_config.json (the description, which the
+    exporters complete) into folder."""
     options = {**format_options, **({} if quantize is None else {"quantize": quantize})}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and exporter chatter; the verification is the check
-        GRAPH_FORMATS[description["format"]].export_decoder(decoder, folder, description, **options)
+        GRAPH_FORMATS[description["format"]].export_decoder(decoder, specs, folder, description, **options)
     write_json(description, os.path.join(folder, DECODER_CONFIG_NAME))

@@ -1,22 +1,25 @@
-"""The two graphs of causal-lm-with-past (exporters.decoder) as torch modules over
-`reformer.generation.IncrementalDecoder`, with their example inputs and dynamic shapes, for every format's
-exporter of them (exporters.onnx, aoti, torchscript: `export_decoder`)."""
+"""The two graphs of causal-lm-with-past (exporters.decoder): their specs (exporters.specs.GraphSpec: names,
+named dynamic axes, example inputs), built from the cache layout (reformer.generation.cache_layout), and the
+torch modules over `reformer.generation.IncrementalDecoder` that every format's exporter of them traces
+(exporters.onnx, aoti, torchscript: `export_decoder`). decoder_config.json lists the specs' names."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.export import Dim
 
-from reformer.generation import DecoderCache, IncrementalDecoder
+from reformer.generation import DecoderCache, IncrementalDecoder, cache_layout
 from reformer.sampling import PAST_LENGTH
 
-from .program import batch_dim
-from .specs import example_length
-
+from .specs import BATCH_RANGE, BATCH_SIZE, INPUT_IDS, GraphSpec, example_length
 
 # The graphs of causal-lm-with-past: the names of their files' roles, the models of an AOTInductor package.
 GRAPHS = ("prefill", "step")
+LOGITS = "logits"
+PROMPT_LENGTH = "prompt_length"
+# The cache tensors' names as graph inputs (the step's past) and outputs (both graphs' present).
+PAST_PREFIX = "past_"
+PRESENT_PREFIX = "present_"
 
 
 def prefill_outputs(decoder: IncrementalDecoder, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -57,25 +60,56 @@ class DecoderGraphs(nn.Module):
         return step_outputs(self.decoder, input_ids, past)
 
 
+def graph_modules(decoder: IncrementalDecoder) -> dict[str, nn.Module]:
+    """The module torch.export traces for each graph: the prefill as DecoderGraphs' forward, the step as
+    StepGraph's."""
+    return {"prefill": DecoderGraphs(decoder), "step": StepGraph(decoder)}
+
+
+def example_prompt_length(config, max_length: int) -> int:
+    """The traced prompt's length: longer than one chunk and not a multiple of the chunk lengths (the general
+    prefill path), short enough for a step after it."""
+    return example_length(config.padding_multiple, max_length - 1)
+
+
 def example_prompt(config, max_length: int, batch: int = 2) -> torch.Tensor:
-    """A prompt longer than one chunk and not a multiple of the chunk lengths (the general prefill path), short
-    enough for a step after it."""
-    length = example_length(config.padding_multiple, max_length - 1)
+    """A prompt of example_prompt_length."""
+    length = example_prompt_length(config, max_length)
     return torch.randint(1, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
-def dynamic_graphs(decoder: IncrementalDecoder, description: dict) -> list[tuple]:
-    """(name, module, example inputs, dynamic shapes) of the prefill and step graphs, for torch.export."""
-    config, max_length = decoder.config, description["max_length"]
+def cache_axes(config) -> dict[str, dict[int, str]]:
+    """The named axes of every cache tensor, in cache order: those cache_layout's shapes name (batch_size, and
+    PAST_LENGTH for the positions)."""
+    return {name: {axis: dim for axis, dim in enumerate(tensor["shape"]) if isinstance(dim, str)}
+            for name, tensor in cache_layout(config).items()}
+
+
+def decoder_specs(decoder: IncrementalDecoder, max_length: int) -> dict[str, GraphSpec]:
+    """The prefill's and the step's spec. Prefill: input_ids [batch, prompt_length] (1 to max_length) -> logits
+    and the present cache, whose positions are the prompt's. Step: input_ids [batch, 1] and the past cache
+    (past_length positions, 1 to max_length - 1) -> logits and the present cache, whose past_length + 1
+    positions are no dimension of their own. Traced at example_prompt and the step after it. (Their ONNX
+    graphs' dimensions keep torch.export's symbol names, s0, s1, ...: runtimes take the cache's axes from
+    decoder_config.json.)"""
+    config, batch = decoder.config, {0: BATCH_SIZE}
+    cache = cache_axes(config)
+    present_names = tuple(PRESENT_PREFIX + name for name in cache)
+    past_names = tuple(PAST_PREFIX + name for name in cache)
+    prompt_axes = {**batch, 1: PROMPT_LENGTH}
+    prefill_axes = {INPUT_IDS: prompt_axes, LOGITS: prompt_axes, **{
+        present: {axis: PROMPT_LENGTH if dim == PAST_LENGTH else dim for axis, dim in axes.items()}
+        for present, axes in zip(present_names, cache.values())}}
+    step_axes = {INPUT_IDS: batch, **dict(zip(past_names, cache.values())), LOGITS: batch, **{
+        present: {axis: dim for axis, dim in axes.items() if dim != PAST_LENGTH}
+        for present, axes in zip(present_names, cache.values())}}
     prompt = example_prompt(config, max_length)
-    _, cache = decoder.prefill(prompt)
-    batch = batch_dim()
-    prompt_length = Dim("prompt_length", min=1, max=max_length)
-    past_length = Dim(PAST_LENGTH, min=1, max=max_length - 1)
-    past_axes = [{axis: batch if size == "batch_size" else past_length
-                  for axis, size in enumerate(tensor["shape"]) if size in ("batch_size", PAST_LENGTH)}
-                 for tensor in map(description["cache_tensors"].get, description["cache"])]
-    return [
-        ("prefill", DecoderGraphs(decoder), (prompt,), ({0: batch, 1: prompt_length},)),
-        ("step", StepGraph(decoder), (prompt[:, -1:].clone(), *cache.tensors()), ({0: batch}, tuple(past_axes))),
-    ]
+    with torch.no_grad():
+        _, prompt_cache = decoder.prefill(prompt)
+    return {
+        "prefill": GraphSpec((INPUT_IDS,), (LOGITS, *present_names), prefill_axes,
+                             {BATCH_SIZE: BATCH_RANGE, PROMPT_LENGTH: (1, max_length)}, (prompt,)),
+        "step": GraphSpec((INPUT_IDS, *past_names), (LOGITS, *present_names), step_axes,
+                          {BATCH_SIZE: BATCH_RANGE, PAST_LENGTH: (1, max_length - 1)},
+                          (prompt[:, -1:].clone(), *prompt_cache.tensors()), ("past", PAST_PREFIX)),
+    }

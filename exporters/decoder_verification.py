@@ -31,10 +31,10 @@ from .comparison import (
     record_certificates,
     shape_mismatch,
 )
+from .decoder_graphs import example_prompt_length
 from .errors import first_line
 from .formats import GRAPH_FORMATS
 from .near_ties import PRECISIONS, certify, lsh_layers, recorded_hash_inputs
-from .specs import example_length
 from .task_verdict import Sample, TaskVerdict, judge
 from .verification_failures import CountFailure, RuntimeFailure, VerificationFailure
 from .verification_report import VerificationReport, VerificationRow
@@ -93,9 +93,9 @@ def served_length(folder: str) -> int:
 
 
 def verification_prompts(config, max_length: int) -> list[torch.Tensor]:
-    """3 one-token prompts and 1 prompt 2 longer than the traced one (exporters.decoder.example_prompt's),
+    """3 one-token prompts and 1 prompt 2 longer than the traced one (exporters.decoder_graphs.example_prompt's),
     leaving room for a step."""
-    traced_length = example_length(config.padding_multiple, max_length - 1)
+    traced_length = example_prompt_length(config, max_length)
     shapes = [(3, 1), (1, min(traced_length + 2, max_length - 1))]
     return [torch.randint(1, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(length))
             for batch, length in shapes]

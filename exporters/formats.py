@@ -74,7 +74,7 @@ class GraphFormat(Format, ABC):
     def exporter_module(self):
         """The format's exporter module, imported now (it imports torch): module_name, relative to this package.
         Besides its exporter it has open_runner(path, device, tf32), node_kinds(path), export_decoder(decoder,
-        folder, description, **options) and decoder_callables(folder, decoder_files)."""
+        specs, folder, description, **options) and decoder_callables(folder, decoder_files)."""
         return importlib.import_module(self.module_name, __package__)
 
     def open_runner(self, path: str, device: str, tf32: bool = False) -> tuple:
@@ -85,11 +85,11 @@ class GraphFormat(Format, ABC):
         """How many nodes of each kind the graph at path has (exporters.twin_difference)."""
         return self.exporter_module().node_kinds(path)
 
-    def export_decoder(self, decoder, folder: str, description: dict, **options) -> None:
-        """The prefill and step graphs of the reformer.generation.IncrementalDecoder into folder, under the names
-        in description["files"]; `options` are exporter_options'. The description (decoder_config.json) may gain
-        entries."""
-        self.exporter_module().export_decoder(decoder, folder, description, **options)
+    def export_decoder(self, decoder, specs: dict, folder: str, description: dict, **options) -> None:
+        """The prefill and step graphs of the reformer.generation.IncrementalDecoder, as their specs say
+        (exporters.decoder_graphs.decoder_specs), into folder, under the names in description["files"]; `options`
+        are exporter_options'. The description (decoder_config.json) may gain entries."""
+        self.exporter_module().export_decoder(decoder, specs, folder, description, **options)
 
     def decoder_runners(self, folder: str) -> dict:
         """The prefill and step graphs that export_decoder wrote into folder, as Runners on the CPU:

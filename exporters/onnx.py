@@ -17,11 +17,11 @@ from onnxscript.optimizer import fold_constants
 
 from . import ops
 from .choices import DEFAULT_CUSTOM_OPS, DEFAULT_OPSET, SUPPORTED_OPSETS
-from .decoder_graphs import GRAPHS, dynamic_graphs
+from .decoder_graphs import GRAPHS, graph_modules
 from .errors import ExportError, first_line
 from .onnx_files import save_atomically
 from .precision import model_as
-from .program import export_dynamic, export_program
+from .program import export_graph, export_program
 from .runners import Runner, onnxruntime_providers
 from .specs import INPUT_NAMES, METADATA_PREFIX, TaskSpec, graph_description, resolve_max_length, wrapper_example_inputs
 
@@ -164,9 +164,10 @@ def export_metadata(config, spec, max_length, opset, custom_ops, lowerings, dtyp
     return {METADATA_PREFIX + key: json.dumps(value) for key, value in values.items()}
 
 
-def export_decoder(decoder, folder: str, description: dict, *, opset: int = DEFAULT_OPSET,
+def export_decoder(decoder, specs: dict, folder: str, description: dict, *, opset: int = DEFAULT_OPSET,
                    custom_ops: str = DEFAULT_CUSTOM_OPS, quantize: str | None = None) -> None:
-    """The prefill and step graphs of causal-lm-with-past (exporters.decoder_graphs) into folder under the names
+    """The prefill and step graphs of causal-lm-with-past (exporters.decoder_graphs: `specs` their names, axes
+    and example inputs) into folder under the names
     in description["files"] (each with its data file when over 2 GiB, exporters.onnx_files), through to_onnx_model
     (the registry's lowerings) and quantized when asked. The description gains the opset, the lowering per op and (quantized) "quantization"."""
     from .quantize import quantized_into
@@ -177,10 +178,11 @@ def export_decoder(decoder, folder: str, description: dict, *, opset: int = DEFA
         raise ExportError(str(error)) from None
     context = ops.LoweringContext.from_config(decoder.config, description["max_length"])
     lowerings = {}
-    for name, module, inputs, axes in dynamic_graphs(decoder, description):
+    for name, module in graph_modules(decoder).items():
+        spec = specs[name]
         try:
-            model, lowerings = to_onnx_model(lambda: export_dynamic(module, inputs, axes), custom_ops, context, opset,
-                                             description[name]["outputs"], description[name]["inputs"])
+            model, lowerings = to_onnx_model(lambda: export_graph(module, spec), custom_ops, context, opset,
+                                             list(spec.output_names), spec.input_names)
         except Exception as error:  # the exporters raise many kinds; the caller needs one, with the reason
             raise ExportError(f"ONNX export of the {name} graph failed: {first_line(error)}") from error
         path = os.path.join(folder, description["files"][name])

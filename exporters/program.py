@@ -6,29 +6,22 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch.export import Dim
 
-from .specs import FORCED_BUCKETS_PREFIX
-
-MAX_BATCH = 4096
+from .specs import GraphSpec
 
 
-def batch_dim() -> Dim:
-    return Dim("batch_size", min=1, max=MAX_BATCH)
-
-
-def dynamic_shapes(axes: dict[str, dict[int, str]], input_names: list[str], max_length: int) -> dict[str, object]:
-    """torch.export's dynamic shapes of a task graph's inputs, from its spec's axes (exporters.specs.TaskSpec
-    .dynamic_axes, whose names the ONNX graph's dimensions also take): input_ids and attention_mask
-    [batch, sequence], and a verification twin's forced buckets [batch, heads, rounds, sequence] as the one
-    tuple argument exporters.specs.ExportWrapper takes."""
-    dims = {"batch_size": batch_dim(), "sequence_length": Dim("sequence_length", min=1, max=max_length)}
+def dynamic_shapes(graph: GraphSpec) -> dict[str, object]:
+    """torch.export's dynamic shapes of a graph's inputs, one Dim per dimension name of its spec's axes (the names
+    its ONNX graph's dimensions also take), with the spec's range; inputs the spec packs into one argument (a
+    verification twin's forced buckets, the step's past cache) as that argument's tuple."""
+    dims = {name: Dim(name, min=low, max=high) for name, (low, high) in graph.dim_ranges.items()}
 
     def shape(name: str) -> dict:
-        return {axis: dims[dim] for axis, dim in axes[name].items()}
+        return {axis: dims[dim] for axis, dim in graph.dynamic_axes[name].items()}
 
-    forced = [name for name in input_names if name.startswith(FORCED_BUCKETS_PREFIX)]
-    shapes: dict[str, object] = {name: shape(name) for name in input_names if name not in forced}
-    if forced:
-        shapes["forced_buckets"] = tuple(map(shape, forced))
+    packed = [name for name in graph.input_names if graph.packed and name.startswith(graph.packed[1])]
+    shapes: dict[str, object] = {name: shape(name) for name in graph.input_names if name not in packed}
+    if packed:
+        shapes[graph.packed[0]] = tuple(map(shape, packed))
     return shapes
 
 
@@ -40,15 +33,15 @@ def size_oblivious():
     return fx_config.patch(backed_size_oblivious=True)
 
 
-def export_dynamic(module: torch.nn.Module, example_inputs: tuple, shapes) -> torch.export.ExportedProgram:
-    """torch.export.export valid for every size the dynamic dims allow (see size_oblivious)."""
+def export_graph(module: torch.nn.Module, graph: GraphSpec) -> torch.export.ExportedProgram:
+    """torch.export.export of module at its spec's example inputs, valid for every size the spec's dynamic axes
+    allow (see size_oblivious)."""
     with size_oblivious():
-        return torch.export.export(module, example_inputs, dynamic_shapes=shapes)
+        return torch.export.export(module, graph.example_inputs, dynamic_shapes=dynamic_shapes(graph))
 
 
 def export_program(wrapper, example_inputs: tuple, max_length: int):
     """The ExportedProgram of a task graph (an exporters.specs.ExportWrapper), valid for every batch size and
     every length up to max_length. example_inputs: (input_ids, attention_mask), and for a verification twin a
     tuple of forced buckets."""
-    return export_dynamic(wrapper, example_inputs, dynamic_shapes(wrapper.dynamic_axes(), wrapper.input_names(),
-                                                                  max_length))
+    return export_graph(wrapper, wrapper.graph_spec(example_inputs, max_length))

@@ -1,6 +1,8 @@
 """One export spec per task: what the graph takes, what it returns, which axes are dynamic (named: the ONNX
 dimensions and torch.export's, exporters.program, both come from them), how close it must stay to eager.
-The exporters and the verifier take a graph's inputs, outputs and axes from here."""
+The exporters and the verifier take a graph's inputs, outputs and axes from here. `GraphSpec` is one exported
+graph as torch.export sees it: a task graph's (`ExportWrapper.graph_spec`) or one of causal-lm-with-past's
+(exporters.decoder_graphs.decoder_specs)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,31 @@ from torch import nn
 from .choices import TASK_HEADS
 from .errors import ExportError
 
-INPUT_NAMES = ("input_ids", "attention_mask")
-DYNAMIC_AXES = {0: "batch_size", 1: "sequence_length"}
+INPUT_IDS = "input_ids"
+INPUT_NAMES = (INPUT_IDS, "attention_mask")
+BATCH_SIZE = "batch_size"
+DYNAMIC_AXES = {0: BATCH_SIZE, 1: "sequence_length"}
+BATCH_RANGE = (1, 4096)
 BUCKETS_OUTPUT_PREFIX = "buckets_"
 # Inputs of a verification twin (see ExportWrapper): the buckets each LSH layer must use instead of its own.
 FORCED_BUCKETS_PREFIX = "forced_buckets_"
-BUCKETS_AXES = {0: "batch_size", 3: "sequence_length"}  # B, H, N, L
+BUCKETS_AXES = {0: BATCH_SIZE, 3: "sequence_length"}  # B, H, N, L
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: its input and output names, in order; the named dynamic axes of its inputs and
+    outputs (name -> axis -> dimension name, as torch.onnx's dynamic_axes: through exporters.program
+    .dynamic_shapes torch.export's dimensions, and a task graph's ONNX dimension names) and each dimension's
+    range (min, max); the example inputs it is traced at, as its module takes them; and `packed`: (the module's
+    argument, a prefix) when that argument takes every input whose name has the prefix as one tuple."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    dim_ranges: dict[str, tuple[int, int]]
+    example_inputs: tuple
+    packed: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +111,13 @@ class ExportWrapper(nn.Module):
         """The spec's axes of this graph's inputs and outputs, named (the ONNX dimensions' names and, through
         exporters.program.dynamic_shapes, torch.export's dimensions)."""
         return self.spec.dynamic_axes(self.model.config.attn_layers.count("lsh"), self.with_buckets, self.replay)
+
+    def graph_spec(self, example_inputs: tuple, max_length: int) -> GraphSpec:
+        """This graph traced at example_inputs (wrapper_example_inputs), serving lengths up to max_length."""
+        lsh_layers = self.model.config.attn_layers.count("lsh")
+        return GraphSpec(tuple(self.input_names()), tuple(self.spec.all_output_names(lsh_layers, self.with_buckets)),
+                         self.dynamic_axes(), {BATCH_SIZE: BATCH_RANGE, "sequence_length": (1, max_length)},
+                         example_inputs, ("forced_buckets", FORCED_BUCKETS_PREFIX) if self.replay else None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 forced_buckets: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:

@@ -23,7 +23,7 @@ from torch import nn
 from reformer.files import atomic_write
 from reformer.sampling import DECODER_CONFIG_NAME
 
-from .decoder_graphs import DecoderGraphs, example_prompt
+from .decoder_graphs import DecoderGraphs
 from .errors import ExportError, first_line
 from .precision import model_as
 from .runners import module_runner
@@ -123,15 +123,14 @@ def non_host_ops(module: torch.jit.ScriptModule) -> list[str]:
     return [kind for kind in module_node_kinds(module) if not kind.startswith(HOST_OP_NAMESPACES) or kind == PYTHON_OP]
 
 
-def export_decoder(decoder, folder: str, description: dict) -> None:
+def export_decoder(decoder, specs: dict, folder: str, description: dict) -> None:
     """The prefill (`forward`) and step (`step`) of causal-lm-with-past (exporters.decoder_graphs) as one module
-    (description["files"]["module"]), decoder_config.json's content as an extra file."""
-    prompt = example_prompt(decoder.config, description["max_length"])
-    _, cache = decoder.prefill(prompt)
+    (description["files"]["module"]), traced at their specs' example inputs, decoder_config.json's content as an
+    extra file."""
     module = DecoderGraphs(decoder).eval()
     with legacy_jit():
-        traced = torch.jit.trace_module(
-            module, {"forward": (prompt,), "step": (prompt[:, -1:].clone(), *cache.tensors())}, check_trace=False)
+        traced = torch.jit.trace_module(module, {"forward": specs["prefill"].example_inputs,
+                                                 "step": specs["step"].example_inputs}, check_trace=False)
     foreign = sorted(set(non_host_ops(traced)) | set(non_host_ops(traced.step)))
     if foreign:
         raise ExportError(f"the traced decoder holds ops a C++ host cannot run without Python: {', '.join(foreign)}")

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from exporters.decoder import export_causal_lm_with_past
+from exporters.decoder_graphs import decoder_specs, example_prompt_length
 from exporters.decoder_verification import load_graphs
 from exporters.formats import GRAPH_FORMATS
+from exporters.program import dynamic_shapes
 from reformer.sampling import DECODER_CONFIG_NAME
 from exporters.decoder_verification import decoder_mismatch
 from exporters.errors import ExportError, VerificationError
@@ -279,6 +281,30 @@ def test_cache_round_trips_through_tensors():
     again = DecoderCache.from_tensors(model.config, cache.tensors())
     assert all(a is b for a, b in zip(again.tensors(), cache.tensors()))
     assert len(cache.tensors()) == len(cache_names(model.config))
+
+
+def test_graph_specs_follow_the_cache_layout():
+    """The prefill's and the step's names, axes and examples come from the cache layout, and so do the dims
+    torch.export gets: the step's past cache as the one tuple StepGraph's `*past` takes."""
+    model = random_model(CAUSAL_CONFIGS["mixed"])
+    specs = decoder_specs(IncrementalDecoder(model), MAX_LENGTH)
+    names = cache_names(model.config)
+    present = tuple(f"present_{name}" for name in names)
+    assert specs["prefill"].input_names == ("input_ids",) and specs["prefill"].output_names == ("logits", *present)
+    assert specs["step"].input_names == ("input_ids", *(f"past_{name}" for name in names))
+    assert specs["step"].output_names == ("logits", *present)
+    assert specs["prefill"].dynamic_axes["present_buckets_1"] == {0: "batch_size", 3: "prompt_length"}
+    assert specs["step"].dynamic_axes["past_states_0"] == {0: "batch_size", 1: "past_length"}
+    assert specs["step"].dynamic_axes["present_states_0"] == {0: "batch_size"}
+    prompt_length = example_prompt_length(model.config, MAX_LENGTH)
+    assert specs["prefill"].example_inputs[0].shape == (2, prompt_length)
+    step_inputs = specs["step"].example_inputs
+    assert step_inputs[0].shape == (2, 1) and len(step_inputs) == 1 + len(names)
+    assert step_inputs[1].shape == (2, prompt_length, model.config.hidden_size)
+    shapes = dynamic_shapes(specs["step"])
+    assert list(shapes) == ["input_ids", "past"] and len(shapes["past"]) == len(names)
+    assert shapes["past"][0][1].__name__ == "past_length" and shapes["past"][0][1].max == MAX_LENGTH - 1
+    assert dynamic_shapes(specs["prefill"])["input_ids"][1].max == MAX_LENGTH
 
 
 def test_export_api_task(tmp_path):
