@@ -46,9 +46,6 @@ class TaskSpec:
     name: str
     model_class: str
     output_names: tuple[str, ...]
-    # Tolerance against eager in fp32 (max abs): eager and runtime run the same ops in the same order,
-    # so only kernel-level rounding separates them.
-    atol: float = 1e-5
 
     def wrap(self, model: nn.Module, with_buckets: bool = False, replay: bool = False) -> "ExportWrapper":
         """The model as an exportable module (see ExportWrapper); `replay` makes the verification twin."""
