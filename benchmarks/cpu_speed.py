@@ -109,25 +109,21 @@ def export_files(name: str, max_length: int, aoti: bool, folder: str) -> Files:
 
 
 def open_runners(files: Files, threads: int, runtimes: list[str]) -> dict:
-    """The runtimes named, each behind benchmarks.gpu_checks.runners' interface, on the CPU with `threads`."""
-    from benchmarks.gpu_checks.runners import OrtRunner, TorchRunner, TransformersRunner
+    """The runtimes named, each an exporters.runners.Runner (benchmarks.gpu_checks.runners), on the CPU with
+    `threads`."""
+    from benchmarks.gpu_checks.runners import open_graph, open_onnx, reference_runner
     from benchmarks.models import reference_model
+    from exporters.runners import module_runner
 
     model, spec, _ = load_model(files.model, files.max_length)
     openers = {
-        REFERENCE: lambda: TransformersRunner(reference_model(model), "cpu"),
-        EAGER: lambda: TorchRunner(spec.wrap(model), "cpu"),
-        ORT_FP32: lambda: OrtRunner(Path(files.paths[ORT_FP32]), "cpu", threads=threads),
-        ORT_INT8: lambda: OrtRunner(Path(files.paths[ORT_INT8]), "cpu", threads=threads),
-        AOTI: lambda: TorchRunner(aoti_module(files.paths[AOTI]), "cpu", weight_bytes=0),
+        REFERENCE: lambda: reference_runner(reference_model(model), "cpu"),
+        EAGER: lambda: module_runner(spec.wrap(model), "cpu", tf32=False),
+        ORT_FP32: lambda: open_onnx(files.paths[ORT_FP32], "cpu", threads=threads),
+        ORT_INT8: lambda: open_onnx(files.paths[ORT_INT8], "cpu", threads=threads),
+        AOTI: lambda: open_graph("aoti", files.paths[AOTI], "cpu"),
     }
     return {runtime: openers[runtime]() for runtime in runtimes}
-
-
-def aoti_module(path: str):
-    from exporters.aoti import load_package
-
-    return load_package(path)
 
 
 def pin_threads(threads: int) -> None:
@@ -156,15 +152,14 @@ def forward_in_process(files: Files, lengths: list[int], threads: int, runtimes:
     runners = open_runners(files, threads, runtimes)
     rows = []
     for length in lengths:
-        input_ids, attention_mask = benchmark_inputs(length, files.vocab_size)
+        inputs = list(benchmark_inputs(length, files.vocab_size))
         with torch.no_grad():
-            expected = runners[EAGER].outputs(input_ids, attention_mask)[0]
-            differences = {runtime: difference(expected, runner.outputs(input_ids, attention_mask)[0])
+            expected = runners[EAGER].run(inputs)[0]
+            differences = {runtime: difference(expected, runner.run(inputs)[0])
                            for runtime, runner in runners.items() if runtime != EAGER}
             log(f"timing {', '.join(runners)} at {length} tokens, {threads} thread(s), taking turns ...")
-            times = time_interleaved({runtime: runner.timed_call(input_ids, attention_mask)
-                                      for runtime, runner in runners.items()}, "cpu", FORWARD_WARMUP,
-                                     FORWARD_MAX_RUNS, FORWARD_MIN_RUNS)
+            times = time_interleaved({runtime: runner.prepared_call(inputs) for runtime, runner in runners.items()},
+                                     "cpu", FORWARD_WARMUP, FORWARD_MAX_RUNS, FORWARD_MIN_RUNS)
         for runtime, milliseconds in times.items():
             rows.append({"threads": threads, "length": length, "runtime": runtime,
                          "median_ms": statistics.median(milliseconds), "min_ms": min(milliseconds),
@@ -191,7 +186,7 @@ def memory_in_process(files: Files, length: int, threads: int, runtime: str) -> 
 
     def load():
         runner = open_runners(files, threads, [runtime])[runtime]
-        forward = runner.timed_call(*benchmark_inputs(length, files.vocab_size))
+        forward = runner.prepared_call(list(benchmark_inputs(length, files.vocab_size)))
 
         def timed_forward():
             start = time.perf_counter()
@@ -210,7 +205,7 @@ def import_every_runtime() -> None:
     import importlib
 
     for module in ("torch", "onnxruntime", "transformers", "torch._inductor.package", "exporters.aoti",
-                   "exporters.specs", "reformer.runtime", "benchmarks.gpu_checks.runners"):
+                   "exporters.onnx", "exporters.specs", "reformer.runtime", "benchmarks.gpu_checks.runners"):
         importlib.import_module(module)
 
 

@@ -73,8 +73,9 @@ class GraphFormat(Format, ABC):
 
     def exporter_module(self):
         """The format's exporter module, imported now (it imports torch): module_name, relative to this package.
-        Besides its exporter it has open_runner(path, device, tf32), node_kinds(path), export_decoder(decoder,
-        specs, folder, description, **options) and decoder_callables(folder, decoder_files)."""
+        Besides its exporter it has open_runner(path, device, tf32) (onnx's takes its session options too),
+        node_kinds(path), export_decoder(decoder, specs, folder, description, **options) and
+        decoder_callables(folder, decoder_files)."""
         return importlib.import_module(self.module_name, __package__)
 
     def open_runner(self, path: str, device: str, tf32: bool = False) -> tuple:
@@ -134,6 +135,12 @@ class OnnxFormat(GraphFormat):
     @property
     def runtime(self) -> str:
         return "onnxruntime"
+
+    def open_runner(self, path: str, device: str, tf32: bool = False, threads: int | None = None,
+                    keep_arena: bool = False) -> tuple:
+        """As every graph format's, with ONNX Runtime's session options: intra-op `threads` (None: one per core)
+        and `keep_arena` (exporters.onnx.open_runner); the benchmarks set them."""
+        return self.exporter_module().open_runner(path, device, tf32, threads, keep_arena)
 
     def require(self, request: ExportRequest) -> None:
         if request.verify:

@@ -218,9 +218,13 @@ def node_kinds(path: str) -> collections.Counter:
     return collections.Counter(node.op_type for node in model.graph.node)
 
 
-def open_runner(path: str, device: str, tf32: bool = False) -> tuple:
+def open_runner(path: str, device: str, tf32: bool = False, threads: int | None = None,
+                keep_arena: bool = False) -> tuple:
     """(exporters.runners.Runner, "") over an ONNX Runtime session of the graph at path on device, or (None,
-    why not)."""
+    why not). threads: intra-op threads (None: one per core). keep_arena: the session's arenas keep what its
+    runs grew them to (a benchmark reads a CUDA session's memory off the device), else they shrink after
+    each run: verification keeps a graph's and its twin's sessions open together, and a long input's CUDA
+    arena is tens of GiB."""
     from reformer.runtime import CPU, CUDA, open_session, shrink_arena_run_options
 
     provider = {"cpu": CPU, "cuda": CUDA}[device]
@@ -228,8 +232,9 @@ def open_runner(path: str, device: str, tf32: bool = False) -> tuple:
         return None, f"onnxruntime lists no {provider}"
     try:
         # Quiet: a CUDA provider that cannot load is reported in `skipped`, not logged. TF32 as eager's run
-        # (open_session's CUDA options: strict fp32 unless tf32).
-        session = open_session(path, [provider], quiet=True, tf32=tf32)
+        # (open_session's CUDA options: strict fp32 unless tf32). ONNX Runtime adds its CPU provider after
+        # the one named, for the nodes that one cannot run.
+        session = open_session(path, [provider], quiet=True, threads=threads, tf32=tf32)
     except Exception as error:
         if device == "cuda":  # the provider is listed but cannot start (no GPU, missing CUDA libraries)
             return None, f"{provider} failed to start: {first_line(error)}"
@@ -237,12 +242,37 @@ def open_runner(path: str, device: str, tf32: bool = False) -> tuple:
     if provider not in session.get_providers():
         return None, f"{provider} is listed but the session fell back to {session.get_providers()}"
     input_names = [graph_input.name for graph_input in session.get_inputs()]
-    # Verification keeps a graph's and its twin's sessions open together: their arenas shrink after each run
-    # (a long input's CUDA arena is tens of GiB).
-    run_options = shrink_arena_run_options(session)
+    run_options = None if keep_arena else shrink_arena_run_options(session)
 
     def run(inputs):
         feeds = {name: tensor.cpu().numpy() for name, tensor in zip(input_names, inputs)}
         return [torch.from_numpy(output) for output in session.run(None, feeds, run_options)]
 
-    return Runner(run, device, [output.name for output in session.get_outputs()]), ""
+    def prepared_call(inputs):
+        return prepared_session_call(session, device, dict(zip(input_names, inputs)), run_options)
+
+    return Runner(run, device, [output.name for output in session.get_outputs()], prepared_call=prepared_call,
+                  providers=session.get_providers()), ""
+
+
+def prepared_session_call(session, device: str, inputs: dict, run_options) -> Callable:
+    """A call that runs the session once on `inputs` (name -> tensor on device), made ready now: on the CPU,
+    `session.run` on numpy feeds; on CUDA, through IO binding, inputs copied to the GPU once and outputs left
+    there, as a torch runtime's stay on the device."""
+    feeds = {name: tensor.cpu().numpy() for name, tensor in inputs.items()}
+    if device == "cpu":
+        return lambda: session.run(None, feeds, run_options)
+    import onnxruntime
+
+    binding = session.io_binding()
+    device_inputs = {name: onnxruntime.OrtValue.ortvalue_from_numpy(array, "cuda", 0) for name, array in feeds.items()}
+    for name, value in device_inputs.items():
+        binding.bind_ortvalue_input(name, value)
+    for output in session.get_outputs():
+        binding.bind_output(output.name, "cuda")
+
+    def run():
+        session.run_with_iobinding(binding, run_options)
+        return device_inputs  # the closure keeps the device inputs alive as long as the binding is used
+
+    return run

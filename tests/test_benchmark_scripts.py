@@ -1,8 +1,8 @@
 """benchmarks/gpu_checks: its smallest configuration runs on the CPU, prints the summary table and writes
 results.json and results.md, with transformers' reference rows and graph_cost's figures; the summary names the
 card on every row, a missing transformers skips its rows with a note, a CUDA plan also times the graph with ONNX
-Runtime's fused attention, a spent time budget skips what has not started with a note, and bad options fail in
-one line."""
+Runtime's fused attention, a spent time budget skips what has not started with a note, the runtimes it times are
+exporters.runners.Runner objects whose timed call runs what their `run` runs, and bad options fail in one line."""
 
 from __future__ import annotations
 
@@ -245,6 +245,42 @@ def test_without_transformers_its_rows_are_skipped_with_a_note(tmp_path, monkeyp
     assert [row["runtime"] for row in results.benchmarks] == ["eager"]
     assert any(note.startswith("benchmark tiny fp32 transformers: skipped, not importable") for note in results.notes)
     assert not any("transformers" in error for error in results.errors)
+
+
+def test_benchmark_runtimes_are_runners_whose_prepared_call_runs_what_run_runs(tmp_path):
+    """Every runtime a benchmark times is an exporters.runners.Runner; its prepared call (what is timed) gives
+    the outputs its `run` gives (ONNX Runtime on the CPU: session.run on numpy feeds made once). The ONNX graph
+    is a stand-in (ids plus mask), so that no export is paid for here."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+
+    from benchmarks.gpu_checks.benchmark import benchmark_inputs
+    from benchmarks.gpu_checks.runners import open_onnx
+    from benchmarks.gpu_checks.steps import RuntimeUnavailable
+    from exporters.runners import module_runner, module_weight_bytes, onnxruntime_providers
+
+    model, spec = build_model("tiny", 32)
+    inputs = list(benchmark_inputs(32, model.config.vocab_size))
+    graph_inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, [1, "length"])
+                    for name in ("input_ids", "attention_mask")]
+    graph = helper.make_graph([helper.make_node("Add", ["input_ids", "attention_mask"], ["sum"])], "stand-in",
+                              graph_inputs, [helper.make_tensor_value_info("sum", TensorProto.INT64, [1, "length"])])
+    path = tmp_path / "stand-in.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    graph_runner = open_onnx(path, "cpu", threads=1)
+    assert graph_runner.providers == ["CPUExecutionProvider"] and graph_runner.weight_bytes is None
+    (expected,) = graph_runner.run(inputs)
+    assert torch.equal(expected, inputs[0] + 1)
+    assert torch.equal(torch.from_numpy(graph_runner.prepared_call(inputs)()[0]), expected)
+    wrapper = spec.wrap(model)
+    eager = module_runner(wrapper, "cpu", tf32=False)
+    assert eager.providers == [] and eager.weight_bytes == module_weight_bytes(model) > 0
+    with torch.no_grad():
+        assert torch.equal(eager.prepared_call(inputs)()[0], eager.run(inputs)[0])
+    if "CUDAExecutionProvider" not in onnxruntime_providers():
+        with pytest.raises(RuntimeUnavailable, match="onnxruntime lists no CUDAExecutionProvider"):
+            open_onnx(path, "cuda")
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -11,12 +11,7 @@ from typing import TYPE_CHECKING
 
 from benchmarks.gpu_checks.exports import ExportKey, Exports, export_key
 from benchmarks.gpu_checks.plan import Plan
-from benchmarks.gpu_checks.runners import (
-    OrtRunner,
-    TorchRunner,
-    TransformersRunner,
-    tf32_matmuls,
-)
+from benchmarks.gpu_checks.runners import open_graph, open_onnx, reference_runner, tf32_matmuls
 from benchmarks.gpu_checks.steps import log, run_step, skipped_for_time
 from benchmarks.gpu_checks.timing import (
     free_device_bytes,
@@ -68,15 +63,17 @@ def benchmark_model(name: str, model, spec, plan: Plan, exports: Exports, result
 
 def benchmark_mode(name, model, spec, mode: str, plan: Plan, exports: Exports, results: Results) -> None:
     """Every runtime at every length of the plan, in one precision mode."""
+    import dataclasses
     import gc
 
     import torch
 
     from exporters.precision import model_as
+    from exporters.runners import module_runner
 
-    device, dtype = plan.device, "fp16" if mode == "fp16" else "fp32"
+    device, dtype, tf32 = plan.device, "fp16" if mode == "fp16" else "fp32", mode == "tf32"
     eager_model = model_as(model, dtype, device)
-    runners = {"eager": TorchRunner(spec.wrap(eager_model, with_buckets=True), device)}
+    runners = {"eager": module_runner(spec.wrap(eager_model, with_buckets=True), device, tf32)}
     graphs = benchmark_graphs(name, mode, plan)
 
     def open_runtime(runtime: str, open_runner) -> None:
@@ -87,14 +84,13 @@ def benchmark_mode(name, model, spec, mode: str, plan: Plan, exports: Exports, r
         except Exception as error:  # one runtime that cannot run must not cost the others
             results.fail(f"benchmark {name} {mode} {runtime}", error)
 
-    open_runtime("transformers", lambda: TransformersRunner(reference_model(eager_model), device))  # as eager's
-    open_runtime("torchscript", lambda: TorchRunner(
-        torch.jit.load(str(exports.get(graphs["torchscript"], model, spec)), map_location=device), device))
-    if plan.aoti:
-        from exporters.aoti import load_package
-
-        open_runtime("aoti", lambda: TorchRunner(load_package(str(exports.get(graphs["aoti"], model, spec))), device,
-                                                 runners["eager"].weight_bytes))
+    open_runtime("transformers", lambda: reference_runner(reference_model(eager_model), device, tf32))  # as eager's
+    open_runtime("torchscript", lambda: open_graph("torchscript", exports.get(graphs["torchscript"], model, spec),
+                                                   device, tf32))
+    if plan.aoti:  # a package holds a copy of the weights of the module it was exported from: eager's
+        open_runtime("aoti", lambda: dataclasses.replace(
+            open_graph("aoti", exports.get(graphs["aoti"], model, spec), device, tf32),
+            weight_bytes=runners["eager"].weight_bytes))
     if device == "cuda":
         warm_up_torch(runners, model.config.vocab_size, mode)
     # CUDA: each ONNX Runtime session's device memory, what the free memory dropped while it opened and while it
@@ -102,26 +98,26 @@ def benchmark_mode(name, model, spec, mode: str, plan: Plan, exports: Exports, r
     ort_device_bytes = {}
     for runtime in plan.onnx_runtimes():
         free_before = free_device_bytes() if device == "cuda" else None
-        open_runtime(runtime, lambda runtime=runtime: OrtRunner(
-            exports.get(graphs[runtime], model, spec), device, tf32=mode == "tf32", threads=plan.threads))
+        open_runtime(runtime, lambda runtime=runtime: open_onnx(
+            exports.get(graphs[runtime], model, spec), device, tf32, plan.threads))
         if runtime in runners and free_before is not None:
             ort_device_bytes[runtime] = free_before - free_device_bytes()
     for length in plan.lengths[name]:
         if skipped_for_time(results, f"benchmark {name} {mode} {length}", plan):
             continue
-        input_ids, attention_mask = (tensor.to(device) for tensor in benchmark_inputs(length, model.config.vocab_size))
-        with torch.no_grad(), tf32_matmuls(mode == "tf32"):
-            expected = [tensor.cpu() for tensor in runners["eager"].outputs(input_ids, attention_mask)]
+        inputs = [tensor.to(device) for tensor in benchmark_inputs(length, model.config.vocab_size)]
+        with torch.no_grad(), tf32_matmuls(tf32):
+            expected = runners["eager"].run(inputs)
             rows = {}
             for runtime, runner in runners.items():
                 free_before = free_device_bytes() if runtime in ort_device_bytes else None
-                rows[runtime] = untimed_row(runtime, runner, expected, spec, input_ids, attention_mask, plan)
+                rows[runtime] = untimed_row(runtime, runner, expected, spec, inputs, plan)
                 if free_before is not None:  # its arena keeps the most any length so far needed
                     ort_device_bytes[runtime] += free_before - free_device_bytes()
                     rows[runtime]["ort_device_gib"] = ort_device_bytes[runtime] / 2**30
             log(f"timing {', '.join(runners)} {mode} at {length} tokens, taking turns ...")
-            times = time_interleaved({runtime: runner.timed_call(input_ids, attention_mask)
-                                      for runtime, runner in runners.items()}, device, plan.warmup, plan.max_runs)
+            times = time_interleaved({runtime: runner.prepared_call(inputs) for runtime, runner in runners.items()},
+                                     device, plan.warmup, plan.max_runs)
         for runtime, row in rows.items():
             row.update(median_ms=statistics.median(times[runtime]), min_ms=min(times[runtime]),
                        runs=len(times[runtime]))
@@ -138,33 +134,34 @@ def warm_up_torch(runners: dict, vocab_size: int, mode: str) -> None:
     workspaces, fused kernels) are not counted as ONNX Runtime's memory."""
     import torch
 
-    input_ids, attention_mask = (tensor.cuda() for tensor in benchmark_inputs(8, vocab_size))
+    inputs = [tensor.cuda() for tensor in benchmark_inputs(8, vocab_size)]
     with torch.no_grad(), tf32_matmuls(mode == "tf32"):
         for runner in runners.values():
-            runner.outputs(input_ids, attention_mask)
+            runner.run(inputs)
 
 
-def untimed_row(runtime, runner, expected, spec, input_ids, attention_mask, plan: Plan) -> dict:
+def untimed_row(runtime, runner, expected, spec, inputs, plan: Plan) -> dict:
     """A runtime's row but for its times: its providers, its free-running difference from eager at the timed
     shape (information), and, for torch runtimes on CUDA, their peak memory over one forward."""
     row = {"runtime": runtime, "providers": runner.providers}
     if runtime != "eager":
-        row.update(free_running_difference(runner, expected, spec, input_ids, attention_mask))
+        row.update(free_running_difference(runner, expected, spec, inputs))
     if plan.device == "cuda" and runtime not in plan.onnx_runtimes():  # ORT's arenas: from the device's free memory
         allocated_before = start_peak_allocation()
-        runner.timed_call(input_ids, attention_mask)()
+        runner.prepared_call(inputs)()
         # Its own weights plus the most its run held on top of everything resident before it.
         row["peak_gib"] = (peak_allocation_since(allocated_before) + runner.weight_bytes) / 2**30
     return row
 
 
-def free_running_difference(runner, expected, spec, input_ids, attention_mask) -> dict:
+def free_running_difference(runner, expected, spec, inputs) -> dict:
     """Max abs difference from eager's outputs (CPU tensors) and bucket flips, everything on the CPU."""
     from exporters.comparison import count_bucket_flips, output_error
     from exporters.verification_report import VerificationRow
 
+    input_ids, attention_mask = inputs
     keep = attention_mask.bool().cpu()
-    actual = [tensor.cpu() for tensor in runner.outputs(input_ids, attention_mask)]
+    actual = runner.run(inputs)
     outputs = len(spec.output_names)
     max_abs, _ = output_error(spec, expected[:outputs], actual[:outputs], keep)
     flips = VerificationRow("", "", tuple(input_ids.shape), "")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks.gpu_checks.plan import Plan
-from benchmarks.gpu_checks.runners import CUDA_PROVIDER, ort_providers, tf32_matmuls
+from benchmarks.gpu_checks.runners import tf32_matmuls
 from benchmarks.gpu_checks.steps import RuntimeUnavailable, log
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def generation_model(name: str, model, plan: Plan, folder: Path, results: Result
     try:
         from benchmarks.generation_speed import eager_runner, median_seconds
         from exporters.decoder import export_causal_lm_with_past
-        from reformer.runtime import OnnxGenerator
+        from reformer.runtime import CPU, CUDA, OnnxGenerator
     except ImportError as error:
         results.notes.append(f"generation skipped: {error} (needs exporters.decoder, reformer.runtime.OnnxGenerator "
                              f"and benchmarks/generation_speed.py)")
@@ -42,10 +42,12 @@ def generation_model(name: str, model, plan: Plan, folder: Path, results: Result
     results.exports.append({"model": name, "format": "onnx causal-lm-with-past", "dtype": "fp32", "device": "cpu",
                             "seconds": round(time.perf_counter() - start, 1),
                             "megabytes": round(sum(path.stat().st_size for path in directory.iterdir()) / 1e6, 1)})
-    generator = OnnxGenerator(directory, providers=ort_providers(plan.device), threads=plan.threads)
+    # reformer.runtime.open_session gives CUDA its options (an arena grown by what runs ask for, so that its size
+    # means something; strict fp32).
+    generator = OnnxGenerator(directory, providers=[CPU] if plan.device == "cpu" else [CUDA, CPU], threads=plan.threads)
     providers = generator.providers_in_use
     log(f"onnxruntime generator {name}: {providers}")
-    if plan.device == "cuda" and providers[0] != CUDA_PROVIDER:
+    if plan.device == "cuda" and providers[0] != CUDA:
         raise RuntimeUnavailable(f"onnxruntime generator fell back to {providers}")
     eager = model_as(model, "fp32", plan.device)  # a copy on CUDA: eager_runner moves the model it is given
     for batch in GENERATION_BATCHES:

@@ -38,7 +38,8 @@ def run_graph(outputs, output_names=None, names=("logits",), buckets_optional=Fa
         return outputs
 
     checked = row()
-    return run_checked(Runner(run, "cpu", output_names), [], list(names), EAGER, checked, buckets_optional), checked
+    runner = Runner(run, "cpu", output_names, prepared_call=lambda inputs: lambda: run(inputs))
+    return run_checked(runner, [], list(names), EAGER, checked, buckets_optional), checked
 
 
 def test_a_runtime_error_fails_the_row_with_its_first_line():
