@@ -80,8 +80,9 @@ class ReformerPreTrainedModel(CheckpointMixin, nn.Module):
             if isinstance(module, (LocalSelfAttention, LSHSelfAttention)):
                 module.attn_implementation = attn_implementation
 
-    def init_weights(self) -> None:
-        for module in self.modules():
+    def init_weights(self, root: nn.Module | None = None) -> None:
+        """Draw the initial weights of every layer in `root` (default: the whole model)."""
+        for module in (self if root is None else root).modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.config.initializer_range)
             if isinstance(module, nn.Linear) and module.bias is not None:
@@ -259,7 +260,7 @@ class LanguageModel(ReformerPreTrainedModel):
             raise ValueError(f"{type(self).__name__} needs {direction}")
         self.reformer = ReformerModel(config)
         self.lm_head = ReformerOnlyLMHead(config)
-        self.init_weights()
+        self.init_weights(self.lm_head)  # the ReformerModel initialised its own weights
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 output_hidden_states=False, return_dict=True, forced_buckets=None):
@@ -308,7 +309,7 @@ class ReformerForSequenceClassification(ReformerPreTrainedModel):
         super().__init__(config)
         self.reformer = ReformerModel(config)
         self.classifier = ReformerClassificationHead(config)
-        self.init_weights()
+        self.init_weights(self.classifier)  # the ReformerModel initialised its own weights
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 output_hidden_states=False, return_dict=True, forced_buckets=None):
@@ -343,7 +344,7 @@ class ReformerForQuestionAnswering(ReformerPreTrainedModel):
         super().__init__(config)
         self.reformer = ReformerModel(config)
         self.qa_outputs = nn.Linear(2 * config.hidden_size, config.num_labels)
-        self.init_weights()
+        self.init_weights(self.qa_outputs)  # the ReformerModel initialised its own weights
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 start_positions=None, end_positions=None, output_hidden_states=False, return_dict=True,

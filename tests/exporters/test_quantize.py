@@ -103,7 +103,7 @@ def test_the_hashing_projections_stay_fp32(byte_lm_exports):
 def test_a_planted_defect_fails_the_verdict(defect, product, tiny_model, tmp_path, monkeypatch):
     """On the default model (its held-out text) and on a tiny random one (the verifier's inputs). A random model's
     layers add little to its residual stream (measured: a doubled feed-forward scale moved the tiny model's
-    logits by 1.08% against 1.06% without a defect), so the tiny model's defect is in its output head."""
+    logits by 1.13% against 1.03% without a defect), so the tiny model's defect is in its output head."""
     model = None
     if tiny_model:
         name, values = task_configs("causal-lm")[0]
