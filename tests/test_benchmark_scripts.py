@@ -20,7 +20,7 @@ sys.path.insert(0, REPOSITORY_ROOT)  # `benchmarks` is a folder of scripts, not 
 
 import benchmarks.gpu_checks.steps  # noqa: E402
 from benchmarks.gpu_checks.__main__ import parse_arguments  # noqa: E402
-from benchmarks.gpu_checks.benchmark import benchmark_exports, benchmark_mode  # noqa: E402
+from benchmarks.gpu_checks.benchmark import benchmark_exports, benchmark_inputs, benchmark_mode  # noqa: E402
 from benchmarks.gpu_checks.exports import Exports, export_file, export_key  # noqa: E402
 from benchmarks.gpu_checks.plan import Plan, make_plan  # noqa: E402
 from benchmarks.gpu_checks.report import Results, summary_header, summary_rows  # noqa: E402
@@ -29,6 +29,7 @@ from benchmarks.gpu_checks.verification import verification_exports  # noqa: E40
 from benchmarks.graph_cost import Cost, GraphCost  # noqa: E402
 from benchmarks.models import build_model  # noqa: E402
 from exporters.verification_report import VerificationRow  # noqa: E402
+from rounding import rounding_bound  # noqa: E402
 
 
 def run_script(*arguments: str) -> subprocess.CompletedProcess:
@@ -38,10 +39,22 @@ def run_script(*arguments: str) -> subprocess.CompletedProcess:
                           timeout=120, check=False)
 
 
+QUICK_ARGUMENTS = ("--quick", "--models", "tiny", "--lengths", "32", "--checks", "verify,benchmark,cost",
+                   "--threads", "1")
+
+
+def largest_reference_bound(arguments, length: int) -> float:
+    """The largest first-order rounding bound (tests/rounding.py, the reference's own rounding included) of the
+    logits of the model and inputs the script benchmarks with these arguments at this length."""
+    plan = make_plan(parse_arguments(["--out", "unused", *arguments]), cuda=False)
+    model, _ = build_model("tiny", plan.max_length("tiny"))
+    input_ids, attention_mask = benchmark_inputs(length, model.config.vocab_size)
+    return float(rounding_bound(lambda: model(input_ids=input_ids, attention_mask=attention_mask).logits).max())
+
+
 @pytest.mark.slow  # the GPU script end to end on the CPU, about 40 s on 2 cores; its parts have fast tests here
 def test_quick_cpu_run_prints_the_table_and_writes_the_results(tmp_path):
-    result = run_script("--out", str(tmp_path), "--quick", "--models", "tiny", "--lengths", "32",
-                        "--checks", "verify,benchmark,cost", "--threads", "1")
+    result = run_script("--out", str(tmp_path), *QUICK_ARGUMENTS)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     header = next(index for index, line in enumerate(lines) if line.split()[:2] == ["check", "model"])
@@ -67,8 +80,12 @@ def test_quick_cpu_run_prints_the_table_and_writes_the_results(tmp_path):
     tolerance = min(row["tolerance"] for row in results["verification"])
     assert benchmarks["onnxruntime"]["max_abs"] <= tolerance and benchmarks["torchscript"]["max_abs"] == 0
     assert benchmarks["onnxruntime"]["flips"] == benchmarks["torchscript"]["flips"] == "-"  # deployment graphs
-    # transformers' Reformer with our weights and config: the same function, to float rounding at most.
-    assert benchmarks["transformers"]["max_abs"] <= tolerance and benchmarks["transformers"]["flips"] == "-"
+    # transformers' Reformer with our weights and config: the same function, to float rounding at most, its own
+    # included. With two hashing rounds, its round weights round at the self-mask (README, "Where transformers
+    # itself differs"), which the verifier's tolerance, eager against its own graph, leaves out: its largest gap
+    # is within the largest first-order bound of the two evaluations at that shape (tests/rounding.py).
+    assert benchmarks["transformers"]["max_abs"] <= largest_reference_bound(QUICK_ARGUMENTS, 32)
+    assert benchmarks["transformers"]["flips"] == "-"
     (cost,) = results["cost"]  # graph_cost's figures at the benchmarked shape
     assert (cost["model"], cost["length"], cost["threads"]) == ("tiny", 32, 1)
     assert cost["graph_nodes"] >= cost["executed_nodes"] > 0 and cost["bytes_written"] > 0
