@@ -9,6 +9,7 @@ Tensors in bucket order carry the prefix `sorted_`.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .. import ops
 
@@ -121,3 +122,24 @@ def mask_bias(allowed: torch.Tensor, dtype: torch.dtype, is_self: torch.Tensor |
     if is_self is None:
         return bias
     return bias.add_(is_self.to(dtype) * SELF_MASK_VALUE[dtype])
+
+
+class ChunkedSelfAttention(nn.Module):
+    """What LSH and local self-attention share: the heads, the chunks a query sees, causality, dropout and the
+    attention implementation, read from the config's settings of their `kind` ("lsh" or "local", the prefix
+    of transformers' names for them)."""
+
+    def __init__(self, config, kind: str):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.attention_head_size
+        self.chunk_length = getattr(config, f"{kind}_attn_chunk_length")
+        self.chunks_before = getattr(config, f"{kind}_num_chunks_before")
+        self.chunks_after = getattr(config, f"{kind}_num_chunks_after")
+        self.dropout = getattr(config, f"{kind}_attention_probs_dropout_prob")
+        self.is_decoder = config.is_decoder
+        self.attn_implementation = config.attn_implementation
+
+    def head_projection(self, config) -> nn.Linear:
+        """A bias-free projection of the hidden states to every head."""
+        return nn.Linear(config.hidden_size, self.num_heads * self.head_size, bias=False)

@@ -5,29 +5,19 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from ..config import ReformerConfig
 from .. import ops
-from .chunking import look_adjacent, mask_bias, merge_heads, split_chunks
+from .chunking import ChunkedSelfAttention, look_adjacent, mask_bias, merge_heads, split_chunks
 from .flex import flex_applies, flex_chunk_attend
 
 
-class LocalSelfAttention(nn.Module):
+class LocalSelfAttention(ChunkedSelfAttention):
     def __init__(self, config: ReformerConfig):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_size = config.attention_head_size
-        self.chunk_length = config.local_attn_chunk_length
-        self.chunks_before = config.local_num_chunks_before
-        self.chunks_after = config.local_num_chunks_after
-        self.is_decoder = config.is_decoder
-        self.dropout = config.local_attention_probs_dropout_prob
-        self.attn_implementation = config.attn_implementation
-        all_head_size = self.num_heads * self.head_size
-        self.query = nn.Linear(config.hidden_size, all_head_size, bias=False)
-        self.key = nn.Linear(config.hidden_size, all_head_size, bias=False)
-        self.value = nn.Linear(config.hidden_size, all_head_size, bias=False)
+        super().__init__(config, "local")
+        self.query = self.head_projection(config)
+        self.key = self.head_projection(config)
+        self.value = self.head_projection(config)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """hidden_states B, L, hidden with L a multiple of C; attention_mask B, L (bool) -> B, L, H*D."""

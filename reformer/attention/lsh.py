@@ -6,13 +6,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from .. import ops
 from ..config import ReformerConfig
 from .chunking import (
-    length_as_tensor, length_normalize, look_adjacent, mask_bias, mask_scores, masked_softmax_attend,
-    split_chunks, transposed_copy,
+    ChunkedSelfAttention, length_as_tensor, length_normalize, look_adjacent, mask_bias, mask_scores,
+    masked_softmax_attend, split_chunks, transposed_copy,
 )
 from .flex import flex_applies, flex_chunk_attend
 
@@ -41,23 +40,14 @@ class SortedChunks:
     in_window: torch.Tensor  # W (bool): the slot is attended to (only the query's own chunk when unchunked)
 
 
-class LSHSelfAttention(nn.Module):
+class LSHSelfAttention(ChunkedSelfAttention):
     def __init__(self, config: ReformerConfig):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_size = config.attention_head_size
+        super().__init__(config, "lsh")
         self.num_hashes = config.num_hashes
-        self.chunk_length = config.lsh_attn_chunk_length
-        self.chunks_before = config.lsh_num_chunks_before
-        self.chunks_after = config.lsh_num_chunks_after
-        self.is_decoder = config.is_decoder
-        self.dropout = config.lsh_attention_probs_dropout_prob
-        self.attn_implementation = config.attn_implementation
         self.bucket_factors = config.num_buckets if isinstance(config.num_buckets, list) else [config.num_buckets]
         self.padding_bucket = config.bucket_count
-        all_head_size = self.num_heads * self.head_size
-        self.query_key = nn.Linear(config.hidden_size, all_head_size, bias=False)
-        self.value = nn.Linear(config.hidden_size, all_head_size, bias=False)
+        self.query_key = self.head_projection(config)
+        self.value = self.head_projection(config)
         # Not in the state dict: the rotations follow from the config, as in the reference.
         self.register_buffer("rotations", draw_rotations(config), persistent=False)
 
