@@ -17,12 +17,13 @@ from .errors import ExportError
 INPUT_IDS = "input_ids"
 INPUT_NAMES = (INPUT_IDS, "attention_mask")
 BATCH_SIZE = "batch_size"
-DYNAMIC_AXES = {0: BATCH_SIZE, 1: "sequence_length"}
+SEQUENCE_LENGTH = "sequence_length"
+DYNAMIC_AXES = {0: BATCH_SIZE, 1: SEQUENCE_LENGTH}
 BATCH_RANGE = (1, 4096)
 BUCKETS_OUTPUT_PREFIX = "buckets_"
 # Inputs of a verification twin (see ExportWrapper): the buckets each LSH layer must use instead of its own.
 FORCED_BUCKETS_PREFIX = "forced_buckets_"
-BUCKETS_AXES = {0: BATCH_SIZE, 3: "sequence_length"}  # B, H, N, L
+BUCKETS_AXES = {0: BATCH_SIZE, 3: SEQUENCE_LENGTH}  # B, H, N, L
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class TaskSpec:
         """ONNX-style dynamic axes of every input and output."""
         axes = {name: dict(DYNAMIC_AXES) for name in INPUT_NAMES}
         for name in self.output_names:
-            axes[name] = {0: "batch_size"} if name == "logits" and self.name == "sequence-classification" else dict(
+            axes[name] = {0: BATCH_SIZE} if name == "logits" and self.name == "sequence-classification" else dict(
                 DYNAMIC_AXES)
         for index in range(lsh_layers):
             if with_buckets or replay:
@@ -113,7 +114,7 @@ class ExportWrapper(nn.Module):
         """This graph traced at example_inputs (wrapper_example_inputs), serving lengths up to max_length."""
         lsh_layers = self.model.config.attn_layers.count("lsh")
         return GraphSpec(tuple(self.input_names()), tuple(self.spec.all_output_names(lsh_layers, self.with_buckets)),
-                         self.dynamic_axes(), {BATCH_SIZE: BATCH_RANGE, "sequence_length": (1, max_length)},
+                         self.dynamic_axes(), {BATCH_SIZE: BATCH_RANGE, SEQUENCE_LENGTH: (1, max_length)},
                          example_inputs, ("forced_buckets", FORCED_BUCKETS_PREFIX) if self.replay else None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
