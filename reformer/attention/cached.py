@@ -42,6 +42,15 @@ def project_per_head(states: torch.Tensor, linear: torch.nn.Linear) -> torch.Ten
     return projected.view(batch, heads, rounds, slots, -1)
 
 
+def gather_rows(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """states B, L, hidden; positions B, P -> the rows at those positions, B, P, hidden. One gather of rows by a
+    flat index (b * L + position): an element-wise gather needs an index as large as its output, which the
+    step graph would build and read for every token."""
+    batch, length = states.shape[0], length_as_tensor(states, 1)
+    index = torch.arange(batch, device=positions.device)[:, None] * length + positions  # B, P
+    return states.reshape(-1, states.shape[-1]).index_select(0, index.flatten()).view(*positions.shape, -1)
+
+
 def lsh_window(attention: LSHSelfAttention) -> int:
     """W: the positions of bucket order a new token attends to in each round."""
     return attention.chunk_length * (1 + attention.chunks_before + attention.chunks_after)
@@ -87,8 +96,8 @@ def lsh_attention_step(
     valid = (full & (slots < row_length)) | (~full & (slots < window))  # B, 1, 1, S
 
     batch, _, rounds, num_slots = key_positions.shape
-    index = key_positions.reshape(batch, -1, 1).expand(-1, -1, all_states.shape[-1])  # B, H*N*S, hidden
-    key_states = torch.gather(all_states, 1, index).view(batch, heads, rounds, num_slots, -1)  # B, H, N, S, hidden
+    key_states = gather_rows(all_states, key_positions.reshape(batch, -1))
+    key_states = key_states.view(batch, heads, rounds, num_slots, -1)  # B, H, N, S, hidden
     key = length_normalize(project_per_head(key_states, attention.query_key), 1 / math.sqrt(attention.head_size))
     value = project_per_head(key_states, attention.value)  # B, H, N, S, D
 
@@ -119,7 +128,7 @@ def local_attention_step(
     positions = start + slots  # B, S
     valid = positions <= new_position  # B, S
     index = left_padding[:, None] + torch.minimum(positions, new_position)  # B, S
-    key_states = torch.gather(all_states, 1, index.unsqueeze(-1).expand(-1, -1, all_states.shape[-1]))  # B, S, hidden
+    key_states = gather_rows(all_states, index)  # B, S, hidden
 
     query = split_heads(attention.query(hidden_states), heads, head_size)  # B, H, 1, D
     key = split_heads(attention.key(key_states), heads, head_size) / math.sqrt(head_size)  # B, H, S, D
