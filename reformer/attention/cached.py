@@ -33,11 +33,15 @@ from .local import LocalSelfAttention
 from .lsh import LSHSelfAttention, combine_rounds
 
 
-def project_per_head(states: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+def per_head_weight(linear: torch.nn.Linear, heads: int) -> torch.Tensor:
+    """A bias-free projection's weight as each head's rows: H, hidden, D."""
+    return linear.weight.view(heads, -1, linear.weight.shape[-1]).transpose(1, 2)
+
+
+def project_per_head(states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """states B, H, N, S, hidden picked separately per head -> B, H, N, S, D through that head's rows of a
-    bias-free projection (the reference's `_query_per_attn_head`)."""
+    bias-free projection (weight H, hidden, D: per_head_weight; the reference's `_query_per_attn_head`)."""
     batch, heads, rounds, slots, hidden = states.shape
-    weight = linear.weight.view(heads, -1, hidden).transpose(1, 2)  # H, hidden, D
     projected = torch.matmul(states.reshape(batch, heads, rounds * slots, hidden), weight)  # B, H, N*S, D
     return projected.view(batch, heads, rounds, slots, -1)
 
@@ -80,8 +84,12 @@ def lsh_attention_step(
     padding = left_padding[:, None, None, None]  # B, 1, 1, 1
     row_length = new_position + 1 - padding  # B, 1, 1, 1: the row's own positions
 
-    projected = attention.query_key(hidden_states)  # B, 1, H*D
-    query = split_heads(projected, heads, attention.head_size)  # B, H, 1, D
+    # The new token is projected by the same per-head weight as the keys, so that the weight has one reader
+    # in an exported graph: the exporter then stores its per-head form as a constant, which int8 quantization
+    # needs (it quantizes products by a constant only).
+    query_key_weight = per_head_weight(attention.query_key, heads)  # H, hidden, D
+    query = torch.matmul(hidden_states.unsqueeze(1), query_key_weight)  # B, H, 1, D
+    projected = merge_heads(query)  # B, 1, H*D
     new_buckets = attention.hash_vectors(projected, torch.ones_like(projected[..., 0], dtype=torch.bool))  # B, H, N, 1
     sorted_positions = ops.sort_by_bucket(torch.cat([past_buckets, new_buckets], dim=-1))  # B, H, N, L
     new_rank = torch.argmax((sorted_positions == new_position).to(torch.int32), dim=-1)  # B, H, N
@@ -98,8 +106,8 @@ def lsh_attention_step(
     batch, _, rounds, num_slots = key_positions.shape
     key_states = gather_rows(all_states, key_positions.reshape(batch, -1))
     key_states = key_states.view(batch, heads, rounds, num_slots, -1)  # B, H, N, S, hidden
-    key = length_normalize(project_per_head(key_states, attention.query_key), 1 / math.sqrt(attention.head_size))
-    value = project_per_head(key_states, attention.value)  # B, H, N, S, D
+    key = length_normalize(project_per_head(key_states, query_key_weight), 1 / math.sqrt(attention.head_size))
+    value = project_per_head(key_states, per_head_weight(attention.value, heads))  # B, H, N, S, D
 
     allowed = valid.unsqueeze(-2)  # B, 1, 1, 1, S
     not_self = ((key_positions != new_position) | ~valid).unsqueeze(-2)  # B, H, N, 1, S
