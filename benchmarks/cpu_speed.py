@@ -88,18 +88,19 @@ def load_model(name: str, max_length: int):
 
 
 def export_files(name: str, max_length: int, aoti: bool, folder: str) -> Files:
-    """fp32 ONNX, its int8 quantization and (with `aoti`) an AOTInductor package for this machine's ISA."""
+    """fp32 ONNX, its int8 quantization (by the recipe the CLI takes: chosen on held-out text where the model
+    ships one) and (with `aoti`) an AOTInductor package for this machine's ISA."""
     from exporters.aoti import export_aoti
     from exporters.onnx import export_onnx
-    from exporters.quantize import quantize_onnx
+    from exporters.quantize import quantize_graph
 
-    model, spec, _ = load_model(name, max_length)
+    model, spec, held_out_windows = load_model(name, max_length)
     files = Files(name, max_length, model.config.vocab_size)
     files.paths[ORT_FP32] = os.path.join(folder, f"{name}-{max_length}.onnx")
     files.paths[ORT_INT8] = os.path.join(folder, f"{name}-{max_length}-int8.onnx")
     log(f"exporting {name} for {max_length} tokens: ONNX fp32, int8 ...")
     export_onnx(model, spec, files.paths[ORT_FP32], max_length=max_length)
-    quantize_onnx(files.paths[ORT_FP32], files.paths[ORT_INT8])
+    quantize_graph(files.paths[ORT_FP32], files.paths[ORT_INT8], held_out_windows(max_length))
     if aoti:
         log(f"compiling the AOTInductor package of {name} for {max_length} tokens ...")
         files.paths[AOTI] = os.path.join(folder, f"{name}-{max_length}.pt2")

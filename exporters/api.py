@@ -50,6 +50,10 @@ def run_export(request: ExportRequest, progress: Callable[[str], None] = lambda 
         timer = time.perf_counter()
         progress(f"Exporting {resolved.describe()}, task {resolved.spec.name}, to {request.format}")
         steps = chosen_format.export(settings, resolved, staged)
+        if "quantize" in settings:  # the twin, the summary and the report take the recipe the graph took
+            from .quantize import quantization_of
+
+            settings["quantize_recipe"] = quantization_of(staged)["recipe"]
         seconds.update(steps or {"export": time.perf_counter() - timer})
         size_bytes = sum(os.path.getsize(os.path.join(staging, name)) for name in os.listdir(staging))
         verification = None
@@ -99,14 +103,15 @@ def run_generation_export(request: ExportRequest, progress: Callable[[str], None
     timer = time.perf_counter()
     progress(f"Exporting {resolved.describe()}, task {GENERATION_TASK}, to {request.format} graphs in {output}"
              + (" and verifying them" if request.verify else ""))
-    quantized = request.quantize is not None and request.verify
-    held_out = resolved.held_out_windows(settings["max_length"]) if quantized else None
+    held_out = resolved.held_out_windows(settings["max_length"]) if request.quantize else None
     try:
-        _, verification = export_causal_lm_with_past(
+        description, verification = export_causal_lm_with_past(
             resolved.model, output, request.format, **GRAPH_FORMATS[request.format].exporter_options(settings),
             quantize=request.quantize, held_out=held_out, max_length=settings["max_length"], verify=request.verify,
             atol=request.atol, keep_failed=request.keep_failed, metadata=resolved.metadata(),
             tokenizer_files=resolved.tokenizer.files)
+        if request.quantize:
+            settings["quantize_recipe"] = description["quantization"]["recipe"]
     except VerificationError as error:
         verification = error.report
     seconds["export and verify" if request.verify else "export"] = time.perf_counter() - timer

@@ -104,8 +104,8 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, max
     (exporters.formats, `exporter_options`): ONNX graphs go through the op registry like the task graphs
     (`opset`, `custom_ops`); an AOTInductor package targets the portable CPU instruction set unless
     `native_isa` (exporters.aoti.cpu_march). `quantize` "int8": both ONNX graphs quantized (exporters.quantize;
-    decoder_config.json records how under "quantization"), verified by their task verdict, with bits per token
-    on `held_out` windows where given. `tokenizer_files` (names to contents) are written beside the graphs. The
+    decoder_config.json records how under "quantization"), by the recipe the `held_out` windows choose where
+    given (exporters.quantize.quantize_for_text), verified by their task verdict, with bits per token on them. `tokenizer_files` (names to contents) are written beside the graphs. The
     caller's model is left as it was (dtype, device, training mode).
     Returns (the description written to decoder_config.json plus `metadata`, the VerificationReport or None).
     Raises ExportError (VerificationError, carrying the report, when verification failed and the graphs were
@@ -122,7 +122,7 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, max
             folder = os.path.join(staging, os.path.basename(output_dir))
             os.mkdir(folder)
             write_tokenizer_files(tokenizer_files or {}, folder)
-            write_graphs(decoder, specs, folder, description, format_options, quantize)
+            write_graphs(decoder, specs, folder, description, format_options, quantize, held_out)
             if verify:
                 quantized = {} if quantize is None else {"quantized": True, "held_out": held_out}
                 report = verify_decoder(model, folder, fmt, atol=atol, **quantized)
@@ -154,10 +154,10 @@ def checked_request(model, output_dir: str, fmt: str, max_length: int | None, qu
 
 
 def write_graphs(decoder: IncrementalDecoder, specs: dict[str, GraphSpec], folder: str, description: dict,
-                 format_options: dict, quantize: str | None) -> None:
+                 format_options: dict, quantize: str | None, held_out=None) -> None:
     """The graphs of description["format"] (as `specs` say) and decoder_config.json (the description, which the
-    exporters complete) into folder."""
-    options = {**format_options, **({} if quantize is None else {"quantize": quantize})}
+    exporters complete) into folder; quantized graphs by the recipe the `held_out` windows choose."""
+    options = {**format_options, **({} if quantize is None else {"quantize": quantize, "held_out": held_out})}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and exporter chatter; the verification is the check
         GRAPH_FORMATS[description["format"]].export_decoder(decoder, specs, folder, description, **options)

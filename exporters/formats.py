@@ -195,10 +195,17 @@ class OnnxFormat(GraphFormat):
         return {"opset": settings["opset"], "custom_ops": settings["custom_ops"]}
 
     def export(self, settings: dict, resolved, path: str, replay: bool = False) -> dict[str, float]:
-        """As for every graph format, through a scratch fp32 graph quantized into path where settings ask."""
+        """As for every graph format, through a scratch fp32 graph quantized into path where settings ask: by
+        settings' quantize_recipe where given (the verification twin takes its graph's), else by the recipe an
+        LM head's held-out text chooses (exporters.quantize.quantized_into)."""
         from .quantize import quantized_into
+        from .task_verdict import LM_TASKS
 
-        with quantized_into(path, settings.get("quantize")) as fp32_path:
+        quantize, recipe = settings.get("quantize"), settings.get("quantize_recipe")
+        held_out = None
+        if quantize and recipe is None and resolved.spec.name in LM_TASKS:
+            held_out = resolved.held_out_windows(settings["max_length"])
+        with quantized_into(path, quantize, held_out, recipe) as fp32_path:
             return super().export(settings, resolved, fp32_path, replay)
 
 

@@ -165,19 +165,21 @@ def export_metadata(config, spec, max_length, opset, custom_ops, lowerings, dtyp
 
 
 def export_decoder(decoder, specs: dict, folder: str, description: dict, *, opset: int = DEFAULT_OPSET,
-                   custom_ops: str = DEFAULT_CUSTOM_OPS, quantize: str | None = None) -> None:
+                   custom_ops: str = DEFAULT_CUSTOM_OPS, quantize: str | None = None, held_out=None) -> None:
     """The prefill and step graphs of causal-lm-with-past (exporters.decoder_graphs: `specs` their names, axes
     and example inputs) into folder under the names
     in description["files"] (each with its data file when over 2 GiB, exporters.onnx_files), through to_onnx_model
-    (the registry's lowerings) and quantized when asked. The description gains the opset, the lowering per op and (quantized) "quantization"."""
-    from .quantize import quantized_into
+    (the registry's lowerings) and quantized when asked: the prefill graph by the recipe the `held_out` windows
+    choose (exporters.quantize.quantized_into), the step graph by the prefill's. The description gains the
+    opset, the lowering per op and (quantized) "quantization", the prefill graph's description."""
+    from .quantize import quantization_of, quantized_into
 
     try:
         ops.check_mode(custom_ops, opset)
     except ValueError as error:
         raise ExportError(str(error)) from None
     context = ops.LoweringContext.from_config(decoder.config, description["max_length"])
-    lowerings = {}
+    lowerings, quantization = {}, None
     for name, module in graph_modules(decoder).items():
         spec = specs[name]
         try:
@@ -186,13 +188,14 @@ def export_decoder(decoder, specs: dict, folder: str, description: dict, *, opse
         except Exception as error:  # the exporters raise many kinds; the caller needs one, with the reason
             raise ExportError(f"ONNX export of the {name} graph failed: {first_line(error)}") from error
         path = os.path.join(folder, description["files"][name])
-        with quantized_into(path, quantize) as fp32_path:
+        recipe = None if quantization is None else quantization["recipe"]
+        with quantized_into(path, quantize, held_out, recipe) as fp32_path:
             save_atomically(model, Path(fp32_path))
+        if quantize is not None and quantization is None:
+            quantization = quantization_of(path)
     description["opset"], description["lowerings"] = opset, lowerings
-    if quantize is not None:
-        from .quantize import quantization_of
-
-        description["quantization"] = quantization_of(path)
+    if quantization is not None:
+        description["quantization"] = quantization
 
 
 def decoder_callables(folder: str, files: dict[str, str]) -> dict:

@@ -54,7 +54,7 @@ class ExportResult:
         options += f", max length {settings['max_length']}"
         options += FORMATS[settings["format"]].summary(settings)
         if settings.get("quantize"):
-            options += f", {settings['quantize']} (dynamic, per tensor; LSH hashing in fp32)"
+            options += f", {settings['quantize']} (dynamic{quantize_recipe_summary(settings)}; LSH hashing in fp32)"
         if settings.get("with_buckets"):
             options += ", with bucket outputs"
         if self.verification is None:
@@ -85,3 +85,12 @@ def library_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def quantize_recipe_summary(settings: dict) -> str:
+    """", " and how the recipe settings name quantizes (exporters.quantize.RECIPES); "" where none is named (a
+    decoder export whose verification failed)."""
+    from .quantize import RECIPES
+
+    recipe = settings.get("quantize_recipe")
+    return "" if recipe is None else f", {RECIPES[recipe].summary}"

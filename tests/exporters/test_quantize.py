@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from exporters import api, onnx_files, quantize
 from exporters.models import resolve_model
 from exporters.onnx import METADATA_PREFIX, export_onnx
-from exporters.task_verdict import Sample, judge
+from exporters.task_verdict import TOP1_AGREEMENT_BOUND, Sample, judge
 from exporters.verification_failures import AccuracyFailure
 from reformer.runtime import CPU, OnnxModel
 from tiny_configs import build, task_configs
@@ -32,8 +32,8 @@ def with_planted_defect(defect, product):
     """A quantizer that quantizes, then applies `defect` to one product's int8 weight and its scale, as a broken
     quantizer would: the first feed-forward product's (`product` "feed-forward") or the output head's ("head")."""
 
-    def quantize_badly(source, destination):
-        description = REAL_QUANTIZER(source, destination)
+    def quantize_badly(source, destination, recipe=quantize.EVERY_PRODUCT):
+        description = REAL_QUANTIZER(source, destination, recipe)
         graph = onnx.load(destination)
         initializers = {tensor.name: tensor for tensor in graph.graph.initializer}
         weights = [node.input[1] for node in graph.graph.node if node.op_type == "MatMulInteger"]
@@ -74,15 +74,22 @@ def test_the_default_model_quantizes_and_passes_on_its_held_out_text(byte_lm_exp
     verdict, = int8.verification.task_verdicts
     assert verdict.text.startswith("held-out text (8 windows of 1024 tokens)")
     assert abs(verdict.bits_per_token_change) <= 0.02 and verdict.decided_top1_agreement >= 0.985
-    # The graph says it is quantized and how; the summary and the report too.
+    assert verdict.top1_agreement >= TOP1_AGREEMENT_BOUND  # at every position, as the recipe chose
+    # The graph says it is quantized and how; the summary and the report too. Every product in int8 changed too
+    # many of the top choices on the held-out text, so the first layer stayed fp32 (exporters.quantize).
     description = quantize.quantization_of(int8.output)
-    assert description["weights"] == "int8, symmetric, per tensor" and description["fp32_products"] == 2
+    assert description["recipe"] == "first layer fp32" and description["fp32_products"] == 2 + 6
+    assert description["weights"] == "int8, symmetric, per output channel (per-head weights per tensor)"
+    agreements = description["held_out_top1_agreement"]
+    assert agreements["every product"] < TOP1_AGREEMENT_BOUND <= agreements["first layer fp32"]
     graph = onnx.load(int8.output, load_external_data=False)
     metadata = {entry.key: entry.value for entry in graph.metadata_props}
     assert json.loads(metadata[METADATA_PREFIX + "task"]) == "causal-lm"  # the fp32 export's metadata is kept
-    assert "int8 (dynamic, per tensor" in int8.summary_table() and "task verdict: pass" in int8.summary_table()
+    assert "int8 (dynamic, per channel, first layer fp32" in int8.summary_table()
+    assert "task verdict: pass" in int8.summary_table()
     report = json.loads((folder / "report.json").read_text())
-    assert report["settings"]["quantize"] == "int8" and report["verification"]["task_verdicts"][0]["passed"]
+    assert report["settings"]["quantize"] == "int8" and report["settings"]["quantize_recipe"] == "first layer fp32"
+    assert report["verification"]["task_verdicts"][0]["passed"]
     assert not [name for name in os.listdir(folder) if name.startswith("fp32-")]  # the scratch folder is gone
 
 
@@ -92,6 +99,47 @@ def test_the_hashing_projections_stay_fp32(byte_lm_exports):
     hashing = quantize.hashing_products(graph)
     assert len(hashing) == 2  # byte-lm's two LSH layers, still float MatMuls
     assert {node.op_type for node in graph.graph.node if node.name in hashing} == {"MatMul"}
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tmp_path_factory):
+    """models/tiny (a local and an LSH layer, random weights) exported to fp32 ONNX for 64 tokens."""
+    resolved = resolve_model("tiny")
+    path = tmp_path_factory.mktemp("tiny") / "fp32.onnx"
+    export_onnx(resolved.model, resolved.spec, path, max_length=64)
+    return path
+
+
+def test_the_first_layer_and_the_per_head_weights_are_found(tiny_fp32):
+    graph = onnx.load(tiny_fp32)
+    nodes = {node.name: node for node in graph.graph.node}
+    weights = {tensor.name: tensor for tensor in graph.graph.initializer}
+    first_layer = quantize.first_layer_products(graph)
+    # The local layer's query, key and value (per head), its attention output and its two feed-forward products.
+    assert len(first_layer) == 6
+    names = [name for node in first_layer for name in nodes[node].input if name in weights]
+    assert sum("layers.0.feed_forward" in name for name in names) == 2 and not any("layers.1." in n for n in names)
+    per_head = quantize.per_head_products(graph)
+    assert len(per_head) == 3 and set(per_head) < set(first_layer)
+    assert all(len(weights[name].dims) == 3 for node in per_head for name in nodes[node].input if name in weights)
+
+
+@pytest.mark.parametrize("bound, recipe, tried", [(0.0, "every product", 1), (1.01, "first layer fp32", 2)])
+def test_held_out_text_chooses_the_first_recipe_that_keeps_top1(bound, recipe, tried, tiny_fp32, tmp_path,
+                                                                monkeypatch):
+    """quantize_for_text stops at the first recipe within the bound, else takes the last; the graph records
+    what it measured."""
+    monkeypatch.setattr("exporters.task_verdict.TOP1_AGREEMENT_BOUND", bound)
+    windows = torch.randint(2, 258, (2, 64), generator=torch.Generator().manual_seed(0))
+    int8 = tmp_path / "int8.onnx"
+    description = quantize.quantize_for_text(tiny_fp32, int8, windows)
+    assert description == quantize.quantization_of(int8) and description["recipe"] == recipe
+    assert len(description["held_out_top1_agreement"]) == tried
+    assert all(0 <= value <= 1 for value in description["held_out_top1_agreement"].values())
+    per_channel = recipe == "first layer fp32"
+    assert description["fp32_products"] == 1 + 6 * per_channel  # the hashing, and the first layer
+    logits = OnnxModel(int8, providers=[CPU])(windows[:1].numpy())["logits"]
+    assert logits.shape == (1, 64, 258) and np.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("defect, product, tiny_model", [
