@@ -29,20 +29,23 @@ REAL_QUANTIZER = quantize.quantize_onnx
 
 
 def with_planted_defect(defect, product):
-    """A quantizer that quantizes, then applies `defect` to one product's int8 weight and its scale, as a broken
-    quantizer would: the first feed-forward product's (`product` "feed-forward") or the output head's ("head")."""
+    """A quantizer that quantizes, then applies `defect` to int8 weights and their scales, as a broken quantizer
+    would: the first quantized feed-forward product's (`product` "feed-forward"), the output head's ("head") or
+    every product's ("every", a systematic bug)."""
 
     def quantize_badly(source, destination, recipe=quantize.EVERY_PRODUCT):
         description = REAL_QUANTIZER(source, destination, recipe)
         graph = onnx.load(destination)
         initializers = {tensor.name: tensor for tensor in graph.graph.initializer}
         weights = [node.input[1] for node in graph.graph.node if node.op_type == "MatMulInteger"]
-        weight = weights[-1] if product == "head" else next(name for name in weights if "feed_forward" in name)
-        scale = weight.replace("_quantized", "_scale")
-        arrays = {name: numpy_helper.to_array(initializers[name]).copy() for name in (weight, scale)}
-        defect(arrays, weight, scale)
-        for name, array in arrays.items():
-            initializers[name].CopyFrom(numpy_helper.from_array(array, name))
+        chosen = {"head": weights[-1:], "every": weights,
+                  "feed-forward": [next(name for name in weights if "feed_forward" in name)]}[product]
+        for weight in chosen:
+            scale = weight.replace("_quantized", "_scale")
+            arrays = {name: numpy_helper.to_array(initializers[name]).copy() for name in (weight, scale)}
+            defect(arrays, weight, scale)
+            for name, array in arrays.items():
+                initializers[name].CopyFrom(numpy_helper.from_array(array, name))
         onnx.save(graph, destination)
         return description
 
@@ -145,8 +148,9 @@ def test_held_out_text_chooses_the_first_recipe_that_keeps_top1(bound, recipe, t
 @pytest.mark.parametrize("defect, product, tiny_model", [
     (double_scale, "feed-forward", False),
     # slow: a second byte-lm export, graph and twin (about a minute on 2 cores); the doubled scale covers the
-    # default run.
-    pytest.param(swap_rows, "feed-forward", False, marks=pytest.mark.slow),
+    # default run. Swapped in every product: two rows of one product past byte-lm's first layer (which its recipe
+    # keeps fp32) are harmless to the task (measured: bits +0.0010, exporters.task_verdict), and pass.
+    pytest.param(swap_rows, "every", False, marks=pytest.mark.slow),
     (double_scale, "head", True)])
 def test_a_planted_defect_fails_the_verdict(defect, product, tiny_model, tmp_path, monkeypatch):
     """On the default model (its held-out text) and on a tiny random one (the verifier's inputs). A random model's
