@@ -28,7 +28,7 @@ import math
 import torch
 
 from .. import ops
-from .chunking import length_as_tensor, length_normalize, masked_softmax_attend, merge_heads, split_heads
+from .chunking import length_as_tensor, length_normalize, masked_softmax_attend
 from .local import LocalSelfAttention
 from .lsh import LSHSelfAttention, combine_rounds
 
@@ -36,6 +36,12 @@ from .lsh import LSHSelfAttention, combine_rounds
 def per_head_weight(linear: torch.nn.Linear, heads: int) -> torch.Tensor:
     """A bias-free projection's weight as each head's rows: H, hidden, D."""
     return linear.weight.view(heads, -1, linear.weight.shape[-1]).transpose(1, 2)
+
+
+def merge_token_heads(x: torch.Tensor) -> torch.Tensor:
+    """B, H, 1, D -> B, 1, H*D (chunking.merge_heads for the new token): with one position the heads already lie
+    in merged order, so a reshape does it, without a transposed copy."""
+    return x.reshape(x.shape[0], 1, -1)
 
 
 def project_per_head(states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -89,7 +95,7 @@ def lsh_attention_step(
     # needs (it quantizes products by a constant only).
     query_key_weight = per_head_weight(attention.query_key, heads)  # H, hidden, D
     query = torch.matmul(hidden_states.unsqueeze(1), query_key_weight)  # B, H, 1, D
-    projected = merge_heads(query)  # B, 1, H*D
+    projected = merge_token_heads(query)  # B, 1, H*D
     new_buckets = attention.hash_vectors(projected, torch.ones_like(projected[..., 0], dtype=torch.bool))  # B, H, N, 1
     sorted_positions = ops.sort_by_bucket(torch.cat([past_buckets, new_buckets], dim=-1))  # B, H, N, L
     new_rank = torch.argmax((sorted_positions == new_position).to(torch.int32), dim=-1)  # B, H, N
@@ -118,7 +124,7 @@ def lsh_attention_step(
     if log_normalizer is not None:
         log_normalizer = log_normalizer.transpose(2, 3)  # B, H, 1, N
     out = combine_rounds(out.transpose(2, 3), log_normalizer, full)  # B, H, 1, D
-    return merge_heads(out), new_buckets
+    return merge_token_heads(out), new_buckets
 
 
 def local_attention_step(
@@ -138,9 +144,11 @@ def local_attention_step(
     index = left_padding[:, None] + torch.minimum(positions, new_position)  # B, S
     key_states = gather_rows(all_states, index)  # B, S, hidden
 
-    query = split_heads(attention.query(hidden_states), heads, head_size)  # B, H, 1, D
-    key = split_heads(attention.key(key_states), heads, head_size) / math.sqrt(head_size)  # B, H, S, D
-    value = split_heads(attention.value(key_states), heads, head_size)  # B, H, S, D
+    # Each head's rows of the projections give B, H, ., D directly: no split of the heads (a transposed copy).
+    key_states = key_states.unsqueeze(1)  # B, 1, S, hidden
+    query = torch.matmul(hidden_states.unsqueeze(1), per_head_weight(attention.query, heads))  # B, H, 1, D
+    key = torch.matmul(key_states, per_head_weight(attention.key, heads)) / math.sqrt(head_size)  # B, H, S, D
+    value = torch.matmul(key_states, per_head_weight(attention.value, heads))  # B, H, S, D
     out, _ = masked_softmax_attend(query, key, value, valid[:, None, None, :], None, attention.dropout,
                                    attention.training)  # B, H, 1, D
-    return merge_heads(out)
+    return merge_token_heads(out)

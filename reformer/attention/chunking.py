@@ -18,12 +18,6 @@ MASK_VALUE = {torch.float16: -1e4, torch.bfloat16: -1e9, torch.float32: -1e9, to
 SELF_MASK_VALUE = {torch.float16: -1e3, torch.bfloat16: -1e5, torch.float32: -1e5, torch.float64: -1e5}
 
 
-def split_heads(x: torch.Tensor, num_heads: int, head_size: int) -> torch.Tensor:
-    """B, L, H*D -> B, H, L, D"""
-    batch, length, _ = x.shape
-    return x.view(batch, length, num_heads, head_size).transpose(1, 2)
-
-
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """B, H, L, D -> B, L, H*D"""
     batch, heads, _, head_size = x.shape
