@@ -96,7 +96,7 @@ def lsh_attention_step(
     query_key_weight = per_head_weight(attention.query_key, heads)  # H, hidden, D
     query = torch.matmul(hidden_states.unsqueeze(1), query_key_weight)  # B, H, 1, D
     projected = merge_token_heads(query)  # B, 1, H*D
-    new_buckets = attention.hash_vectors(projected, torch.ones_like(projected[..., 0], dtype=torch.bool))  # B, H, N, 1
+    new_buckets = attention.hash_vectors(projected, None)  # B, H, N, 1
     sorted_positions = ops.sort_by_bucket(torch.cat([past_buckets, new_buckets], dim=-1))  # B, H, N, L
     new_rank = torch.argmax((sorted_positions == new_position).to(torch.int32), dim=-1)  # B, H, N
     window_start = (torch.div(new_rank, chunk_length, rounding_mode="floor") - attention.chunks_before) * chunk_length

@@ -82,8 +82,9 @@ class LSHSelfAttention(ChunkedSelfAttention):
         out = combine_rounds(out, log_normalizer, lsh_unchunked)  # B, L, H, D
         return out.reshape(batch, length, -1), buckets
 
-    def hash_vectors(self, vectors: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """B, L, H*D as projected -> buckets B, H, N, L. Padding gets its own bucket, after all others.
+    def hash_vectors(self, vectors: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """B, L, H*D as projected -> buckets B, H, N, L. Padding (attention_mask B, L false; None: there is
+        none) gets its own bucket, after all others.
         Every head's vectors go through that head's rotations in one matrix product against the block-diagonal
         of the rotations: no transposed copy of the vectors, and a plain MatMul in ONNX, where the per-head
         einsum was an Einsum that ONNX Runtime CPU runs on one thread (5.7 of 193 profiled ms for `small` at
@@ -106,6 +107,8 @@ class LSHSelfAttention(ChunkedSelfAttention):
             factor_buckets = torch.where(positive_wins, torch.argmax(part, dim=-1), torch.argmin(part, dim=-1) + half)
             buckets = factor_buckets if buckets is None else buckets + stride * factor_buckets
         buckets = transposed_copy(buckets.flatten(2)).view(batch, self.num_heads, self.num_hashes, length)  # B, H, N, L
+        if attention_mask is None:
+            return buckets
         return buckets.masked_fill(~attention_mask[:, None, None, :], self.padding_bucket)
 
     def attend_sorted(self, chunks: SortedChunks) -> tuple[torch.Tensor, torch.Tensor | None]:
