@@ -28,7 +28,7 @@ import math
 import torch
 
 from .. import ops
-from .chunking import length_as_tensor, length_normalize, masked_softmax_attend
+from .chunking import ChunkedSelfAttention, length_as_tensor, length_normalize, masked_softmax_attend
 from .local import LocalSelfAttention
 from .lsh import LSHSelfAttention, combine_rounds
 
@@ -44,21 +44,28 @@ def merge_token_heads(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], 1, -1)
 
 
-def project_per_head(states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """states B, H, N, S, hidden picked separately per head -> B, H, N, S, D through that head's rows of a
+def project_per_head(states: torch.Tensor, weight: torch.Tensor, rounds: int) -> torch.Tensor:
+    """states B, H, N*S, hidden picked separately per head -> B, H, N, S, D through that head's rows of a
     bias-free projection (weight H, hidden, D: per_head_weight; the reference's `_query_per_attn_head`)."""
-    batch, heads, rounds, slots, hidden = states.shape
-    projected = torch.matmul(states.reshape(batch, heads, rounds * slots, hidden), weight)  # B, H, N*S, D
-    return projected.view(batch, heads, rounds, slots, -1)
+    return torch.matmul(states, weight).view(states.shape[0], states.shape[1], rounds, -1, weight.shape[-1])
 
 
 def gather_rows(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """states B, L, hidden; positions B, P -> the rows at those positions, B, P, hidden. One gather of rows by a
-    flat index (b * L + position): an element-wise gather needs an index as large as its output, which the
-    step graph would build and read for every token."""
+    """states B, L, hidden; positions B, ... -> the rows at those positions, B, ..., hidden. One gather of rows
+    by a flat index (b * L + position): an element-wise gather needs an index as large as its output, which
+    the step graph would build and read for every token."""
     batch, length = states.shape[0], length_as_tensor(states, 1)
-    index = torch.arange(batch, device=positions.device)[:, None] * length + positions  # B, P
+    row_start = torch.arange(batch, device=positions.device).view(-1, *[1] * (positions.dim() - 1)) * length
+    index = row_start + positions  # B, ...
     return states.reshape(-1, states.shape[-1]).index_select(0, index.flatten()).view(*positions.shape, -1)
+
+
+def chunks_ahead_start(attention: ChunkedSelfAttention, position: torch.Tensor) -> torch.Tensor:
+    """The start of the chunk `chunks_before` chunks ahead of the one an int64 position falls in (negative near
+    the start): (position // C - before) * C, as the position less its remainder, which ONNX runs in integers
+    (its lowering of the floor division goes through a float Div, a Floor and two Casts)."""
+    chunk_length = attention.chunk_length
+    return position - torch.remainder(position, chunk_length) - attention.chunks_before * chunk_length
 
 
 def lsh_window(attention: LSHSelfAttention) -> int:
@@ -82,7 +89,7 @@ def lsh_attention_step(
     """hidden_states B, 1, hidden (layer-normed); past_states B, Lp, hidden; past_buckets B, H, N, Lp;
     lsh_unchunked B (bool): attend to every position once instead of to each round's window; left_padding B.
     Returns the attention output B, 1, H*D and the new token's buckets B, H, N, 1."""
-    heads, chunk_length = attention.num_heads, attention.chunk_length
+    heads = attention.num_heads
     window = lsh_window(attention)
     slots = torch.arange(lsh_key_slots(attention), device=hidden_states.device)  # S
     all_states = torch.cat([past_states, hidden_states], dim=1)  # B, L, hidden
@@ -95,11 +102,13 @@ def lsh_attention_step(
     # needs (it quantizes products by a constant only).
     query_key_weight = per_head_weight(attention.query_key, heads)  # H, hidden, D
     query = torch.matmul(hidden_states.unsqueeze(1), query_key_weight)  # B, H, 1, D
-    projected = merge_token_heads(query)  # B, 1, H*D
-    new_buckets = attention.hash_vectors(projected, None)  # B, H, N, 1
+    # hash_vectors without its padding mask (the new token is never padding) and without its transposed copy
+    # of the buckets: with one position, B, 1, H, N, R/2 is already B, H, N, 1, R/2.
+    rotated = attention.rotate(merge_token_heads(query)).view(query.shape[0], heads, attention.num_hashes, 1, -1)
+    new_buckets = attention.rotated_buckets(rotated)  # B, H, N, 1
     sorted_positions = ops.sort_by_bucket(torch.cat([past_buckets, new_buckets], dim=-1))  # B, H, N, L
     new_rank = torch.argmax((sorted_positions == new_position).to(torch.int32), dim=-1)  # B, H, N
-    window_start = (torch.div(new_rank, chunk_length, rounding_mode="floor") - attention.chunks_before) * chunk_length
+    window_start = chunks_ahead_start(attention, new_rank)
     # The row's positions come first in bucket order, so its order wraps at its own length.
     window_ranks = torch.remainder(window_start.unsqueeze(-1) + slots, row_length)  # B, H, N, S
     window_positions = torch.gather(sorted_positions, -1, window_ranks)  # B, H, N, S
@@ -109,11 +118,10 @@ def lsh_attention_step(
     key_positions = torch.where(full, every_position, window_positions)  # B, H, N, S
     valid = (full & (slots < row_length)) | (~full & (slots < window))  # B, 1, 1, S
 
-    batch, _, rounds, num_slots = key_positions.shape
-    key_states = gather_rows(all_states, key_positions.reshape(batch, -1))
-    key_states = key_states.view(batch, heads, rounds, num_slots, -1)  # B, H, N, S, hidden
-    key = length_normalize(project_per_head(key_states, query_key_weight), 1 / math.sqrt(attention.head_size))
-    value = project_per_head(key_states, per_head_weight(attention.value, heads))  # B, H, N, S, D
+    rounds = attention.num_hashes
+    key_states = gather_rows(all_states, key_positions.flatten(2))  # B, H, N*S, hidden
+    key = length_normalize(project_per_head(key_states, query_key_weight, rounds), 1 / math.sqrt(attention.head_size))
+    value = project_per_head(key_states, per_head_weight(attention.value, heads), rounds)  # B, H, N, S, D
 
     allowed = valid.unsqueeze(-2)  # B, 1, 1, 1, S
     not_self = ((key_positions != new_position) | ~valid).unsqueeze(-2)  # B, H, N, 1, S
@@ -136,16 +144,15 @@ def local_attention_step(
     slots = torch.arange((1 + attention.chunks_before) * chunk_length, device=hidden_states.device)  # S
     all_states = torch.cat([past_states, hidden_states], dim=1)  # B, L, hidden
     new_position = (length_as_tensor(all_states, 1) - 1 - left_padding)[:, None]  # B, 1: in the row's own positions
-    start = (torch.div(new_position, chunk_length, rounding_mode="floor") - attention.chunks_before) * chunk_length
+    start = chunks_ahead_start(attention, new_position)
     # The reference slices `past[:, start:]`: a negative start counts from the end.
     start = torch.where(start >= 0, start, torch.clamp(new_position + start, min=0))
     positions = start + slots  # B, S
     valid = positions <= new_position  # B, S
     index = left_padding[:, None] + torch.minimum(positions, new_position)  # B, S
-    key_states = gather_rows(all_states, index)  # B, S, hidden
+    key_states = gather_rows(all_states, index[:, None])  # B, 1, S, hidden
 
     # Each head's rows of the projections give B, H, ., D directly: no split of the heads (a transposed copy).
-    key_states = key_states.unsqueeze(1)  # B, 1, S, hidden
     query = torch.matmul(hidden_states.unsqueeze(1), per_head_weight(attention.query, heads))  # B, H, 1, D
     key = torch.matmul(key_states, per_head_weight(attention.key, heads)) / math.sqrt(head_size)  # B, H, S, D
     value = torch.matmul(key_states, per_head_weight(attention.value, heads))  # B, H, S, D
