@@ -39,8 +39,8 @@ def per_head_weight(linear: torch.nn.Linear, heads: int) -> torch.Tensor:
 
 
 def merge_token_heads(x: torch.Tensor) -> torch.Tensor:
-    """B, H, 1, D -> B, 1, H*D (chunking.merge_heads for the new token): with one position the heads already lie
-    in merged order, so a reshape does it, without a transposed copy."""
+    """B, H, 1, D (or B, H, D) -> B, 1, H*D (chunking.merge_heads for the new token): with one position the
+    heads already lie in merged order, so a reshape does it, without a transposed copy."""
     return x.reshape(x.shape[0], 1, -1)
 
 
@@ -93,7 +93,7 @@ def lsh_attention_step(
     window = lsh_window(attention)
     slots = torch.arange(lsh_key_slots(attention), device=hidden_states.device)  # S
     all_states = torch.cat([past_states, hidden_states], dim=1)  # B, L, hidden
-    new_position = length_as_tensor(all_states, 1) - 1
+    new_position = length_as_tensor(past_states, 1)  # its index in all_states
     padding = left_padding[:, None, None, None]  # B, 1, 1, 1
     row_length = new_position + 1 - padding  # B, 1, 1, 1: the row's own positions
 
@@ -129,9 +129,10 @@ def lsh_attention_step(
         query.unsqueeze(2), key, value, allowed, not_self, attention.dropout, attention.training,
         with_log_normalizer=attention.num_hashes > 1,
     )  # B, H, N, 1, D and B, H, N, 1
+    # One position: dropping its axis leaves each head's rounds, without a transposed copy.
     if log_normalizer is not None:
-        log_normalizer = log_normalizer.transpose(2, 3)  # B, H, 1, N
-    out = combine_rounds(out.transpose(2, 3), log_normalizer, full)  # B, H, 1, D
+        log_normalizer = log_normalizer.squeeze(3)  # B, H, N
+    out = combine_rounds(out.squeeze(3), log_normalizer, full.squeeze(3))  # B, H, D
     return merge_token_heads(out), new_buckets
 
 
@@ -143,7 +144,7 @@ def local_attention_step(
     heads, head_size, chunk_length = attention.num_heads, attention.head_size, attention.chunk_length
     slots = torch.arange((1 + attention.chunks_before) * chunk_length, device=hidden_states.device)  # S
     all_states = torch.cat([past_states, hidden_states], dim=1)  # B, L, hidden
-    new_position = (length_as_tensor(all_states, 1) - 1 - left_padding)[:, None]  # B, 1: in the row's own positions
+    new_position = (length_as_tensor(past_states, 1) - left_padding)[:, None]  # B, 1: in the row's own positions
     start = chunks_ahead_start(attention, new_position)
     # The reference slices `past[:, start:]`: a negative start counts from the end.
     start = torch.where(start >= 0, start, torch.clamp(new_position + start, min=0))
