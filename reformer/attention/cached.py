@@ -94,7 +94,7 @@ def lsh_attention_step(
     slots = torch.arange(lsh_key_slots(attention), device=hidden_states.device)  # S
     all_states = torch.cat([past_states, hidden_states], dim=1)  # B, L, hidden
     new_position = length_as_tensor(past_states, 1)  # its index in all_states
-    padding = left_padding[:, None, None, None]  # B, 1, 1, 1
+    padding = left_padding.view(-1, 1, 1, 1)  # B, 1, 1, 1: one Reshape in ONNX ([:, None, None, None] unsqueezed twice)
     row_length = new_position + 1 - padding  # B, 1, 1, 1: the row's own positions
 
     # The new token is projected by the same per-head weight as the keys, so that the weight has one reader
@@ -113,10 +113,10 @@ def lsh_attention_step(
     window_ranks = torch.remainder(window_start.unsqueeze(-1) + slots, row_length)  # B, H, N, S
     window_positions = torch.gather(sorted_positions, -1, window_ranks)  # B, H, N, S
 
-    full = lsh_unchunked[:, None, None, None]  # B, 1, 1, 1
+    full = lsh_unchunked.view(-1, 1, 1, 1)  # B, 1, 1, 1
     every_position = padding + torch.minimum(slots, row_length - 1)  # B, 1, 1, S
     key_positions = torch.where(full, every_position, window_positions)  # B, H, N, S
-    valid = (full & (slots < row_length)) | (~full & (slots < window))  # B, 1, 1, S
+    valid = slots < torch.where(full, row_length, window)  # B, 1, 1, S
 
     rounds = attention.num_hashes
     key_states = gather_rows(all_states, key_positions.flatten(2))  # B, H, N*S, hidden
@@ -124,7 +124,7 @@ def lsh_attention_step(
     value = project_per_head(key_states, per_head_weight(attention.value, heads), rounds)  # B, H, N, S, D
 
     allowed = valid.unsqueeze(-2)  # B, 1, 1, 1, S
-    not_self = ((key_positions != new_position) | ~valid).unsqueeze(-2)  # B, H, N, 1, S
+    not_self = ~((key_positions == new_position) & valid).unsqueeze(-2)  # B, H, N, 1, S
     out, log_normalizer = masked_softmax_attend(
         query.unsqueeze(2), key, value, allowed, not_self, attention.dropout, attention.training,
         with_log_normalizer=attention.num_hashes > 1,
