@@ -49,7 +49,9 @@ class AxialPositionEmbeddings(nn.Module):
         parts, stride = [], math.prod(self.axial_pos_shape)
         for axis, (size, weight) in enumerate(zip(self.axial_pos_shape, self.weights)):
             stride //= size
-            coordinate = position_ids // stride
+            # Not `//`, which ONNX lowers with a sign correction that positions (never negative) do not need; its
+            # lowering of this one goes through a float Div, exact below 2**24 positions. None for stride 1.
+            coordinate = position_ids if stride == 1 else torch.div(position_ids, stride, rounding_mode="floor")
             # The first axis is not wrapped: a position past the table fails the lookup, as a row index would.
             parts.append(weight.reshape(size, -1)[coordinate if axis == 0 else coordinate % size])
         return torch.cat(parts, dim=-1)

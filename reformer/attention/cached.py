@@ -28,7 +28,7 @@ import math
 import torch
 
 from .. import ops
-from .chunking import length_as_tensor, length_normalize, masked_softmax_attend, merge_heads, split_heads
+from .chunking import ChunkedSelfAttention, length_as_tensor, length_normalize, masked_softmax_attend
 from .local import LocalSelfAttention
 from .lsh import LSHSelfAttention, combine_rounds
 
@@ -38,21 +38,34 @@ def per_head_weight(linear: torch.nn.Linear, heads: int) -> torch.Tensor:
     return linear.weight.view(heads, -1, linear.weight.shape[-1]).transpose(1, 2)
 
 
-def project_per_head(states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """states B, H, N, S, hidden picked separately per head -> B, H, N, S, D through that head's rows of a
+def merge_token_heads(x: torch.Tensor) -> torch.Tensor:
+    """B, H, 1, D (or B, H, D) -> B, 1, H*D (chunking.merge_heads for the new token): with one position the
+    heads already lie in merged order, so a reshape does it, without a transposed copy."""
+    return x.reshape(x.shape[0], 1, -1)
+
+
+def project_per_head(states: torch.Tensor, weight: torch.Tensor, rounds: int) -> torch.Tensor:
+    """states B, H, N*S, hidden picked separately per head -> B, H, N, S, D through that head's rows of a
     bias-free projection (weight H, hidden, D: per_head_weight; the reference's `_query_per_attn_head`)."""
-    batch, heads, rounds, slots, hidden = states.shape
-    projected = torch.matmul(states.reshape(batch, heads, rounds * slots, hidden), weight)  # B, H, N*S, D
-    return projected.view(batch, heads, rounds, slots, -1)
+    return torch.matmul(states, weight).view(states.shape[0], states.shape[1], rounds, -1, weight.shape[-1])
 
 
 def gather_rows(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """states B, L, hidden; positions B, P -> the rows at those positions, B, P, hidden. One gather of rows by a
-    flat index (b * L + position): an element-wise gather needs an index as large as its output, which the
-    step graph would build and read for every token."""
+    """states B, L, hidden; positions B, ... -> the rows at those positions, B, ..., hidden. One gather of rows
+    by a flat index (b * L + position): an element-wise gather needs an index as large as its output, which
+    the step graph would build and read for every token."""
     batch, length = states.shape[0], length_as_tensor(states, 1)
-    index = torch.arange(batch, device=positions.device)[:, None] * length + positions  # B, P
+    row_start = torch.arange(batch, device=positions.device).view(-1, *[1] * (positions.dim() - 1)) * length
+    index = row_start + positions  # B, ...
     return states.reshape(-1, states.shape[-1]).index_select(0, index.flatten()).view(*positions.shape, -1)
+
+
+def chunks_ahead_start(attention: ChunkedSelfAttention, position: torch.Tensor) -> torch.Tensor:
+    """The start of the chunk `chunks_before` chunks ahead of the one an int64 position falls in (negative near
+    the start): (position // C - before) * C, as the position less its remainder, which ONNX runs in integers
+    (its lowering of the floor division goes through a float Div, a Floor and two Casts)."""
+    chunk_length = attention.chunk_length
+    return position - torch.remainder(position, chunk_length) - attention.chunks_before * chunk_length
 
 
 def lsh_window(attention: LSHSelfAttention) -> int:
@@ -76,12 +89,12 @@ def lsh_attention_step(
     """hidden_states B, 1, hidden (layer-normed); past_states B, Lp, hidden; past_buckets B, H, N, Lp;
     lsh_unchunked B (bool): attend to every position once instead of to each round's window; left_padding B.
     Returns the attention output B, 1, H*D and the new token's buckets B, H, N, 1."""
-    heads, chunk_length = attention.num_heads, attention.chunk_length
+    heads = attention.num_heads
     window = lsh_window(attention)
     slots = torch.arange(lsh_key_slots(attention), device=hidden_states.device)  # S
     all_states = torch.cat([past_states, hidden_states], dim=1)  # B, L, hidden
-    new_position = length_as_tensor(all_states, 1) - 1
-    padding = left_padding[:, None, None, None]  # B, 1, 1, 1
+    new_position = length_as_tensor(past_states, 1)  # its index in all_states
+    padding = left_padding.view(-1, 1, 1, 1)  # B, 1, 1, 1: one Reshape in ONNX ([:, None, None, None] unsqueezed twice)
     row_length = new_position + 1 - padding  # B, 1, 1, 1: the row's own positions
 
     # The new token is projected by the same per-head weight as the keys, so that the weight has one reader
@@ -89,36 +102,38 @@ def lsh_attention_step(
     # needs (it quantizes products by a constant only).
     query_key_weight = per_head_weight(attention.query_key, heads)  # H, hidden, D
     query = torch.matmul(hidden_states.unsqueeze(1), query_key_weight)  # B, H, 1, D
-    projected = merge_heads(query)  # B, 1, H*D
-    new_buckets = attention.hash_vectors(projected, torch.ones_like(projected[..., 0], dtype=torch.bool))  # B, H, N, 1
+    # hash_vectors without its padding mask (the new token is never padding) and without its transposed copy
+    # of the buckets: with one position, B, 1, H, N, R/2 is already B, H, N, 1, R/2.
+    rotated = attention.rotate(merge_token_heads(query)).view(query.shape[0], heads, attention.num_hashes, 1, -1)
+    new_buckets = attention.rotated_buckets(rotated)  # B, H, N, 1
     sorted_positions = ops.sort_by_bucket(torch.cat([past_buckets, new_buckets], dim=-1))  # B, H, N, L
     new_rank = torch.argmax((sorted_positions == new_position).to(torch.int32), dim=-1)  # B, H, N
-    window_start = (torch.div(new_rank, chunk_length, rounding_mode="floor") - attention.chunks_before) * chunk_length
+    window_start = chunks_ahead_start(attention, new_rank)
     # The row's positions come first in bucket order, so its order wraps at its own length.
     window_ranks = torch.remainder(window_start.unsqueeze(-1) + slots, row_length)  # B, H, N, S
     window_positions = torch.gather(sorted_positions, -1, window_ranks)  # B, H, N, S
 
-    full = lsh_unchunked[:, None, None, None]  # B, 1, 1, 1
+    full = lsh_unchunked.view(-1, 1, 1, 1)  # B, 1, 1, 1
     every_position = padding + torch.minimum(slots, row_length - 1)  # B, 1, 1, S
     key_positions = torch.where(full, every_position, window_positions)  # B, H, N, S
-    valid = (full & (slots < row_length)) | (~full & (slots < window))  # B, 1, 1, S
+    valid = slots < torch.where(full, row_length, window)  # B, 1, 1, S
 
-    batch, _, rounds, num_slots = key_positions.shape
-    key_states = gather_rows(all_states, key_positions.reshape(batch, -1))
-    key_states = key_states.view(batch, heads, rounds, num_slots, -1)  # B, H, N, S, hidden
-    key = length_normalize(project_per_head(key_states, query_key_weight), 1 / math.sqrt(attention.head_size))
-    value = project_per_head(key_states, per_head_weight(attention.value, heads))  # B, H, N, S, D
+    rounds = attention.num_hashes
+    key_states = gather_rows(all_states, key_positions.flatten(2))  # B, H, N*S, hidden
+    key = length_normalize(project_per_head(key_states, query_key_weight, rounds), 1 / math.sqrt(attention.head_size))
+    value = project_per_head(key_states, per_head_weight(attention.value, heads), rounds)  # B, H, N, S, D
 
     allowed = valid.unsqueeze(-2)  # B, 1, 1, 1, S
-    not_self = ((key_positions != new_position) | ~valid).unsqueeze(-2)  # B, H, N, 1, S
+    not_self = ~((key_positions == new_position) & valid).unsqueeze(-2)  # B, H, N, 1, S
     out, log_normalizer = masked_softmax_attend(
         query.unsqueeze(2), key, value, allowed, not_self, attention.dropout, attention.training,
         with_log_normalizer=attention.num_hashes > 1,
     )  # B, H, N, 1, D and B, H, N, 1
+    # One position: dropping its axis leaves each head's rounds, without a transposed copy.
     if log_normalizer is not None:
-        log_normalizer = log_normalizer.transpose(2, 3)  # B, H, 1, N
-    out = combine_rounds(out.transpose(2, 3), log_normalizer, full)  # B, H, 1, D
-    return merge_heads(out), new_buckets
+        log_normalizer = log_normalizer.squeeze(3)  # B, H, N
+    out = combine_rounds(out.squeeze(3), log_normalizer, full.squeeze(3))  # B, H, D
+    return merge_token_heads(out), new_buckets
 
 
 def local_attention_step(
@@ -129,18 +144,19 @@ def local_attention_step(
     heads, head_size, chunk_length = attention.num_heads, attention.head_size, attention.chunk_length
     slots = torch.arange((1 + attention.chunks_before) * chunk_length, device=hidden_states.device)  # S
     all_states = torch.cat([past_states, hidden_states], dim=1)  # B, L, hidden
-    new_position = (length_as_tensor(all_states, 1) - 1 - left_padding)[:, None]  # B, 1: in the row's own positions
-    start = (torch.div(new_position, chunk_length, rounding_mode="floor") - attention.chunks_before) * chunk_length
+    new_position = (length_as_tensor(past_states, 1) - left_padding)[:, None]  # B, 1: in the row's own positions
+    start = chunks_ahead_start(attention, new_position)
     # The reference slices `past[:, start:]`: a negative start counts from the end.
     start = torch.where(start >= 0, start, torch.clamp(new_position + start, min=0))
     positions = start + slots  # B, S
     valid = positions <= new_position  # B, S
     index = left_padding[:, None] + torch.minimum(positions, new_position)  # B, S
-    key_states = gather_rows(all_states, index)  # B, S, hidden
+    key_states = gather_rows(all_states, index[:, None])  # B, 1, S, hidden
 
-    query = split_heads(attention.query(hidden_states), heads, head_size)  # B, H, 1, D
-    key = split_heads(attention.key(key_states), heads, head_size) / math.sqrt(head_size)  # B, H, S, D
-    value = split_heads(attention.value(key_states), heads, head_size)  # B, H, S, D
+    # Each head's rows of the projections give B, H, ., D directly: no split of the heads (a transposed copy).
+    query = torch.matmul(hidden_states.unsqueeze(1), per_head_weight(attention.query, heads))  # B, H, 1, D
+    key = torch.matmul(key_states, per_head_weight(attention.key, heads)) / math.sqrt(head_size)  # B, H, S, D
+    value = torch.matmul(key_states, per_head_weight(attention.value, heads))  # B, H, S, D
     out, _ = masked_softmax_attend(query, key, value, valid[:, None, None, :], None, attention.dropout,
                                    attention.training)  # B, H, 1, D
-    return merge_heads(out)
+    return merge_token_heads(out)

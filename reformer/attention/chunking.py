@@ -18,12 +18,6 @@ MASK_VALUE = {torch.float16: -1e4, torch.bfloat16: -1e9, torch.float32: -1e9, to
 SELF_MASK_VALUE = {torch.float16: -1e3, torch.bfloat16: -1e5, torch.float32: -1e5, torch.float64: -1e5}
 
 
-def split_heads(x: torch.Tensor, num_heads: int, head_size: int) -> torch.Tensor:
-    """B, L, H*D -> B, H, L, D"""
-    batch, length, _ = x.shape
-    return x.view(batch, length, num_heads, head_size).transpose(1, 2)
-
-
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """B, H, L, D -> B, L, H*D"""
     batch, heads, _, head_size = x.shape
@@ -67,7 +61,8 @@ def length_normalize(x: torch.Tensor, scale: float = 1.0, epsilon: float = 1e-6)
     """Scale each vector to unit root-mean-square, times `scale` (shared query-key attention normalises its
     keys, then divides them by sqrt(D)); the scale goes on the per-vector factor, not on every element, and the
     mean square comes from the vector norm, which needs no squared copy of x (one ReduceL2 in ONNX)."""
-    mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    mean_square = norm * norm / x.shape[-1]  # a Mul, where square() is a Pow (slower in ONNX Runtime)
     return x * (torch.rsqrt(mean_square + epsilon) * scale)
 
 

@@ -93,9 +93,19 @@ class LSHSelfAttention(ChunkedSelfAttention):
         made ~40% more bucket flips against ONNX Runtime (which projects in fp32) on the `small` benchmark
         model at 4,096 tokens (367 against 226 over 10 inputs), and moved eager further from the exact hash."""
         batch, length, _ = vectors.shape
+        buckets = self.rotated_buckets(self.rotate(vectors))  # B, L, H, N
+        buckets = transposed_copy(buckets.flatten(2)).view(batch, self.num_heads, self.num_hashes, length)  # B, H, N, L
+        return buckets.masked_fill(~attention_mask[:, None, None, :], self.padding_bucket)
+
+    def rotate(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The first step of hash_vectors: B, L, H*D as projected -> rotated projections B, L, H, N, R/2."""
+        batch, length, _ = vectors.shape
         rotations = self.rotations.float().flatten(2)  # H, D, N*R/2
         rotated = torch.matmul(vectors.float(), torch.block_diag(*rotations.unbind(0)))  # B, L, H*N*R/2
-        rotated = rotated.view(batch, length, self.num_heads, self.num_hashes, -1)  # B, L, H, N, R/2
+        return rotated.view(batch, length, self.num_heads, self.num_hashes, -1)
+
+    def rotated_buckets(self, rotated: torch.Tensor) -> torch.Tensor:
+        """The second step of hash_vectors: rotated projections ..., R/2 -> buckets ... (no padding bucket)."""
         buckets = None
         for start, half, stride in bucket_factor_slices(self.bucket_factors):
             part = rotated[..., start : start + half]
@@ -105,8 +115,7 @@ class LSHSelfAttention(ChunkedSelfAttention):
             positive_wins = torch.amax(part, dim=-1) >= -torch.amin(part, dim=-1)
             factor_buckets = torch.where(positive_wins, torch.argmax(part, dim=-1), torch.argmin(part, dim=-1) + half)
             buckets = factor_buckets if buckets is None else buckets + stride * factor_buckets
-        buckets = transposed_copy(buckets.flatten(2)).view(batch, self.num_heads, self.num_hashes, length)  # B, H, N, L
-        return buckets.masked_fill(~attention_mask[:, None, None, :], self.padding_bucket)
+        return buckets
 
     def attend_sorted(self, chunks: SortedChunks) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Chunked attention in bucket order. Returns out B, H, N, L, D and, with more than one hashing round,
