@@ -127,6 +127,24 @@ def test_the_first_layer_and_the_per_head_weights_are_found(tiny_fp32):
     assert all(len(weights[name].dims) == 3 for node in per_head for name in nodes[node].input if name in weights)
 
 
+def test_a_step_graph_quantizes_its_projections_of_the_cached_states(tmp_path):
+    """cached_state_products: each layer's key and value projections of the cached states in the step graph
+    (tiny: a local layer's key and value, an LSH layer's query-key and value), none in the prefill graph; the
+    first-layer recipe keeps the first layer's other products fp32 there."""
+    from exporters.decoder import export_causal_lm_with_past
+
+    folder = tmp_path / "decoder"
+    export_causal_lm_with_past(resolve_model("tiny").model, str(folder), "onnx", max_length=64, verify=False)
+    step = onnx.load(folder / "decoder_step.onnx")
+    cached = quantize.cached_state_products(step)
+    assert len(cached) == 4 and not quantize.cached_state_products(onnx.load(folder / "prefill.onnx"))
+    first_layer = quantize.first_layer_products(step)
+    assert len(first_layer) == 6 and len(cached & set(first_layer)) == 2
+    description = quantize.quantize_onnx(folder / "decoder_step.onnx", tmp_path / "int8.onnx",
+                                         quantize.FIRST_LAYER_FP32)
+    assert description["fp32_products"] == len(quantize.hashing_products(step)) + 6 - 2
+
+
 @pytest.mark.parametrize("bound, recipe, tried", [(0.0, "every product", 1), (1.01, "first layer fp32", 2)])
 def test_held_out_text_chooses_the_first_recipe_that_keeps_top1(bound, recipe, tried, tiny_fp32, tmp_path,
                                                                 monkeypatch):
