@@ -105,8 +105,9 @@ def export_causal_lm_with_past(model, output_dir: str, fmt: str = "onnx", *, max
     (`opset`, `custom_ops`); an AOTInductor package targets the portable CPU instruction set unless
     `native_isa` (exporters.aoti.cpu_march). `quantize` "int8": both ONNX graphs quantized (exporters.quantize;
     decoder_config.json records how under "quantization"), by the recipe the `held_out` windows choose where
-    given (exporters.quantize.quantize_for_text), verified by their task verdict, with bits per token on them. `tokenizer_files` (names to contents) are written beside the graphs. The
-    caller's model is left as it was (dtype, device, training mode).
+    given (exporters.quantize.quantize_for_text), verified by their task verdict, with bits per token on them.
+    `tokenizer_files` (names to contents) are written beside the graphs. The caller's model is left as it was
+    (dtype, device, training mode).
     Returns (the description written to decoder_config.json plus `metadata`, the VerificationReport or None).
     Raises ExportError (VerificationError, carrying the report, when verification failed and the graphs were
     not kept)."""

@@ -54,7 +54,7 @@ import torch
 
 from .errors import ExportError, first_line
 from .onnx_files import data_file_name, needs_external_data
-from .specs import METADATA_PREFIX
+from .specs import INPUT_NAMES, METADATA_PREFIX
 
 # Graph metadata key (with exporters.specs.METADATA_PREFIX) of the description quantize_onnx returns.
 QUANTIZATION_KEY = "quantization"
@@ -92,12 +92,15 @@ RECIPES = {recipe.name: recipe for recipe in (EVERY_PRODUCT, FIRST_LAYER_FP32)} 
 
 def quantize_onnx(source: str | os.PathLike, destination: str | os.PathLike, recipe: Recipe = EVERY_PRODUCT) -> dict:
     """Write the dynamic int8 quantization of the fp32 graph `source` by `recipe` to `destination`, with the
-    graph's metadata and the description returned (also recorded: record_description); with a data file beside it (exporters.onnx_files) only where the source has one and the
-    int8 weights still need it. Raises ExportError with a one-line message."""
+    graph's metadata and the description returned (also recorded: record_description); with a data file
+    beside it (exporters.onnx_files) only where the source has one and the int8 weights still need it. Raises
+    ExportError with a one-line message."""
     source, destination = Path(source), Path(destination)
     graph = onnx.load(source, load_external_data=False)
-    kept_fp32 = hashing_products(graph) + (first_layer_products(graph) if recipe.first_layer_fp32 else [])
-    kept_fp32 = [name for name in kept_fp32 if name not in cached_state_products(graph)]
+    kept_fp32 = hashing_products(graph)
+    if recipe.first_layer_fp32:
+        cached_state = cached_state_products(graph)
+        kept_fp32 += [name for name in first_layer_products(graph) if name not in cached_state]
     external_data = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in graph.graph.initializer)
     try:
         with quiet_quantizer():
@@ -178,7 +181,7 @@ def top1_choices(path: str | os.PathLike, windows: torch.Tensor) -> np.ndarray:
     inputs = {graph_input.name for graph_input in session.get_inputs()}
     choices = []
     for window in windows.numpy():
-        feeds = {"input_ids": window[None], "attention_mask": np.ones_like(window)[None]}
+        feeds = dict(zip(INPUT_NAMES, (window[None], np.ones_like(window)[None])))
         logits = session.run(None, {name: value for name, value in feeds.items() if name in inputs})[0]
         choices.append(logits.argmax(-1))
     return np.concatenate(choices)
